@@ -1,0 +1,39 @@
+# Every target sets itself up on a fresh machine: it creates .venv and installs vs2ray.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Machine-specific pins for the 2-core CPU development machines and CI: this torch /
+# torchvision pair lies on their disk (PyPI's torchvision does not import beside the
+# CPU torch wheel there). Override on other machines: make test TORCH_PINS=
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= cpu,dev
+
+.PHONY: install test lint demo tiny-clip clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	test -z "$(TORCH_PINS)" || $(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m ruff check .
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# The bundled world end to end (until the sweep lands: zero-shot CLIP on shapes/test).
+demo: install
+	$(PY) -m vs2ray.models --config sweeps/quickstart.yaml
+
+# Re-create the bundled vs2ray-tiny weights (about 5 minutes on 2 cores).
+tiny-clip: install
+	$(PY) scripts/train_tiny_clip.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,171 @@
+"""Train `vs2ray-tiny`, the bundled open_clip model, contrastively on `shapes` image–caption pairs.
+
+    python scripts/train_tiny_clip.py                 # re-creates vs2ray/assets/vs2ray-tiny.safetensors
+    python scripts/train_tiny_clip.py --out /tmp/tiny.safetensors --steps 200
+
+CPU only and deterministic for a given seed and thread count (a few minutes on 2 cores).
+The model trains on the `pretrain` split, which the experiments never use, so the
+`train` split stays in-domain unlabelled data the encoder has not seen, as CIFAR-100
+is for OpenAI's CLIP. At the end the saved fp16 weights are loaded back through
+`vs2ray.models.load_clip` and their zero-shot top-1 on the `test` split is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from vs2ray.config import load_config
+from vs2ray.data.shapes import CAPTION_TEMPLATES, CLASS_NAMES, DEFAULT_SPLIT_SIZES, render_shape
+from vs2ray.models import BUNDLED_WEIGHTS, register_bundled_model, zero_shot_evaluate
+
+OPENAI_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+OPENAI_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+
+def _render(args: tuple[int, int]) -> tuple[np.ndarray, int, str, str]:
+    seed, index = args
+    sample = render_shape(seed, "pretrain", index)
+    size_word = "small" if sample.radius < 8.5 else "large"
+    return sample.pixels, sample.label, size_word, sample.background
+
+
+def render_pretrain_pool(seed: int, count: int) -> tuple[torch.Tensor, list[tuple[int, str, str]]]:
+    """Render `count` pretrain images: normalised pixels (count, 3, 32, 32) and caption attributes."""
+    with Pool(2) as pool:
+        rendered = pool.map(_render, [(seed, i) for i in range(count)], chunksize=512)
+    pixels = torch.from_numpy(np.stack([r[0] for r in rendered])).permute(0, 3, 1, 2).float() / 255.0
+    # same normalisation as open_clip's eval transform (resize/crop are no-ops at 32×32)
+    pixels = (pixels - OPENAI_MEAN) / OPENAI_STD
+    return pixels, [(r[1], r[2], r[3]) for r in rendered]
+
+
+def lr_at(step: int, steps: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_ids: torch.Tensor, scale: torch.Tensor):
+    """Symmetric CLIP loss where every pair with an identical caption counts as a positive."""
+    logits = scale * image_emb @ text_emb.T
+    same = (caption_ids[:, None] == caption_ids[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def train(args: argparse.Namespace) -> dict[str, float]:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    register_bundled_model()
+    model = open_clip.create_model("vs2ray-tiny", pretrained=None)
+    tokenizer = open_clip.get_tokenizer("vs2ray-tiny")
+
+    started = time.perf_counter()
+    pixels, attributes = render_pretrain_pool(args.data_seed, args.pool_size)
+    print(f"rendered {len(attributes)} pretrain images in {time.perf_counter() - started:.1f}s", flush=True)
+
+    # Every caption a (class, size, background, template) combination can produce, tokenised once.
+    captions = sorted(
+        {
+            t.format(name=n, size=s, background=b)
+            for t in CAPTION_TEMPLATES
+            for n in CLASS_NAMES
+            for s in ("small", "large")
+            for b in ("plain", "striped", "checkered", "noisy")
+        }
+    )
+    caption_index = {c: i for i, c in enumerate(captions)}
+    caption_tokens = tokenizer(captions)
+    choices = torch.tensor(
+        [
+            [caption_index[t.format(name=CLASS_NAMES[label], size=size, background=bg)] for t in CAPTION_TEMPLATES]
+            for label, size, bg in attributes
+        ]
+    )
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    model.train()
+    started = time.perf_counter()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        batch = torch.randint(len(attributes), (args.batch_size,), generator=generator)
+        template = torch.randint(len(CAPTION_TEMPLATES), (args.batch_size,), generator=generator)
+        caption_ids = choices[batch, template]
+        images = pixels[batch]
+        flip = torch.rand(args.batch_size, generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+        image_emb = model.encode_image(images, normalize=True)
+        text_emb = model.encode_text(caption_tokens[caption_ids], normalize=True)
+        loss = contrastive_loss(image_emb, text_emb, caption_ids, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0 or step == args.steps - 1:
+            rate = (step + 1) * args.batch_size / (time.perf_counter() - started)
+            print(f"step {step:5d}  loss {loss.item():.4f}  ({rate:.0f} pairs/s)", flush=True)
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {k: str(v) for k, v in vars(args).items() if k != "out"}
+    save_file(state, str(out), metadata=metadata)
+    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB) after {time.perf_counter() - started:.0f}s of training")
+    return evaluate(out)
+
+
+def evaluate(weights: Path) -> dict[str, float]:
+    """Zero-shot accuracy of `weights` on shapes/test through the library's own path."""
+    config = load_config(None, [f"model.pretrained={weights}"])
+    result = zero_shot_evaluate(config, "test")
+    print(
+        f"zero-shot on shapes/test ({result['images']} images): top-1 {100 * result['top1']:.2f}%  "
+        f"top-5 {100 * result['top5']:.2f}%"
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(BUNDLED_WEIGHTS), help="where to write the fp16 safetensors")
+    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--pool-size", type=int, default=DEFAULT_SPLIT_SIZES["pretrain"])
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
+    parser.add_argument("--data-seed", type=int, default=0, help="shapes generation seed")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--evaluate-only", action="store_true", help="only report the zero-shot accuracy of --out")
+    args = parser.parse_args()
+    result = evaluate(Path(args.out)) if args.evaluate_only else train(args)
+    print(json.dumps({"top1": round(result["top1"], 4), "top5": round(result["top5"], 4)}))
+
+
+if __name__ == "__main__":
+    main()

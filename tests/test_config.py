@@ -1,0 +1,148 @@
+"""Config schema: valid files load, broken files give one readable line per problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vs2ray.config import (
+    ConfigError,
+    Distribution,
+    ExperimentConfig,
+    config_to_yaml,
+    load_config,
+    search_space,
+    validate_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def problems_of(tmp_path: Path, text: str, overrides: tuple[str, ...] = ()) -> list[str]:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, overrides)
+    return caught.value.problems
+
+
+def test_every_shipped_sweep_yaml_is_valid():
+    files = sorted((REPO / "sweeps").glob("*.yaml"))
+    assert files, "sweeps/ has no YAML"
+    for file in files:
+        assert isinstance(load_config(file), ExperimentConfig), file
+
+
+def test_quickstart_declares_its_search_space():
+    config = load_config(REPO / "sweeps" / "quickstart.yaml")
+    space = dict(search_space(config))
+    assert space["sae.k"] == Distribution(kind="choice", values=(16, 32, 64))
+    assert space["steering.gamma"] == Distribution(kind="uniform", values=(1.0, 3.0))
+    assert "pass.w_aux" in space and "steering.lambda" in space
+    assert config.model.arch == "vs2ray-tiny" and config.dataset.name == "shapes"
+
+
+def test_unknown_keys_and_bad_literals_name_path_value_and_allowed(tmp_path):
+    problems = problems_of(
+        tmp_path,
+        """
+model: {precision: fp8}
+sae: {topk: max, kk: 4}
+dataset: {name: cifar10}
+bogus: 1
+""",
+    )
+    assert len(problems) == 5, problems
+    text = "\n".join(problems)
+    assert "model.precision: got 'fp8'" in text and "'fp32', 'fp16' or 'bf16'" in text
+    assert "sae.topk: got 'max'" in text and "'relu' or 'abs'" in text
+    assert "sae.kk: unknown key" in text and "expansion" in text  # lists the keys allowed there
+    assert "dataset.name: got 'cifar10'" in text and "'cifar100'" in text
+    assert any(p.startswith("bogus: unknown key") and "steering" in p for p in problems)
+
+
+def test_bad_search_values_are_reported_per_key(tmp_path):
+    problems = problems_of(
+        tmp_path,
+        """
+sae:
+  k: -3
+  expansion: {uniform: [2, 8]}
+steering:
+  gamma: {uniform: [3, 1]}
+  lambda: {loguniform: [0, 10]}
+  rag_alpha: {choice: [0.5, 2]}
+  methods: [vs2, vs3]
+retrieval:
+  n_neighbors: [10, 50]
+""",
+    )
+    by_key = {p.split(":", 1)[0]: p for p in problems}
+    assert set(by_key) == {
+        "sae.k",
+        "sae.expansion",
+        "steering.gamma",
+        "steering.lambda",
+        "steering.rag_alpha",
+        "steering.methods[1]",
+        "retrieval.n_neighbors",
+    }
+    assert "got -3" in by_key["sae.k"] and "integer >= 1" in by_key["sae.k"]
+    assert "choice, int" in by_key["sae.expansion"]  # uniform is not allowed for an integer key
+    assert "low < high" in by_key["steering.gamma"]
+    assert "low > 0" in by_key["steering.lambda"]
+    assert "choice entry got 2" in by_key["steering.rag_alpha"] and "[0, 1]" in by_key["steering.rag_alpha"]
+    assert "'vs3'" in by_key["steering.methods[1]"] and "'vs2pp'" in by_key["steering.methods[1]"]
+    assert "{choice: [...]}" in by_key["retrieval.n_neighbors"]
+
+
+def test_cross_field_rules(tmp_path):
+    problems = problems_of(tmp_path, "model: {arch: ViT-B-32}\ndataset: {name: imagefolder}\n")
+    assert any(p.startswith("model:") and "pretrained: bundled" in p for p in problems), problems
+    assert any(p.startswith("dataset:") and "dataset.root" in p for p in problems), problems
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    problems = problems_of(tmp_path, "sae: {k: [1, 2\n")
+    assert len(problems) == 1 and problems[0].startswith("not valid YAML")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    problems = problems_of(tmp_path, "- just\n- a list\n")
+    assert "top level must be a mapping" in problems[0]
+
+
+def test_set_overrides_parse_yaml_values_and_are_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sae: {k: 64}\n")
+    config = load_config(path, ["sae.k={choice: [32, 128]}", "steering.lambda=3", "steering.methods=[vs2]"])
+    assert config.sae.k == Distribution(kind="choice", values=(32, 128))
+    assert config.steering.lambda_ == 3.0 and config.steering.methods == ["vs2"]
+    with pytest.raises(ConfigError, match=r"sae\.k: got 0"):
+        load_config(path, ["sae.k=0"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(path, ["sae.k.x=1"])
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
+        load_config(path, ["sae.k"])
+
+
+def test_yaml_round_trip_keeps_distributions():
+    config = load_config(None, ["sae.k={int: [8, 64]}", "pass.w_aux={loguniform: [0.01, 2.0]}"])
+    again = validate_config(yaml.safe_load(config_to_yaml(config)))
+    assert again == config
+    assert dict(search_space(again))["pass.w_aux"].values == (0.01, 2.0)
+
+
+def test_cli_prints_problems_not_a_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("sae: {k: zero}\nsteering: {gamma: 0.5}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "vs2ray.models", "--config", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "sae.k: got 'zero'" in result.stderr
+    assert "steering.gamma: got 0.5; expected a number >= 1" in result.stderr

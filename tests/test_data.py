@@ -1,0 +1,120 @@
+"""Dataset registry: shapes determinism and balance, imagefolder layout, clear offline errors."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vs2ray.config import DatasetConfig
+from vs2ray.data import DatasetUnavailable, get_dataset
+from vs2ray.data.shapes import CLASS_BLOCKS, ShapesDataset, render_shape, shape_mask
+
+
+def pixels_of(dataset, split, ids):
+    records = dataset.records(split)
+    return np.stack([np.asarray(dataset.load_image(split, records[i].ref)) for i in ids])
+
+
+def test_shapes_meets_the_bundled_world_spec():
+    dataset = get_dataset(DatasetConfig(name="shapes"))
+    assert len(dataset.classes) >= 20 and len(set(dataset.classes)) == len(dataset.classes)
+    assert all(name.replace(" ", "").isalpha() for name in dataset.classes)  # plain words
+    assert dataset.num_images("train") >= 20_000 and dataset.num_images("test") >= 5_000
+    image = dataset.load_image("test", "0")
+    assert image.size == (32, 32) and image.mode == "RGB"
+    # each block pairs near colours with near shapes: 4 classes that differ in one attribute each
+    for colours, shapes in CLASS_BLOCKS:
+        assert {f"{c} {s}" for c in colours for s in shapes} <= set(dataset.classes)
+
+
+def test_shapes_same_seed_same_images_and_ids():
+    a, b = ShapesDataset(seed=3), ShapesDataset(seed=3)
+    ids = [0, 1, 17, 4999]
+    assert a.records("test") == b.records("test")
+    assert [r.id for r in a.records("test")] == list(range(5000))
+    np.testing.assert_array_equal(pixels_of(a, "test", ids), pixels_of(b, "test", ids))
+
+
+def test_shapes_differs_across_seeds_and_splits():
+    base = pixels_of(ShapesDataset(seed=0), "test", range(20))
+    assert not np.array_equal(base, pixels_of(ShapesDataset(seed=1), "test", range(20)))
+    assert not np.array_equal(base, pixels_of(ShapesDataset(seed=0), "train", range(20)))
+
+
+def test_shapes_records_labels_match_rendered_images_and_cover_all_classes():
+    dataset = ShapesDataset(seed=0, split_sizes={"test": 3000})
+    records = dataset.records("test")
+    assert len(records) == 3000
+    assert all(render_shape(0, "test", r.id).label == r.label for r in records[:300])
+    counts = np.bincount([r.label for r in records], minlength=len(dataset.classes))
+    assert counts.min() > 0.5 * counts.mean()  # roughly balanced, no class missing
+
+
+def test_shape_masks_tell_near_shapes_apart():
+    yy, xx = np.mgrid[-16:16:0.25, -16:16:0.25]
+    masks = {s: shape_mask(s, xx, yy, radius=10, angle=0.0) for s in ("circle", "hexagon", "ring")}
+    square = shape_mask("square", xx, yy, radius=10, angle=np.pi / 4)
+    diamond = shape_mask("diamond", xx, yy, radius=10, angle=0.0)
+    area = {k: v.mean() for k, v in masks.items()}
+    # hexagon is inscribed in the circle; ring has a hole of radius 0.55 r
+    assert area["hexagon"] == pytest.approx(area["circle"] * 3 * np.sqrt(3) / (2 * np.pi), rel=0.02)
+    assert area["ring"] == pytest.approx(area["circle"] * (1 - 0.55**2), rel=0.03)
+    assert square.mean() == pytest.approx(diamond.mean(), rel=0.01) and (square != diamond).mean() > 0.05
+
+
+def test_imagefolder_ids_labels_and_readable_names(tmp_path):
+    for split, per_class in (("train", 3), ("val", 2)):
+        for folder in ("002.Laysan_Albatross", "001.Black_footed_Albatross"):
+            (tmp_path / split / folder).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / split / folder / f"img{i}.png")
+    (tmp_path / "train" / "001.Black_footed_Albatross" / "notes.txt").write_text("not an image")
+    dataset = get_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path)))
+    assert dataset.classes == ["Black footed Albatross", "Laysan Albatross"]
+    assert dataset.splits == ("train", "val")
+    records = dataset.records("val")
+    assert [r.id for r in records] == [0, 1, 2, 3] and [r.label for r in records] == [0, 0, 1, 1]
+    assert records[3].ref.endswith("002.Laysan_Albatross/img1.png")
+    assert dataset.load_image("val", records[1].ref).getpixel((0, 0)) == (40, 0, 0)
+    with pytest.raises(ValueError, match="has no split 'test'; available"):
+        dataset.records("test")
+
+
+def test_imagefolder_tiny_imagenet_words_and_class_name_override(tmp_path):
+    for wnid in ("n01443537", "n01629819"):
+        (tmp_path / "train" / wnid).mkdir(parents=True)
+    (tmp_path / "words.txt").write_text("n01443537\tgoldfish, Carassius auratus\nn01629819\tEuropean fire salamander\n")
+    assert get_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path))).classes == [
+        "goldfish",
+        "European fire salamander",
+    ]
+    named = get_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path), class_names=["a", "b"]))
+    assert named.classes == ["a", "b"]
+    with pytest.raises(ValueError, match="has 1 names but"):
+        get_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path), class_names=["a"]))
+
+
+def test_missing_local_copies_fail_with_instructions(tmp_path):
+    with pytest.raises(DatasetUnavailable, match=r"no train/ directory"):
+        get_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path)))
+    cifar = get_dataset(DatasetConfig(name="cifar100", root=str(tmp_path)))
+    with pytest.raises(DatasetUnavailable) as caught:
+        cifar.records("train")
+    message = str(caught.value)
+    assert "dataset.root" in message and "dataset.download" in message and "cifar-100-python" in message
+
+
+def test_cifar100_download_offline_fails_clearly(tmp_path):
+    cifar = get_dataset(DatasetConfig(name="cifar100", root=str(tmp_path), download=True))
+    with pytest.raises(DatasetUnavailable, match=r"dataset\.root"):
+        cifar.records("test")
+
+
+def test_huggingface_without_datasets_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if `datasets` were not installed
+    dataset = get_dataset(DatasetConfig(name="huggingface", hf_path="uoft-cs/cifar100"))
+    with pytest.raises(DatasetUnavailable, match=r"vs2ray\[hf\]"):
+        dataset.records("train")

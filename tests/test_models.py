@@ -1,0 +1,122 @@
+"""The bundled vs2ray-tiny model through the library's own paths, and clear loading errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import vs2ray.models as models
+from vs2ray.config import ModelConfig, load_config
+from vs2ray.data import get_dataset, prompt_templates_for
+from vs2ray.data.shapes import CLASS_BLOCKS, PROMPT_TEMPLATES
+from vs2ray.models import (
+    BUNDLED_WEIGHTS,
+    ModelUnavailable,
+    build_text_classifier,
+    encode_images,
+    load_clip,
+    topk_accuracy,
+    zero_shot_evaluate,
+    zero_shot_logits,
+)
+
+# The README documents the shipped model's zero-shot top-1 on shapes/test; the issue's
+# design target is 50-85%: far above chance (1/24 = 4.2%) yet leaving room for steering.
+DOCUMENTED_TOP1_RANGE = (0.50, 0.85)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_clip(ModelConfig(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def shapes_test():
+    config = load_config(None)
+    return config, get_dataset(config.dataset)
+
+
+def test_shipped_weights_are_small_fp16_safetensors():
+    assert BUNDLED_WEIGHTS.stat().st_size < 10 * 2**20
+    with safe_open(str(BUNDLED_WEIGHTS), framework="pt") as weights:
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118
+    assert dtypes == {"F16"}
+
+
+def test_bundled_zero_shot_top1_is_in_documented_range(shapes_test):
+    config, _ = shapes_test
+    result = zero_shot_evaluate(config, "test")
+    assert result["images"] == 5000 and result["classes"] == 24
+    low, high = DOCUMENTED_TOP1_RANGE
+    assert low <= result["top1"] <= high, result
+    assert result["top1"] > 10 / 24  # ten times chance
+    assert result["top5"] > result["top1"]
+
+
+def test_text_classifier_matches_manual_prompt_ensemble(bundle, shapes_test):
+    _, dataset = shapes_test
+    classifier = build_text_classifier(bundle, dataset.classes, PROMPT_TEMPLATES)
+    assert classifier.shape == (24, 64)
+    torch.testing.assert_close(classifier.norm(dim=1), torch.ones(24))
+    for label in (0, 13, 23):
+        texts = [t.format(dataset.classes[label]) for t in PROMPT_TEMPLATES]
+        with torch.no_grad():
+            per_template = bundle.model.encode_text(bundle.tokenizer(texts))
+        per_template = per_template / per_template.norm(dim=1, keepdim=True)
+        mean = per_template.mean(dim=0)
+        torch.testing.assert_close(classifier[label], mean / mean.norm(), atol=1e-5, rtol=1e-5)
+
+
+def test_preprocess_is_clip_normalisation_of_raw_pixels(bundle, shapes_test):
+    _, dataset = shapes_test
+    image = dataset.load_image("test", "7")
+    raw = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)  # OpenAI CLIP's statistics
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
+    torch.testing.assert_close(bundle.preprocess(image), (raw - mean) / std, atol=1e-6, rtol=1e-6)
+
+
+def test_class_order_mix_up_is_caught(bundle, shapes_test):
+    config, dataset = shapes_test
+    records = dataset.records("test")[:1000]
+    pixels = torch.stack([bundle.preprocess(dataset.load_image("test", r.ref)) for r in records])
+    labels = torch.tensor([r.label for r in records])
+    embeddings = encode_images(bundle, pixels)
+    templates = prompt_templates_for(config.dataset, dataset)
+    right_classifier = build_text_classifier(bundle, dataset.classes, templates)
+    right = topk_accuracy(zero_shot_logits(embeddings, right_classifier), labels)
+    # swap the two colours inside every block: the names stay plausible, the order is wrong
+    swapped = list(dataset.classes)
+    for block in range(len(CLASS_BLOCKS)):
+        i = 4 * block
+        swapped[i : i + 4] = swapped[i + 2 : i + 4] + swapped[i : i + 2]
+    wrong = topk_accuracy(zero_shot_logits(embeddings, build_text_classifier(bundle, swapped, templates)), labels)
+    assert wrong[1] < right[1] / 2, (right, wrong)
+
+
+def test_unknown_arch_tag_or_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelUnavailable, match="no architecture 'ViT-Q-99'"):
+        load_clip(ModelConfig(arch="ViT-Q-99", pretrained="openai"), device="cpu")
+    with pytest.raises(ModelUnavailable, match="neither a file nor a pretrained tag of ViT-B-32"):
+        load_clip(ModelConfig(arch="ViT-B-32", pretrained="no-such-tag"), device="cpu")
+    with pytest.raises(ModelUnavailable, match="is not a file"):
+        load_clip(ModelConfig(arch="vs2ray-tiny", pretrained=str(tmp_path / "missing.safetensors")), device="cpu")
+
+
+def test_pretrained_tag_offline_fails_fast_from_the_cache(monkeypatch, tmp_path):
+    # Treat the Hub as unreachable whatever this machine's network: the loader must read
+    # only its (empty) cache and say so, instead of retrying downloads for a minute.
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: False)
+    with pytest.raises(ModelUnavailable, match="unreachable and they are not in the cache") as caught:
+        load_clip(ModelConfig(arch="ViT-B-32", pretrained="openai", cache_dir=str(tmp_path)), device="cpu")
+    assert "model.pretrained" in str(caught.value)
+
+
+def test_cuda_device_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        assert models.resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(ModelUnavailable, match="no CUDA device"):
+            models.resolve_device("cuda")

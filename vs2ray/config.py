@@ -1,0 +1,398 @@
+"""Experiment / sweep configuration: the YAML schema, loading, and `--set` overrides.
+
+Every key is documented in the README's "Config reference". A value marked
+*searchable* is either a constant or a distribution that the sweep samples:
+
+    sae:
+      k: {choice: [32, 64, 128]}
+      expansion: {int: [2, 16]}
+    steering:
+      gamma: {uniform: [1.0, 3.0]}
+      lambda: {loguniform: [0.1, 10.0]}
+
+Invalid input raises `ConfigError`, whose message has one line per problem naming
+the key path, the offending value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+DISTRIBUTION_KINDS = ("choice", "uniform", "loguniform", "int")
+STEERING_METHODS = (
+    "zero_shot",
+    "sae_rec_final",
+    "sae_rec_all",
+    "sae_rec_amplified",
+    "vs2",
+    "vs2_gated",
+    "vs2pp",
+    "vs2pp_oracle",
+    "weighted_rag",
+    "clip_steer",
+    "centroid_shift",
+)
+DATASET_NAMES = ("shapes", "cifar100", "imagefolder", "huggingface")
+BUNDLED_MODEL = "vs2ray-tiny"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; `problems` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+class Distribution(BaseModel):
+    """A search-space distribution: `choice` over values, `uniform`/`loguniform` over floats, `int` range."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["choice", "uniform", "loguniform", "int"]
+    values: tuple[Any, ...]
+
+    def to_yaml(self) -> dict[str, list[Any]]:
+        """The YAML form this distribution was written in, e.g. {'uniform': [1.0, 3.0]}."""
+        return {self.kind: list(self.values)}
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _searchable(scalar: Any, allowed: str, allow: tuple[str, ...] = DISTRIBUTION_KINDS) -> Any:
+    """A field type taking a constant of type `scalar` or a distribution over such values.
+
+    `allowed` describes valid constants in words, for error messages.
+    """
+    adapter = TypeAdapter(scalar)
+    dist_help = " or a distribution " + " / ".join(f"{{{k}: ...}}" for k in allow)
+
+    def check_scalar(value: Any, where: str = "") -> Any:
+        if isinstance(value, bool):  # YAML `yes`/`true` would otherwise pass as 1
+            raise PydanticCustomError("search_value", f"{where}got {_describe(value)}; expected {allowed}")
+        try:
+            return adapter.validate_python(value)
+        except ValidationError:
+            raise PydanticCustomError("search_value", f"{where}got {_describe(value)}; expected {allowed}") from None
+
+    def validate(value: Any) -> Any:
+        if isinstance(value, Distribution):
+            return value
+        if not isinstance(value, dict):
+            if isinstance(value, (list, tuple)):
+                raise PydanticCustomError(
+                    "search_value", f"got the list {_describe(value)}; write a choice as {{choice: [...]}}"
+                )
+            try:
+                return check_scalar(value)
+            except PydanticCustomError as error:
+                raise PydanticCustomError("search_value", error.message() + dist_help) from None
+        if len(value) != 1 or next(iter(value)) not in allow:
+            raise PydanticCustomError(
+                "search_value",
+                f"got {_describe(value)}; a distribution has exactly one key, one of: {', '.join(allow)}",
+            )
+        kind, spec = next(iter(value.items()))
+        if kind == "choice":
+            if not isinstance(spec, list) or not spec:
+                raise PydanticCustomError("search_value", f"choice needs a non-empty list, got {_describe(spec)}")
+            return Distribution(kind=kind, values=tuple(check_scalar(v, "choice entry ") for v in spec))
+        if not isinstance(spec, list) or len(spec) != 2:
+            raise PydanticCustomError("search_value", f"{kind} needs [low, high], got {_describe(spec)}")
+        low, high = (check_scalar(v, f"{kind} bound ") for v in spec)
+        if kind == "int" and not all(isinstance(v, int) for v in (low, high)):
+            raise PydanticCustomError("search_value", f"int needs integer bounds, got {_describe(spec)}")
+        if not low < high:
+            raise PydanticCustomError("search_value", f"{kind} needs low < high, got {_describe(spec)}")
+        if kind == "loguniform" and low <= 0:
+            raise PydanticCustomError("search_value", f"loguniform needs low > 0, got {_describe(spec)}")
+        return Distribution(kind=kind, values=(low, high))
+
+    return Annotated[Any, PlainValidator(validate)]
+
+
+NUMERIC = ("choice", "uniform", "loguniform")
+PositiveInt = _searchable(Annotated[int, Field(ge=1)], "an integer >= 1", ("choice", "int"))
+PositiveFloat = _searchable(Annotated[float, Field(gt=0)], "a number > 0", NUMERIC)
+NonNegativeFloat = _searchable(Annotated[float, Field(ge=0)], "a number >= 0", NUMERIC)
+AtLeastOneFloat = _searchable(Annotated[float, Field(ge=1)], "a number >= 1", NUMERIC)
+UnitFloat = _searchable(Annotated[float, Field(ge=0, le=1)], "a number in [0, 1]", NUMERIC)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelConfig(Section):
+    arch: str = Field(BUNDLED_MODEL, description="open_clip architecture, e.g. ViT-B-32, or vs2ray-tiny")
+    pretrained: str = Field(
+        "bundled", description="open_clip pretrained tag (openai), a local checkpoint file, or 'bundled'"
+    )
+    cache_dir: str | None = Field(None, description="where open_clip caches downloaded weights")
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _bundled_only_for_tiny(self) -> ModelConfig:
+        if self.pretrained == "bundled" and self.arch != BUNDLED_MODEL:
+            raise PydanticCustomError(
+                "model_pair",
+                f"pretrained: bundled goes with arch: {BUNDLED_MODEL} only; give {self.arch} a tag or a file "
+                f"(got arch={self.arch!r}, pretrained={self.pretrained!r})",
+            )
+        return self
+
+
+class DatasetConfig(Section):
+    name: Literal["shapes", "cifar100", "imagefolder", "huggingface"] = "shapes"
+    root: str | None = Field(None, description="local copy of the data (cifar100, imagefolder, HF cache)")
+    download: bool = Field(False, description="cifar100: download into root when missing")
+    seed: int = Field(0, description="shapes: generation seed")
+    sizes: dict[Literal["train", "test", "pretrain"], Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="shapes: images per split (default train 20000, test 5000)"
+    )
+    train_split: str = "train"
+    test_split: str = "test"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train held out for selection")
+    class_names: list[str] | None = None
+    prompt_templates: list[str] | None = Field(None, description="zero-shot prompts with one '{}'")
+    hf_path: str | None = Field(None, description="huggingface: dataset id, e.g. 'uoft-cs/cifar100'")
+    image_column: str = "image"
+    label_column: str = "label"
+
+    @model_validator(mode="after")
+    def _needs_for_source(self) -> DatasetConfig:
+        if self.name in ("cifar100", "imagefolder") and not self.root:
+            raise PydanticCustomError("dataset_root", f"dataset.name: {self.name} needs dataset.root (a directory)")
+        if self.name == "huggingface" and not self.hf_path:
+            raise PydanticCustomError("dataset_hf", "dataset.name: huggingface needs dataset.hf_path")
+        bad = [t for t in self.prompt_templates or [] if t.count("{}") != 1]
+        if bad:
+            raise PydanticCustomError("dataset_prompt", f"prompt_templates need exactly one '{{}}' each: {bad}")
+        return self
+
+
+class ExtractionConfig(Section):
+    layers: list[int] = Field([-1], min_length=1, description="resblock indices; negative counts from the end")
+    batch_size: int = Field(256, ge=1)
+    num_workers: int | None = Field(None, ge=1, description="encoder actors; default one per GPU (1 on CPU)")
+    gpus_per_worker: float = Field(1.0, ge=0.0, le=8.0)
+    cpus_per_worker: float = Field(0.25, gt=0.0)
+
+
+class SAEConfig(Section):
+    k: PositiveInt = 64
+    expansion: PositiveInt = 4
+    topk: Literal["relu", "abs"] = Field("relu", description="relu: Gao et al.; abs: largest |value| (paper)")
+    lr: PositiveFloat = 5e-4
+    lr_scale_with_width: bool = False
+    warmup_steps: int = Field(100, ge=0)
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(4096, ge=1)
+    dead_threshold: int = Field(100, ge=1)
+    auxk_coef: NonNegativeFloat = 1 / 32
+    auxk_k: int | None = Field(None, ge=1, description="latents in the AuxK loss; default d/2")
+
+
+class PassConfig(Section):
+    w_aux: NonNegativeFloat = Field(0.0, description="PASS prototype-alignment weight; 0 = plain top-k SAE")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="running class-mean update rate")
+
+
+class SteeringConfig(Section):
+    methods: list[Literal[STEERING_METHODS]] = Field(  # type: ignore[valid-type]
+        ["zero_shot", "sae_rec_final", "sae_rec_amplified", "vs2"], min_length=1
+    )
+    gamma: AtLeastOneFloat = 1.5
+    lambda_: NonNegativeFloat = Field(2.1, alias="lambda")
+    gate_quantiles: list[Annotated[float, Field(gt=0, le=1)]] = [0.9, 0.95, 0.99, 0.995]
+    rag_alpha: UnitFloat = 0.5
+
+
+class RetrievalConfig(Section):
+    space: Literal["clip", "dinov2"] = "clip"
+    n_neighbors: PositiveInt = 50
+    positive_rule: _searchable(Literal["query", "majority"], "'query' or 'majority'", ("choice",)) = "query"
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    num_shards: int = Field(1, ge=1)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+
+
+class SearchConfig(Section):
+    num_samples: int = Field(20, ge=1)
+    max_concurrent_trials: int = Field(4, ge=1)
+    metric: str = "val_top1_vs2"
+    mode: Literal["max", "min"] = "max"
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    seed: int | None = Field(None, description="sampler seed; default: the top-level seed")
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ResourcesConfig(Section):
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+
+
+class StorageConfig(Section):
+    root: str = Field("~/vs2ray", description="activation stores and SAE checkpoints (local or s3:// / gs://)")
+    experiments: str | None = Field(None, description="Tune experiment dir; default <root>/experiments")
+
+
+class ExperimentConfig(Section):
+    name: str = "quickstart"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    pass_: PassConfig = Field(default_factory=PassConfig, alias="pass")
+    steering: SteeringConfig = Field(default_factory=SteeringConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+def search_space(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, Distribution]]:
+    """Yield (key path, distribution) for every searchable value that is not a constant."""
+    for field_name, field in type(config).model_fields.items():
+        key = f"{prefix}{field.alias or field_name}"
+        value = getattr(config, field_name)
+        if isinstance(value, Distribution):
+            yield key, value
+        elif isinstance(value, BaseModel):
+            yield from search_space(value, key + ".")
+
+
+def _model_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section class reached by following `loc` (aliases) from `model_cls`, if any."""
+    current = model_cls
+    for part in loc:
+        fields = {f.alias or name: f for name, f in current.model_fields.items()}
+        annotation = fields[part].annotation if part in fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        current = annotation
+    return current
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section = _model_at(ExperimentConfig, loc[:-1])
+        allowed = sorted(f.alias or n for n, f in section.model_fields.items()) if section else []
+        return f"{path}: unknown key; allowed keys here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    message = error["msg"]
+    if kind.startswith(("search_", "model_", "dataset_")):
+        return f"{path}: {message}"
+    return f"{path}: got {_describe(error.get('input'))}; {message[0].lower() + message[1:]}"
+
+
+def validate_config(raw: Any, source: str = "config") -> ExperimentConfig:
+    """Validate a parsed YAML mapping into an ExperimentConfig, or raise ConfigError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError([_format_error(e) for e in error.errors()], source) from None
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override to a raw config mapping in place.
+
+    The value is parsed as YAML, so `--set sae.k=128`, `--set steering.methods=[vs2]`
+    and `--set "sae.k={choice: [32, 64]}"` all work.
+    """
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {assignment!r}: expected key.path=value"], "--set")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError([f"--set {key}: value {text!r} is not valid YAML ({error})"], "--set") from None
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError([f"--set {key}: {where} is a value, not a section"], "--set")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML config (defaults only if `path` is None), apply `key=value` overrides, validate.
+
+    Raises ConfigError (one line per problem) for a missing file, bad YAML or bad values.
+    """
+    source = str(path) if path is not None else "defaults"
+    raw: Any = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError([f"config file {str(file)!r} does not exist"], source)
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError([f"not valid YAML: {error}"], source) from None
+    if overrides and not isinstance(raw, dict):
+        raise ConfigError(["the top level must be a mapping of sections"], source)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_config(raw, source)
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run a CLI entry point, printing a ConfigError's problems instead of a traceback (exit 2)."""
+    import sys
+
+    try:
+        code = main()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code or 0)
+
+
+def config_to_yaml(config: ExperimentConfig) -> str:
+    """Serialise a config back to YAML (distributions in their `{kind: [...]}` form)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {"kind", "values"} and value["kind"] in DISTRIBUTION_KINDS:
+                return {value["kind"]: list(value["values"])}
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return yaml.safe_dump(plain(config.model_dump(mode="python", by_alias=True)), sort_keys=False)

@@ -1,0 +1,263 @@
+"""`shapes`: the bundled, procedurally generated image dataset.
+
+Every image is a pure function of (seed, split, index): a per-image random generator
+draws the class, the object's geometry and colour, the background texture and the
+clutter, so any index can be rendered on any worker without a file on disk and the
+same seed always gives the same pixels.
+
+Classes come in blocks of four: two near colours × two near shapes (red/orange ×
+circle/hexagon, blue/purple × square/diamond, ...), so a model has to look at hue and
+outline at once. Small objects, textured backgrounds, small clutter in the palette's
+colours and pixel noise keep the bundled CLIP well short of perfect, leaving room for
+steering to matter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from vs2ray.data.base import ImageDataset, ImageRecord
+
+IMAGE_SIZE = 32
+SUPERSAMPLE = 2  # render at 64×64 and average down, for anti-aliased edges
+
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.86, 0.18, 0.14),
+    "orange": (0.93, 0.40, 0.12),
+    "yellow": (0.95, 0.86, 0.18),
+    "white": (0.94, 0.94, 0.92),
+    "green": (0.22, 0.66, 0.24),
+    "teal": (0.12, 0.62, 0.50),
+    "blue": (0.20, 0.28, 0.86),
+    "purple": (0.46, 0.24, 0.84),
+    "pink": (0.96, 0.52, 0.76),
+    "brown": (0.52, 0.31, 0.15),
+}
+
+# (near colours) × (near shapes): each block holds four mutually confusable classes.
+CLASS_BLOCKS: list[tuple[tuple[str, str], tuple[str, str]]] = [
+    (("red", "orange"), ("circle", "hexagon")),
+    (("blue", "purple"), ("square", "diamond")),
+    (("green", "teal"), ("triangle", "pentagon")),
+    (("yellow", "white"), ("star", "cross")),
+    (("pink", "purple"), ("ring", "circle")),
+    (("brown", "orange"), ("triangle", "star")),
+]
+
+CLASSES: list[tuple[str, str]] = [
+    (colour, shape) for colours, shapes in CLASS_BLOCKS for colour in colours for shape in shapes
+]
+CLASS_NAMES: list[str] = [f"{colour} {shape}" for colour, shape in CLASSES]
+
+SPLIT_CODES: dict[str, int] = {"train": 1, "test": 2, "pretrain": 3}
+DEFAULT_SPLIT_SIZES: dict[str, int] = {"train": 20_000, "test": 5_000, "pretrain": 30_000}
+
+BACKGROUNDS = ("plain", "striped", "checkered", "noisy")
+
+# Orientation of the first vertex (radians, image y points down) and rotation jitter.
+_POLYGON_SIDES = {"triangle": 3, "square": 4, "diamond": 4, "pentagon": 5, "hexagon": 6}
+_BASE_ANGLE = {
+    "triangle": -math.pi / 2,
+    "pentagon": -math.pi / 2,
+    "star": -math.pi / 2,
+    "square": math.pi / 4,
+    "diamond": 0.0,
+    "hexagon": 0.0,
+    "cross": 0.0,
+}
+_ANGLE_JITTER = {"square": 0.2, "diamond": 0.2, "cross": 0.25}  # < 45°/2: square never looks like diamond
+_DEFAULT_JITTER = 0.35
+
+CAPTION_TEMPLATES = (
+    "a photo of a {name}.",
+    "a {size} {name}.",
+    "a {name} on a {background} background.",
+    "a {size} {name} on a {background} background.",
+    "{name}.",
+    "a picture of a {size} {name}.",
+)
+
+# Prompt ensemble for the zero-shot classifier (the class name fills `{}`).
+PROMPT_TEMPLATES = (
+    "a photo of a {}.",
+    "a small {}.",
+    "a large {}.",
+    "a {} on a plain background.",
+    "a {} on a striped background.",
+    "a {} on a checkered background.",
+    "a {} on a noisy background.",
+)
+
+
+@dataclass(frozen=True)
+class ShapeSample:
+    """One rendered image with the attributes it was drawn from."""
+
+    pixels: np.ndarray  # (32, 32, 3) uint8
+    label: int
+    radius: float
+    background: str
+    caption: str
+
+
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float, angle: float) -> np.ndarray:
+    """Coverage mask of `shape` centred at the origin.
+
+    dx, dy: (H, W) pixel offsets from the centre; radius: circumradius in pixels;
+    angle: rotation in radians. Returns a bool (H, W) array.
+    """
+    rho = np.hypot(dx, dy)
+    phi = np.arctan2(dy, dx) - angle
+    if shape == "circle":
+        return rho <= radius
+    if shape == "ring":
+        return (rho <= radius) & (rho >= 0.55 * radius)
+    if shape in _POLYGON_SIDES:
+        n = _POLYGON_SIDES[shape]
+        sector = 2 * math.pi / n
+        # distance to the nearest edge's normal direction decides inside/outside
+        local = np.mod(phi, sector) - sector / 2
+        return rho * np.cos(local) <= radius * math.cos(math.pi / n)
+    if shape == "star":
+        sector = 2 * math.pi / 5
+        to_vertex = np.abs(np.mod(phi + sector / 2, sector) - sector / 2) / (sector / 2)  # 0 at a tip, 1 between
+        return rho <= radius * (1.0 - 0.58 * to_vertex)
+    if shape == "cross":
+        u = dx * math.cos(angle) + dy * math.sin(angle)
+        v = -dx * math.sin(angle) + dy * math.cos(angle)
+        arm = 0.34 * radius
+        return ((np.abs(u) <= arm) & (np.abs(v) <= radius)) | ((np.abs(v) <= arm) & (np.abs(u) <= radius))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    """A muted, textured (size, size, 3) float background and its one-word kind."""
+    kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    grey = rng.uniform(0.25, 0.7)
+    base = np.clip(grey + rng.normal(0.0, 0.06, size=3), 0.0, 1.0)
+    canvas = np.broadcast_to(base, (size, size, 3)).copy()
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if kind == "striped":
+        theta = rng.uniform(0, math.pi)
+        period = rng.uniform(6, 14) * SUPERSAMPLE
+        wave = np.sign(np.sin(2 * math.pi * (xx * math.cos(theta) + yy * math.sin(theta)) / period))
+        canvas += 0.12 * wave[..., None] * rng.uniform(0.6, 1.0)
+    elif kind == "checkered":
+        cell = rng.integers(3, 8) * SUPERSAMPLE
+        board = ((xx // cell + yy // cell) % 2) * 2 - 1
+        canvas += 0.1 * board[..., None]
+    elif kind == "noisy":
+        coarse = rng.normal(0.0, 0.12, size=(8, 8, 3))
+        canvas += np.kron(coarse, np.ones((size // 8, size // 8, 1)))
+    return canvas, kind
+
+
+def _add_clutter(rng: np.random.Generator, canvas: np.ndarray) -> None:
+    """Paint 0-3 small dots or short strokes in palette colours onto `canvas` in place."""
+    size = canvas.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    palette = list(COLOURS.values())
+    for _ in range(rng.integers(0, 4)):
+        colour = np.asarray(palette[rng.integers(len(palette))])
+        cx, cy = rng.uniform(0, size, size=2)
+        if rng.random() < 0.5:
+            mask = np.hypot(xx - cx, yy - cy) <= rng.uniform(1.0, 2.2) * SUPERSAMPLE
+        else:
+            theta = rng.uniform(0, math.pi)
+            along = (xx - cx) * math.cos(theta) + (yy - cy) * math.sin(theta)
+            across = -(xx - cx) * math.sin(theta) + (yy - cy) * math.cos(theta)
+            mask = (np.abs(along) <= rng.uniform(3, 6) * SUPERSAMPLE) & (np.abs(across) <= 0.5 * SUPERSAMPLE)
+        canvas[mask] = colour
+
+
+def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLIT_CODES[split], index])
+
+
+def shape_label(seed: int, split: str, index: int) -> int:
+    """The class of image `index` without rendering it (the rng's first draw)."""
+    return int(_image_rng(seed, split, index).integers(len(CLASSES)))
+
+
+def render_shape(seed: int, split: str, index: int) -> ShapeSample:
+    """Render image `index` of `split`, deterministically from `seed`.
+
+    Returns a ShapeSample with (32, 32, 3) uint8 pixels, the class label, and the
+    attributes that make up its training caption.
+    """
+    rng = _image_rng(seed, split, index)
+    label = int(rng.integers(len(CLASSES)))  # must stay the first draw: see shape_label
+    colour_name, shape = CLASSES[label]
+    size = IMAGE_SIZE * SUPERSAMPLE
+
+    canvas, background = _background(rng, size)
+    _add_clutter(rng, canvas)
+
+    radius = rng.uniform(5.0, 13.0)
+    margin = radius + 1.0
+    cx, cy = rng.uniform(margin, IMAGE_SIZE - margin, size=2)
+    angle = _BASE_ANGLE.get(shape, 0.0) + rng.uniform(-1, 1) * _ANGLE_JITTER.get(shape, _DEFAULT_JITTER)
+    if shape == "hexagon":
+        angle = rng.uniform(0, math.pi / 3)  # a hexagon's orientation carries no class information
+    colour = np.asarray(COLOURS[colour_name]) * rng.uniform(0.8, 1.1) + rng.normal(0.0, 0.05, size=3)
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    offsets = ((xx + 0.5) / SUPERSAMPLE - cx, (yy + 0.5) / SUPERSAMPLE - cy)
+    canvas[shape_mask(shape, *offsets, radius=radius, angle=angle)] = np.clip(colour, 0.0, 1.0)
+
+    small = canvas.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
+    small += rng.normal(0.0, 0.03, size=small.shape)
+    pixels = (np.clip(small, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+    size_word = "small" if radius < 8.5 else "large"
+    template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
+    caption = template.format(name=CLASS_NAMES[label], size=size_word, background=background)
+    return ShapeSample(pixels=pixels, label=label, radius=float(radius), background=background, caption=caption)
+
+
+class ShapesDataset(ImageDataset):
+    """The bundled `shapes` dataset: 24 classes, images rendered on demand.
+
+    Ids are the image's index within its split (0 … n-1), so they are stable for a
+    given split size and seed.
+    """
+
+    name = "shapes"
+    prompt_templates = PROMPT_TEMPLATES
+
+    def __init__(self, seed: int = 0, split_sizes: dict[str, int] | None = None) -> None:
+        self.seed = seed
+        self.split_sizes = {**DEFAULT_SPLIT_SIZES, **(split_sizes or {})}
+        unknown = set(self.split_sizes) - set(SPLIT_CODES)
+        if unknown:
+            raise ValueError(f"shapes has no split(s) {sorted(unknown)}; splits: {sorted(SPLIT_CODES)}")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(CLASS_NAMES)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.split_sizes)
+
+    def records(self, split: str) -> list[ImageRecord]:
+        self.check_split(split)
+        return [
+            ImageRecord(id=i, label=shape_label(self.seed, split, i), ref=str(i))
+            for i in range(self.split_sizes[split])
+        ]
+
+    def num_images(self, split: str) -> int:
+        self.check_split(split)
+        return self.split_sizes[split]
+
+    def load_image(self, split: str, ref: str) -> Image.Image:
+        return Image.fromarray(render_shape(self.seed, split, int(ref)).pixels)
+
+    def caption(self, split: str, index: int) -> str:
+        """The training caption of image `index` (used to train `vs2ray-tiny`)."""
+        return render_shape(self.seed, split, index).caption

@@ -1,0 +1,249 @@
+"""CLIP loading (open_clip pretrained or the bundled `vs2ray-tiny`) and the zero-shot classifier.
+
+`load_clip` is the one entry point: `arch: ViT-B-32, pretrained: openai` (or a local
+checkpoint file) on a cluster, `arch: vs2ray-tiny, pretrained: bundled` offline. Both
+go through open_clip's own factory, so the model classes, preprocessing and tokenizer
+are open_clip's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from vs2ray.config import BUNDLED_MODEL, ExperimentConfig, ModelConfig, load_config, run_cli
+
+ASSETS = resources.files("vs2ray") / "assets"
+BUNDLED_CONFIG = Path(str(ASSETS / f"{BUNDLED_MODEL}.json"))
+BUNDLED_WEIGHTS = Path(str(ASSETS / f"{BUNDLED_MODEL}.safetensors"))
+
+
+class ModelUnavailable(RuntimeError):
+    """The requested model or its weights cannot be loaded here; the message says why and what to do."""
+
+
+@dataclass
+class ClipBundle:
+    """A loaded CLIP model with the preprocessing and tokenizer that belong to it."""
+
+    model: Any  # open_clip.CLIP, in eval mode
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> (3, H, W) float tensor
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]  # texts -> (n, context_length) int64
+    arch: str
+    pretrained: str
+    device: torch.device
+
+
+def resolve_device(setting: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailable("model.device: cuda was asked for but torch sees no CUDA device")
+    return torch.device(setting)
+
+
+def register_bundled_model() -> None:
+    """Make `vs2ray-tiny` known to open_clip (idempotent)."""
+    if BUNDLED_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(BUNDLED_CONFIG)
+
+
+def _resolve_weights(arch: str, pretrained: str) -> str:
+    """Check the (arch, pretrained) pair before any download, returning what open_clip should load."""
+    if pretrained == "bundled":
+        if not BUNDLED_WEIGHTS.is_file():
+            raise ModelUnavailable(
+                f"the bundled weights {BUNDLED_WEIGHTS} are missing; re-create them with "
+                f"`python scripts/train_tiny_clip.py` or reinstall vs2ray"
+            )
+        return str(BUNDLED_WEIGHTS)
+    if arch not in open_clip.list_models():
+        raise ModelUnavailable(
+            f"model.arch: open_clip has no architecture {arch!r}; see open_clip.list_models() "
+            f"(e.g. ViT-B-32, ViT-B-16, ViT-L-14)"
+        )
+    if Path(pretrained).expanduser().is_file():
+        return str(Path(pretrained).expanduser())
+    if arch == BUNDLED_MODEL:
+        raise ModelUnavailable(f"model.pretrained: {pretrained!r} is not a file (and {arch} has no download tags)")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained not in tags:
+        raise ModelUnavailable(
+            f"model.pretrained: {pretrained!r} is neither a file nor a pretrained tag of {arch}; tags: {tags}"
+        )
+    return pretrained
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub (where open_clip's tags live) answers a TCP connect."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_cache_only() -> Iterator[None]:
+    """Make huggingface_hub read its cache only: offline, its retries would take a minute to fail."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def load_clip(config: ModelConfig, device: torch.device | str | None = None) -> ClipBundle:
+    """Load the CLIP model named by `config` in eval mode with its preprocessing and tokenizer.
+
+    Raises ModelUnavailable with a one-line reason (unknown arch or tag, missing file,
+    download impossible offline) instead of open_clip's traceback.
+    """
+    register_bundled_model()
+    device = torch.device(device) if device is not None else resolve_device(config.device)
+    weights = _resolve_weights(config.arch, config.pretrained)
+    is_tag = not Path(weights).is_file()
+    offline = is_tag and not _hub_reachable()
+    try:
+        with _hub_cache_only() if offline else contextlib.nullcontext():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                config.arch,
+                pretrained=weights,
+                precision=config.precision,
+                device=device,
+                cache_dir=config.cache_dir,
+                weights_only=True,
+            )
+    except RuntimeError as error:
+        if "download" not in str(error).lower():
+            raise
+        reason = "the Hugging Face Hub is unreachable and they are not in the cache" if offline else str(error)
+        raise ModelUnavailable(
+            f"could not download {config.arch}/{config.pretrained} weights ({reason}). Offline, download the "
+            f"checkpoint elsewhere and set model.pretrained to its local path, or set model.cache_dir to a "
+            f"directory that already holds open_clip's cache."
+        ) from None
+    model.eval()
+    return ClipBundle(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(config.arch),
+        arch=config.arch,
+        pretrained=config.pretrained,
+        device=device,
+    )
+
+
+@torch.no_grad()
+def build_text_classifier(bundle: ClipBundle, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """Zero-shot classifier T: (num_classes, embed_dim), rows unit-norm, one per class in label order.
+
+    Each row is the normalised mean of the normalised text embeddings of every template
+    filled with the class name (CLIP's prompt ensembling).
+    """
+    weights_dc = open_clip.build_zero_shot_classifier(
+        bundle.model,
+        tokenizer=bundle.tokenizer,
+        classnames=list(class_names),
+        templates=list(templates),
+        num_classes_per_batch=32,
+        device=bundle.device,
+    )
+    return weights_dc.T.contiguous().float()
+
+
+@torch.no_grad()
+def encode_images(bundle: ClipBundle, images: torch.Tensor) -> torch.Tensor:
+    """Normalised CLIP image embeddings (n, embed_dim) of preprocessed images (n, 3, H, W)."""
+    return bundle.model.encode_image(images.to(bundle.device), normalize=True).float()
+
+
+def zero_shot_logits(embeddings: torch.Tensor, text_classifier: torch.Tensor) -> torch.Tensor:
+    """CLIP's zero-shot logits `100 · e @ Tᵀ`: (n, embed_dim) × (classes, embed_dim) -> (n, classes)."""
+    return 100.0 * embeddings @ text_classifier.T
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Fraction of rows whose label is among the k highest logits, for each k."""
+    ranked = logits.topk(max(ks), dim=1).indices
+    hits = ranked == labels[:, None]
+    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def zero_shot_evaluate(config: ExperimentConfig, split: str, limit: int | None = None) -> dict[str, Any]:
+    """Zero-shot top-1/top-5 of the configured model on `split` of the configured dataset.
+
+    Runs in-process (no Ray); meant for checks and the demo, not for large datasets.
+    """
+    from vs2ray.data import get_dataset, prompt_templates_for
+
+    dataset = get_dataset(config.dataset)
+    bundle = load_clip(config.model)
+    classifier = build_text_classifier(bundle, dataset.classes, prompt_templates_for(config.dataset, dataset))
+    records = dataset.records(split)[:limit]
+    logits, labels = [], []
+    started = time.perf_counter()
+    batch = config.extraction.batch_size
+    for start in range(0, len(records), batch):
+        chunk = records[start : start + batch]
+        pixels = torch.stack([bundle.preprocess(dataset.load_image(split, r.ref)) for r in chunk])
+        logits.append(zero_shot_logits(encode_images(bundle, pixels), classifier).cpu())
+        labels.extend(r.label for r in chunk)
+    accuracy = topk_accuracy(torch.cat(logits), torch.tensor(labels))
+    return {
+        "model": f"{bundle.arch}/{bundle.pretrained}",
+        "dataset": dataset.name,
+        "split": split,
+        "images": len(records),
+        "classes": len(dataset.classes),
+        "top1": accuracy[1],
+        "top5": accuracy[5],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vs2ray.models", description="Zero-shot accuracy of the configured CLIP model."
+    )
+    parser.add_argument("--config", help="experiment YAML (default: built-in defaults = the bundled world)")
+    parser.add_argument("--split", default=None, help="dataset split (default: dataset.test_split)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    try:
+        result = zero_shot_evaluate(config, args.split or config.dataset.test_split, args.limit)
+    except (ModelUnavailable, RuntimeError, ValueError) as error:
+        print(f"error: {error}")
+        return 1
+    print(
+        f"{result['model']} zero-shot on {result['dataset']}/{result['split']} "
+        f"({result['images']} images, {result['classes']} classes): "
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+        f"({result['images'] / result['seconds']:.0f} images/s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
