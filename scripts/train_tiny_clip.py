@@ -132,16 +132,16 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {k: str(v) for k, v in vars(args).items() if k != "out"}
+    metadata = {k: str(v) for k, v in vars(args).items() if k not in ("out", "eval_limit", "evaluate_only")}
     save_file(state, str(out), metadata=metadata)
     print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB) after {time.perf_counter() - started:.0f}s of training")
-    return evaluate(out)
+    return evaluate(out, args.eval_limit)
 
 
-def evaluate(weights: Path) -> dict[str, float]:
-    """Zero-shot accuracy of `weights` on shapes/test through the library's own path."""
+def evaluate(weights: Path, limit: int | None = None) -> dict[str, float]:
+    """Zero-shot accuracy of `weights` on shapes/test (the first `limit` images) through the library's own path."""
     config = load_config(None, [f"model.pretrained={weights}"])
-    result = zero_shot_evaluate(config, "test")
+    result = zero_shot_evaluate(config, "test", limit)
     print(
         f"zero-shot on shapes/test ({result['images']} images): top-1 {100 * result['top1']:.2f}%  "
         f"top-5 {100 * result['top5']:.2f}%"
@@ -152,7 +152,7 @@ def evaluate(weights: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(BUNDLED_WEIGHTS), help="where to write the fp16 safetensors")
-    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50)
@@ -161,9 +161,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
     parser.add_argument("--data-seed", type=int, default=0, help="shapes generation seed")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
     parser.add_argument("--evaluate-only", action="store_true", help="only report the zero-shot accuracy of --out")
     args = parser.parse_args()
-    result = evaluate(Path(args.out)) if args.evaluate_only else train(args)
+    result = evaluate(Path(args.out), args.eval_limit) if args.evaluate_only else train(args)
     print(json.dumps({"top1": round(result["top1"], 4), "top5": round(result["top5"], 4)}))
 
 

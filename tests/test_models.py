@@ -72,7 +72,7 @@ def test_text_classifier_matches_manual_prompt_ensemble(bundle, shapes_test):
 def test_preprocess_is_clip_normalisation_of_raw_pixels(bundle, shapes_test):
     _, dataset = shapes_test
     image = dataset.load_image("test", "7")
-    raw = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255.0
+    raw = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
     mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)  # OpenAI CLIP's statistics
     std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
     torch.testing.assert_close(bundle.preprocess(image), (raw - mean) / std, atol=1e-6, rtol=1e-6)

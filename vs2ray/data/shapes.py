@@ -24,6 +24,8 @@ from vs2ray.data.base import ImageDataset, ImageRecord
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 2  # render at 64×64 and average down, for anti-aliased edges
+CANVAS = IMAGE_SIZE * SUPERSAMPLE
+_GRID_Y, _GRID_X = np.mgrid[0:CANVAS, 0:CANVAS].astype(np.float32)  # supersampled pixel coordinates
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.86, 0.18, 0.14),
@@ -134,13 +136,13 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float, angle:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
-    """A muted, textured (size, size, 3) float background and its one-word kind."""
+def _background(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A muted, textured (64, 64, 3) float background and its one-word kind."""
     kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     grey = rng.uniform(0.25, 0.7)
     base = np.clip(grey + rng.normal(0.0, 0.06, size=3), 0.0, 1.0)
-    canvas = np.broadcast_to(base, (size, size, 3)).copy()
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    canvas = np.broadcast_to(base, (CANVAS, CANVAS, 3)).copy()
+    yy, xx = _GRID_Y, _GRID_X
     if kind == "striped":
         theta = rng.uniform(0, math.pi)
         period = rng.uniform(6, 14) * SUPERSAMPLE
@@ -152,18 +154,17 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
         canvas += 0.1 * board[..., None]
     elif kind == "noisy":
         coarse = rng.normal(0.0, 0.12, size=(8, 8, 3))
-        canvas += np.kron(coarse, np.ones((size // 8, size // 8, 1)))
+        canvas += np.kron(coarse, np.ones((CANVAS // 8, CANVAS // 8, 1)))
     return canvas, kind
 
 
 def _add_clutter(rng: np.random.Generator, canvas: np.ndarray) -> None:
     """Paint 0-3 small dots or short strokes in palette colours onto `canvas` in place."""
-    size = canvas.shape[0]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = _GRID_Y, _GRID_X
     palette = list(COLOURS.values())
     for _ in range(rng.integers(0, 4)):
         colour = np.asarray(palette[rng.integers(len(palette))])
-        cx, cy = rng.uniform(0, size, size=2)
+        cx, cy = rng.uniform(0, CANVAS, size=2)
         if rng.random() < 0.5:
             mask = np.hypot(xx - cx, yy - cy) <= rng.uniform(1.0, 2.2) * SUPERSAMPLE
         else:
@@ -192,9 +193,7 @@ def render_shape(seed: int, split: str, index: int) -> ShapeSample:
     rng = _image_rng(seed, split, index)
     label = int(rng.integers(len(CLASSES)))  # must stay the first draw: see shape_label
     colour_name, shape = CLASSES[label]
-    size = IMAGE_SIZE * SUPERSAMPLE
-
-    canvas, background = _background(rng, size)
+    canvas, background = _background(rng)
     _add_clutter(rng, canvas)
 
     radius = rng.uniform(5.0, 13.0)
@@ -205,8 +204,7 @@ def render_shape(seed: int, split: str, index: int) -> ShapeSample:
         angle = rng.uniform(0, math.pi / 3)  # a hexagon's orientation carries no class information
     colour = np.asarray(COLOURS[colour_name]) * rng.uniform(0.8, 1.1) + rng.normal(0.0, 0.05, size=3)
 
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    offsets = ((xx + 0.5) / SUPERSAMPLE - cx, (yy + 0.5) / SUPERSAMPLE - cy)
+    offsets = ((_GRID_X + 0.5) / SUPERSAMPLE - cx, (_GRID_Y + 0.5) / SUPERSAMPLE - cy)
     canvas[shape_mask(shape, *offsets, radius=radius, angle=angle)] = np.clip(colour, 0.0, 1.0)
 
     small = canvas.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
