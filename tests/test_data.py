@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import sys
+import typing
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from vs2ray.config import DatasetConfig
-from vs2ray.data import DatasetUnavailable, get_dataset
+from vs2ray.data import DATASETS, DatasetUnavailable, get_dataset
 from vs2ray.data.shapes import CLASS_BLOCKS, ShapesDataset, render_shape, shape_mask
 
 
 def pixels_of(dataset, split, ids):
     records = dataset.records(split)
     return np.stack([np.asarray(dataset.load_image(split, records[i].ref)) for i in ids])
+
+
+def test_config_names_exactly_the_registered_datasets():
+    allowed = typing.get_args(DatasetConfig.model_fields["name"].annotation)
+    assert set(allowed) == set(DATASETS) == {"shapes", "cifar100", "imagefolder", "huggingface"}
 
 
 def test_shapes_meets_the_bundled_world_spec():

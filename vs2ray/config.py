@@ -16,6 +16,7 @@ the key path, the offending value and what is allowed.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,7 +47,6 @@ STEERING_METHODS = (
     "clip_steer",
     "centroid_shift",
 )
-DATASET_NAMES = ("shapes", "cifar100", "imagefolder", "huggingface")
 BUNDLED_MODEL = "vs2ray-tiny"
 
 
@@ -373,8 +373,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a CLI entry point, printing a ConfigError's problems instead of a traceback (exit 2)."""
-    import sys
-
     try:
         code = main()
     except ConfigError as error:

@@ -189,10 +189,16 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
-def zero_shot_evaluate(config: ExperimentConfig, split: str, limit: int | None = None) -> dict[str, Any]:
+def zero_shot_evaluate(
+    config: ExperimentConfig,
+    split: str,
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Zero-shot top-1/top-5 of the configured model on `split` of the configured dataset.
 
     Runs in-process (no Ray); meant for checks and the demo, not for large datasets.
+    `progress(done, total)` is called after every batch.
     """
     from vs2ray.data import get_dataset, prompt_templates_for
 
@@ -208,6 +214,8 @@ def zero_shot_evaluate(config: ExperimentConfig, split: str, limit: int | None =
         pixels = torch.stack([bundle.preprocess(dataset.load_image(split, r.ref)) for r in chunk])
         logits.append(zero_shot_logits(encode_images(bundle, pixels), classifier).cpu())
         labels.extend(r.label for r in chunk)
+        if progress is not None:
+            progress(len(labels), len(records))
     accuracy = topk_accuracy(torch.cat(logits), torch.tensor(labels))
     return {
         "model": f"{bundle.arch}/{bundle.pretrained}",
@@ -231,8 +239,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
+    started = time.perf_counter()
+
+    next_report = [0]
+
+    def report(done: int, total: int) -> None:
+        if done >= next_report[0] or done == total:  # about ten lines, whatever the size
+            rate = done / (time.perf_counter() - started)
+            print(f"  {done}/{total} images ({rate:.0f} images/s)", flush=True)
+            next_report[0] = done + max(1, total // 10)
+
     try:
-        result = zero_shot_evaluate(config, args.split or config.dataset.test_split, args.limit)
+        result = zero_shot_evaluate(config, args.split or config.dataset.test_split, args.limit, report)
     except (ModelUnavailable, RuntimeError, ValueError) as error:
         print(f"error: {error}")
         return 1
