@@ -177,6 +177,71 @@ def encode_images(bundle: ClipBundle, images: torch.Tensor) -> torch.Tensor:
     return bundle.model.encode_image(images.to(bundle.device), normalize=True).float()
 
 
+def num_vision_layers(bundle: ClipBundle) -> int:
+    """Number of transformer blocks in the vision tower."""
+    return len(bundle.model.visual.transformer.resblocks)
+
+
+def resolve_layers(bundle: ClipBundle, layers: Sequence[int]) -> list[int]:
+    """Map layer indices (negative counts from the end) to block indices, rejecting ones out of range."""
+    count = num_vision_layers(bundle)
+    bad = [layer for layer in layers if not -count <= layer < count]
+    if bad:
+        raise ValueError(
+            f"extraction.layers: {bad} out of range for {bundle.arch}, which has {count} blocks "
+            f"(allowed: {-count} … {count - 1})"
+        )
+    return sorted({layer % count for layer in layers})
+
+
+@contextlib.contextmanager
+def capture_cls(bundle: ClipBundle, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the [CLS] token at the output of each of `layers` (block indices) during forward passes.
+
+    Yields a dict that each forward fills with layer -> (batch, width) tensors.
+    """
+    transformer = bundle.model.visual.transformer
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(layer: int) -> Callable[..., None]:
+        def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+            captured[layer] = (output[:, 0] if transformer.batch_first else output[0]).detach()
+
+        return hook
+
+    handles = [transformer.resblocks[layer].register_forward_hook(hook_for(layer)) for layer in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def vision_head(bundle: ClipBundle) -> dict[str, torch.Tensor]:
+    """The fixed tensors after the last block: ln_post weight/bias (width,) and proj (width, embed_dim)."""
+    visual = bundle.model.visual
+    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        raise ValueError(f"{bundle.arch}: only [CLS]-token pooling with ln_post before pooling is supported")
+    return {
+        "ln_post.weight": visual.ln_post.weight.detach().float().cpu().contiguous(),
+        "ln_post.bias": visual.ln_post.bias.detach().float().cpu().contiguous(),
+        "proj": visual.proj.detach().float().cpu().contiguous(),
+    }
+
+
+def apply_head(cls_tokens: torch.Tensor, head: dict[str, torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
+    """Finish CLIP's image forward from cached last-block [CLS] tokens: normalize(ln_post(x) @ proj).
+
+    cls_tokens: (n, width) -> (n, embed_dim), rows unit-norm.
+    """
+    width = cls_tokens.shape[-1]
+    normed = torch.nn.functional.layer_norm(
+        cls_tokens, (width,), head["ln_post.weight"].to(cls_tokens), head["ln_post.bias"].to(cls_tokens), eps
+    )
+    embedding = normed @ head["proj"].to(cls_tokens)
+    return embedding / embedding.norm(dim=-1, keepdim=True)
+
+
 def zero_shot_logits(embeddings: torch.Tensor, text_classifier: torch.Tensor) -> torch.Tensor:
     """CLIP's zero-shot logits `100 · e @ Tᵀ`: (n, embed_dim) × (classes, embed_dim) -> (n, classes)."""
     return 100.0 * embeddings @ text_classifier.T

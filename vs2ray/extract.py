@@ -1,0 +1,461 @@
+"""Activation extraction: a Ray Data pipeline from images to the Parquet activation store.
+
+    python -m vs2ray.extract --config sweeps/quickstart.yaml --split all
+
+The pipeline, per chunk of `extraction.batch_size` images:
+
+    chunk (start, stop) ──decode + resize/crop on CPU tasks──▶ uint8 pixels
+        ──encoder actor pool (one per GPU or GPU fraction; CPU actors without GPUs)──▶
+        [CLS] tokens of the requested blocks + CLIP embedding
+        ──CPU task──▶ part-<chunk>.parquet, written atomically
+
+The driver only lists chunk boundaries: workers list the dataset's records themselves
+(deterministically) and load their own images. A rerun skips every chunk whose part
+file exists, so an interrupted extraction resumes without duplicates; a store whose
+manifest says `complete: true` is returned at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vs2ray import __version__
+from vs2ray.config import ExperimentConfig, load_config, run_cli
+from vs2ray.data import ImageDataset, ImageRecord, get_dataset, prompt_templates_for
+from vs2ray.models import (
+    BUNDLED_WEIGHTS,
+    ClipBundle,
+    build_text_classifier,
+    load_clip,
+    num_vision_layers,
+    resolve_layers,
+    vision_head,
+)
+from vs2ray.store import (
+    STORE_FORMAT,
+    column_shapes,
+    content_key,
+    finished_chunks,
+    is_complete,
+    read_manifest,
+    write_json,
+    write_part,
+)
+
+_FULL_HASH_LIMIT = 64 * 2**20
+
+
+@dataclass
+class ExtractionResult:
+    """What one `extract` call produced or found."""
+
+    split: str
+    store_dir: Path
+    rows: int
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    reused: bool = False
+    seconds: float = 0.0
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _file_fingerprint(path: Path) -> str:
+    """sha256 of a weights file (size and mtime for files too large to hash on every call)."""
+    stat = path.stat()
+    if stat.st_size > _FULL_HASH_LIMIT:
+        return f"size={stat.st_size},mtime={stat.st_mtime_ns}"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def store_inputs(config: ExperimentConfig, split: str, bundle: ClipBundle, layers: list[int]) -> dict[str, Any]:
+    """Every input that determines a store's content; the store's key is their hash."""
+    pretrained = config.model.pretrained
+    weights = BUNDLED_WEIGHTS if pretrained == "bundled" else Path(pretrained).expanduser()
+    preprocess = _split_preprocess(bundle.preprocess)
+    dataset = config.dataset.model_dump(exclude={"val_fraction", "train_split", "test_split"})
+    if dataset["root"]:
+        dataset["root"] = str(Path(dataset["root"]).expanduser().resolve())
+    return {
+        "format": STORE_FORMAT,
+        "model": {
+            "arch": config.model.arch,
+            "pretrained": pretrained,
+            "weights": _file_fingerprint(weights) if weights.is_file() else None,
+            "precision": config.model.precision,
+        },
+        "dataset": dataset,
+        "split": split,
+        "layers": layers,
+        "preprocess": {"pixels": repr(preprocess.pixels), "mean": preprocess.mean, "std": preprocess.std},
+        "retrieval_space": config.retrieval.space,
+    }
+
+
+def store_dir_for(config: ExperimentConfig, split: str, inputs: dict[str, Any]) -> Path:
+    """`<storage.root>/activations/<dataset>-<split>-<arch>-<hash>`."""
+    root = config.storage.root
+    if "://" in root:
+        raise ValueError(f"storage.root: {root!r}: remote stores are not supported by extraction yet; use a path")
+    name = f"{config.dataset.name}-{split}-{config.model.arch}-{content_key(inputs)}"
+    return Path(root).expanduser() / "activations" / name
+
+
+@dataclass(frozen=True)
+class SplitPreprocess:
+    """open_clip's eval transform cut in two: PIL steps on CPU workers, tensor steps on the encoder."""
+
+    pixels: Callable[[Any], Any]  # PIL image -> PIL image (resize, crop, mode)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _split_preprocess(preprocess: Any) -> SplitPreprocess:
+    """Split `Compose([..., ToTensor, Normalize])` so that uint8 pixels, not floats, travel to the GPU."""
+    from torchvision.transforms import Compose, Normalize
+
+    steps = list(preprocess.transforms)
+    if len(steps) < 2 or not isinstance(steps[-1], Normalize) or "ToTensor" not in type(steps[-2]).__name__:
+        raise ValueError(f"unexpected preprocessing pipeline (expected ... ToTensor, Normalize): {preprocess}")
+    return SplitPreprocess(Compose(steps[:-2]), tuple(steps[-1].mean), tuple(steps[-1].std))
+
+
+def normalise_pixels(pixels_nhwc: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """uint8 (n, H, W, 3) -> float32 (n, 3, H, W), the same arithmetic as ToTensor + Normalize."""
+    import torch
+
+    images = torch.from_numpy(np.array(pixels_nhwc, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(255)
+    mean_t = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    return images.sub(mean_t).div(std_t)
+
+
+# ---------------------------------------------------------------- worker side
+
+
+@lru_cache(maxsize=4)
+def _worker_dataset(config_json: str) -> tuple[ImageDataset, dict[str, list[ImageRecord]]]:
+    """The dataset, built once per worker process (CIFAR arrays, folder listings are cached)."""
+    config = ExperimentConfig.model_validate_json(config_json)
+    return get_dataset(config.dataset), {}
+
+
+def _records(config_json: str, split: str) -> list[ImageRecord]:
+    dataset, cache = _worker_dataset(config_json)
+    if split not in cache:
+        cache[split] = dataset.records(split)
+    return cache[split]
+
+
+def decode_chunk(
+    batch: dict[str, np.ndarray], config_json: str, split: str, transform: Callable[[Any], Any]
+) -> dict[str, Any]:
+    """Ray Data UDF (CPU task): load and resize/crop the images of one chunk.
+
+    In: {'chunk', 'start', 'stop'} with one row. Out: one row with uint8 pixels
+    (n, H, W, 3), ids, labels, and the images that failed to load as a JSON list.
+    """
+    dataset, _ = _worker_dataset(config_json)
+    start, stop = int(batch["start"][0]), int(batch["stop"][0])
+    pixels, ids, labels, failed = [], [], [], []
+    for record in _records(config_json, split)[start:stop]:
+        try:
+            image = transform(dataset.load_image(split, record.ref))
+            pixels.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        except Exception as error:  # a corrupt or unreadable image is skipped, counted and listed
+            failed.append({"id": record.id, "ref": record.ref, "error": f"{type(error).__name__}: {error}"})
+            continue
+        ids.append(record.id)
+        labels.append(record.label)
+    return {
+        "chunk": batch["chunk"],
+        "pixels": [np.stack(pixels) if pixels else np.zeros((0, 1, 1, 3), np.uint8)],
+        "ids": [np.asarray(ids, dtype=np.int64)],
+        "labels": [np.asarray(labels, dtype=np.int32)],
+        "failed": [json.dumps(failed)],
+    }
+
+
+class ChunkEncoder:
+    """Ray Data UDF (actor): CLIP forward pass with [CLS] hooks, on the actor's GPU when it has one."""
+
+    def __init__(self, config_json: str, layers: list[int], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        import ray
+        import torch
+
+        config = ExperimentConfig.model_validate_json(config_json)
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
+        self.bundle = load_clip(config.model, device=device)
+        self.layers, self.mean, self.std = layers, mean, std
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        from vs2ray.models import capture_cls, encode_images
+
+        pixels = np.asarray(batch["pixels"][0])
+        out: dict[str, Any] = {key: batch[key] for key in ("chunk", "ids", "labels", "failed")}
+        with torch.no_grad(), capture_cls(self.bundle, self.layers) as captured:
+            if len(pixels):
+                embedding = encode_images(self.bundle, normalise_pixels(pixels, self.mean, self.std))
+                for layer in self.layers:
+                    out[f"cls_{layer}"] = [captured[layer].float().cpu().numpy()]
+                out["embedding"] = [embedding.cpu().numpy()]
+            else:
+                out.update({f"cls_{layer}": [np.zeros((0, 0), np.float32)] for layer in self.layers})
+                out["embedding"] = [np.zeros((0, 0), np.float32)]
+        out["worker"] = [json.dumps({"node": self.node_id, "gpus": self.gpu_ids, "device": str(self.bundle.device)})]
+        return out
+
+
+def write_chunk(batch: dict[str, np.ndarray], store_dir: str) -> dict[str, Any]:
+    """Ray Data UDF (CPU task): write one encoded chunk as its part file; return a small summary row."""
+    vectors = {k: np.asarray(batch[k][0]) for k in batch if k.startswith("cls_") or k == "embedding"}
+    columns = {"id": np.asarray(batch["ids"][0]), "label": np.asarray(batch["labels"][0]), **vectors}
+    failed = json.loads(str(batch["failed"][0]))
+    write_part(Path(store_dir), int(batch["chunk"][0]), columns, failed)
+    return {
+        "chunk": batch["chunk"],
+        "rows": [len(columns["id"])],
+        "failed": batch["failed"],
+        "worker": batch["worker"],
+    }
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def _encoder_resources(config: ExperimentConfig) -> tuple[int, float]:
+    """(number of encoder actors, GPUs per actor) for the connected cluster."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    gpus = config.extraction.gpus_per_worker if cluster_gpus > 0 else 0.0
+    if config.extraction.num_workers is not None:
+        return config.extraction.num_workers, gpus
+    if gpus > 0:
+        return max(1, int(cluster_gpus // gpus)), gpus
+    return 1, 0.0
+
+
+def _run_pipeline(
+    config: ExperimentConfig,
+    split: str,
+    store_dir: Path,
+    chunks: list[tuple[int, int, int]],
+    layers: list[int],
+    preprocess: SplitPreprocess,
+    total_rows: int,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Encode and write `chunks` [(chunk, start, stop)]; returns the worker of every chunk."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # we print rows/s ourselves
+    num_workers, gpus = _encoder_resources(config)
+    config_json = config.model_dump_json(by_alias=True)
+    log(
+        f"extracting {sum(stop - start for _, start, stop in chunks)} images in {len(chunks)} chunks "
+        f"with {num_workers} encoder actor(s) ({gpus or 0} GPU, {config.extraction.cpus_per_worker} CPU each)"
+    )
+    items = [{"chunk": c, "start": start, "stop": stop} for c, start, stop in chunks]
+    dataset = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(
+            decode_chunk,
+            batch_size=1,
+            fn_kwargs={"config_json": config_json, "split": split, "transform": preprocess.pixels},
+            num_cpus=1,
+        )
+        .map_batches(
+            ChunkEncoder,
+            batch_size=1,
+            compute=ActorPoolStrategy(size=num_workers),
+            num_gpus=gpus,
+            num_cpus=config.extraction.cpus_per_worker,
+            fn_constructor_kwargs={
+                "config_json": config_json,
+                "layers": layers,
+                "mean": preprocess.mean,
+                "std": preprocess.std,
+            },
+        )
+        .map_batches(write_chunk, batch_size=1, fn_kwargs={"store_dir": str(store_dir)}, num_cpus=0.5)
+    )
+    started, done, workers = time.perf_counter(), 0, []
+    next_report = 0
+    for summary in dataset.iter_rows():
+        done += int(summary["rows"])
+        workers.append(json.loads(summary["worker"]))
+        if done >= next_report:
+            rate = done / (time.perf_counter() - started)
+            log(f"  {split}: {done}/{total_rows} rows ({rate:.0f} rows/s)")
+            next_report = done + max(1, total_rows // 20)
+    return workers
+
+
+def _versions() -> dict[str, str]:
+    import open_clip
+    import pyarrow
+    import torch
+
+    versions = {"vs2ray": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__}
+    versions["pyarrow"] = pyarrow.__version__
+    try:
+        import ray
+
+        versions["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = lambda _: None) -> ExtractionResult:
+    """Make sure the activation store of (`config`, `split`) exists and is complete; return where it is.
+
+    Everything that can be wrong with the input (unknown split, missing data, unknown
+    model or tag, a layer out of range) raises before any Ray work starts.
+    """
+    from safetensors.torch import save_file
+
+    started = time.perf_counter()
+    dataset = get_dataset(config.dataset)
+    dataset.check_split(split)
+    records = dataset.records(split)
+    bundle = load_clip(config.model, device="cpu")
+    layers = resolve_layers(bundle, config.extraction.layers)
+    num_layers = num_vision_layers(bundle)
+    if config.retrieval.space != "clip":
+        raise ValueError(
+            f"retrieval.space: {config.retrieval.space!r} embeddings are not extracted yet; use 'clip' "
+            f"(neighbours are then searched in CLIP's image-embedding space)"
+        )
+    inputs = store_inputs(config, split, bundle, layers)
+    store_dir = store_dir_for(config, split, inputs)
+    if is_complete(store_dir):
+        manifest = read_manifest(store_dir)
+        log(f"{split}: reusing complete store {store_dir} ({manifest['rows']} rows)")
+        return ExtractionResult(split, store_dir, manifest["rows"], manifest["failed"], reused=True)
+
+    previous = read_manifest(store_dir) or {}
+    chunk_rows = previous.get("chunk_rows", config.extraction.batch_size)  # a resumed store keeps its chunking
+    manifest: dict[str, Any] = {
+        "key": store_dir.name,
+        "inputs": inputs,
+        "classes": dataset.classes,
+        "prompt_templates": prompt_templates_for(config.dataset, dataset),
+        "chunk_rows": chunk_rows,
+        "complete": False,
+    }
+    store_dir.mkdir(parents=True, exist_ok=True)
+    for stale in store_dir.glob(".*.tmp"):  # left by a killed writer; never read
+        stale.unlink(missing_ok=True)
+    write_json(store_dir / "manifest.json", manifest)
+    if not (store_dir / "head.safetensors").is_file():
+        save_file(vision_head(bundle), str(store_dir / "head.safetensors"))
+    if not (store_dir / "classifier.safetensors").is_file():
+        classifier = build_text_classifier(bundle, dataset.classes, manifest["prompt_templates"])
+        save_file({"classifier": classifier.contiguous()}, str(store_dir / "classifier.safetensors"))
+
+    starts = range(0, len(records), chunk_rows)
+    boundaries = [(c, start, min(start + chunk_rows, len(records))) for c, start in enumerate(starts)]
+    done = finished_chunks(store_dir)
+    todo = [chunk for chunk in boundaries if chunk[0] not in done]
+    if done:
+        log(f"{split}: resuming {store_dir}: {len(done)} of {len(boundaries)} chunks already written")
+    workers = []
+    if todo:
+        preprocess = _split_preprocess(bundle.preprocess)
+        workers = _run_pipeline(config, split, store_dir, todo, layers, preprocess, len(records), log)
+
+    done = finished_chunks(store_dir)
+    missing = sorted({c for c, _, _ in boundaries} - set(done))
+    if missing:
+        raise RuntimeError(f"{store_dir}: chunks {missing[:10]} were not written; run the extraction again")
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.read_metadata(path).num_rows for path in sorted(store_dir.glob("part-*.parquet")))
+    failed = [entry for chunk in sorted(done) for entry in done[chunk]]
+    manifest.update(
+        {
+            "rows": rows,
+            "num_failed": len(failed),
+            "failed": failed,
+            "columns": column_shapes(store_dir),
+            "model": {"arch": config.model.arch, "num_layers": num_layers},
+            "versions": _versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "workers": sorted({json.dumps(w, sort_keys=True) for w in workers}),
+        }
+    )
+    manifest.pop("complete")
+    manifest["complete"] = True  # inserted last, so that it is the last key written
+    write_json(store_dir / "manifest.json", manifest)
+    seconds = time.perf_counter() - started
+    return ExtractionResult(split, store_dir, rows, failed, reused=False, seconds=seconds, workers=workers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vs2ray.extract", description="Extract CLIP activations into the Parquet activation store."
+    )
+    parser.add_argument("--config", help="experiment YAML (default: built-in defaults = the bundled world)")
+    parser.add_argument("--split", default="all", help="a split name, or 'all' for dataset.train_split and test_split")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    splits = [config.dataset.train_split, config.dataset.test_split] if args.split == "all" else [args.split]
+
+    from vs2ray.data import DatasetUnavailable
+    from vs2ray.models import ModelUnavailable
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    for split in splits:
+        try:
+            if args.address and not _ray_initialized():
+                import ray
+
+                ray.init(address=args.address, include_dashboard=False, configure_logging=False)
+            result = extract(config, split, log)
+        except (DatasetUnavailable, ModelUnavailable, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        state = "reused" if result.reused else f"written in {result.seconds:.1f}s"
+        print(f"{split}: {result.rows} rows -> {result.store_dir} ({state})")
+        if result.failed:
+            print(f"{split}: {len(result.failed)} image(s) could not be read and were skipped:")
+            for entry in result.failed:
+                print(f"  id {entry['id']}  {entry['ref']}  ({entry['error']})")
+    return 0
+
+
+def _ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+if __name__ == "__main__":
+    # Run the importable module's `main`, not this `__main__` copy: Ray pickles the pipeline's
+    # functions by module name, and workers can import `vs2ray.extract` but not `__main__`.
+    from vs2ray.extract import main as _main
+
+    run_cli(_main)

@@ -1,0 +1,164 @@
+"""The activation store on disk: `<storage.root>/activations/<key>/`.
+
+Layout (DESIGN.md, "Activation store"):
+
+    part-00000.parquet ...   one file per chunk of rows: id, label, cls_<layer>..., embedding
+    manifest.json            inputs of the key, classes, rows, shapes, versions, failures, complete
+    head.safetensors         ln_post.weight, ln_post.bias, proj of the vision tower
+    classifier.safetensors   the zero-shot text classifier (classes × embed dim)
+
+Each part file is written under a hidden temporary name and renamed into place, so a
+part file that exists is complete; `manifest.json` gets `complete: true` only after
+every part is there. Readers refuse a store whose manifest is not complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STORE_FORMAT = 1
+PART_PATTERN = "part-{:05d}.parquet"
+FAILED_METADATA_KEY = b"vs2ray.failed"
+
+
+class StoreIncomplete(RuntimeError):
+    """The store directory exists but its manifest does not say `complete: true`."""
+
+
+def content_key(inputs: dict[str, Any], length: int = 16) -> str:
+    """A stable hex digest of a JSON-serialisable mapping (key order does not matter)."""
+    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically write `payload` as indented JSON (insertion order kept: `complete` goes last)."""
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
+
+
+def read_manifest(store_dir: Path) -> dict[str, Any] | None:
+    """The store's manifest, or None when there is none yet."""
+    path = Path(store_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_complete(store_dir: Path) -> bool:
+    """Whether `store_dir` holds a finished store (manifest with `complete: true`)."""
+    manifest = read_manifest(store_dir)
+    return bool(manifest and manifest.get("complete") is True)
+
+
+def tensor_column(values: np.ndarray) -> pa.ExtensionArray:
+    """(n, *shape) float array -> Arrow fixed-shape tensor column (readable by pyarrow/pandas without Ray)."""
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values, dtype=np.float32))
+
+
+def write_part(store_dir: Path, chunk: int, columns: dict[str, np.ndarray], failed: list[dict[str, Any]]) -> Path:
+    """Write one chunk's rows as `part-<chunk>.parquet`, atomically; `failed` goes into the file metadata.
+
+    columns: 'id' (n,), 'label' (n,) and any number of (n, d) float arrays.
+    """
+    arrays = {
+        "id": pa.array(np.asarray(columns["id"], dtype=np.int64)),
+        "label": pa.array(np.asarray(columns["label"], dtype=np.int32)),
+    }
+    arrays.update({name: tensor_column(v) for name, v in columns.items() if name not in ("id", "label")})
+    table = pa.table(arrays).replace_schema_metadata({FAILED_METADATA_KEY: json.dumps(failed).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    path = Path(store_dir) / PART_PATTERN.format(chunk)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return path
+
+
+def finished_chunks(store_dir: Path) -> dict[int, list[dict[str, Any]]]:
+    """Chunks already written (their part file exists), each with the failures it recorded."""
+    done: dict[int, list[dict[str, Any]]] = {}
+    for path in sorted(Path(store_dir).glob("part-*.parquet")):
+        metadata = pq.read_schema(path).metadata or {}
+        done[int(path.stem.split("-")[1])] = json.loads(metadata.get(FAILED_METADATA_KEY, b"[]"))
+    return done
+
+
+def column_shapes(store_dir: Path) -> dict[str, list[int]]:
+    """Per-row shape of every tensor column, from the first part file's schema."""
+    first = next(iter(sorted(Path(store_dir).glob("part-*.parquet"))), None)
+    if first is None:
+        return {}
+    schema = pq.read_schema(first)
+    return {f.name: list(f.type.shape) for f in schema if isinstance(f.type, pa.FixedShapeTensorType)}
+
+
+@dataclass
+class Activations:
+    """Arrays read from a store, sorted by id."""
+
+    ids: np.ndarray  # (n,) int64
+    labels: np.ndarray  # (n,) int32
+    columns: dict[str, np.ndarray]  # name -> (n, d) float32
+    manifest: dict[str, Any]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+
+def cls_column(manifest: dict[str, Any], layer: int) -> str:
+    """Column name of `layer` (negative counts from the end of the encoder) in a store."""
+    num_layers = manifest["model"]["num_layers"]
+    resolved = layer + num_layers if layer < 0 else layer
+    name = f"cls_{resolved}"
+    if name not in manifest["columns"]:
+        stored = sorted(c for c in manifest["columns"] if c.startswith("cls_"))
+        raise KeyError(f"layer {layer} ({name}) is not in this store; it holds {stored}")
+    return name
+
+
+def load_activations(
+    store_dir: str | Path, layers: Sequence[int] = (-1,), embedding: bool = True, retrieval: bool = False
+) -> Activations:
+    """Read ids, labels and the asked-for columns of a complete store, sorted by id.
+
+    Only the columns asked for are read from the Parquet files: `cls_<layer>` for each of
+    `layers` (negative indices count from the last block), `embedding`, `retrieval`.
+    Raises StoreIncomplete for a store that is missing or was not finished.
+    """
+    store_dir = Path(store_dir).expanduser()
+    manifest = read_manifest(store_dir)
+    if not manifest or manifest.get("complete") is not True:
+        raise StoreIncomplete(f"{store_dir} is not a complete activation store (run `python -m vs2ray.extract`)")
+    names = [cls_column(manifest, layer) for layer in layers]
+    names += ["embedding"] * embedding + ["retrieval"] * retrieval
+    files = sorted(str(p) for p in store_dir.glob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(f, columns=["id", "label", *names]) for f in files])
+    order = np.argsort(table["id"].to_numpy(), kind="stable")
+    columns = {name: table[name].combine_chunks().to_numpy_ndarray()[order] for name in names}
+    return Activations(
+        ids=table["id"].to_numpy()[order],
+        labels=table["label"].to_numpy()[order],
+        columns=columns,
+        manifest=manifest,
+    )
