@@ -27,8 +27,9 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# The bundled world end to end (until the sweep lands: zero-shot CLIP on shapes/test).
+# The bundled world end to end (until the sweep lands: extraction, then zero-shot CLIP on shapes/test).
 demo: install
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m vs2ray.extract --config sweeps/quickstart.yaml
 	$(PY) -m vs2ray.models --config sweeps/quickstart.yaml
 
 # Re-create the bundled vs2ray-tiny weights (about 5 minutes on 2 cores).

@@ -129,11 +129,13 @@ def test_set_overrides_parse_yaml_values_and_are_validated(tmp_path):
         load_config(path, ["sae.k"])
 
 
-def test_yaml_round_trip_keeps_distributions():
+def test_yaml_and_json_round_trips_keep_distributions():
     config = load_config(None, ["sae.k={int: [8, 64]}", "pass.w_aux={loguniform: [0.01, 2.0]}"])
     again = validate_config(yaml.safe_load(config_to_yaml(config)))
     assert again == config
     assert dict(search_space(again))["pass.w_aux"].values == (0.01, 2.0)
+    # Ray workers rebuild the config from JSON
+    assert ExperimentConfig.model_validate_json(config.model_dump_json(by_alias=True)) == config
 
 
 def test_cli_prints_problems_not_a_traceback(tmp_path):

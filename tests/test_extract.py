@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -224,7 +223,7 @@ def test_encoders_run_on_the_fake_gpu_node_of_a_two_node_cluster(tmp_path, test_
         cluster.shutdown()
     store = next((tmp_path / "activations").iterdir())
     assert store.name == single_node.store_dir.name  # resources are not part of the key
-    workers = [json.loads(w) for w in read_manifest(store)["workers"]]
+    workers = read_manifest(store)["workers"]
     assert workers and {w["node"] for w in workers} == {gpu_node.node_id}
     assert all(w["gpus"] and w["device"] == "cpu" for w in workers)  # fake GPUs: torch stays on the CPU
     here, there = load_activations(single_node.store_dir, layers=[0, -1]), load_activations(store, layers=[0, -1])

@@ -29,6 +29,7 @@ from pydantic import (
     PlainValidator,
     TypeAdapter,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -68,8 +69,9 @@ class Distribution(BaseModel):
     kind: Literal["choice", "uniform", "loguniform", "int"]
     values: tuple[Any, ...]
 
+    @model_serializer
     def to_yaml(self) -> dict[str, list[Any]]:
-        """The YAML form this distribution was written in, e.g. {'uniform': [1.0, 3.0]}."""
+        """The form this distribution is written in, e.g. {'uniform': [1.0, 3.0]} (also in dumps)."""
         return {self.kind: list(self.values)}
 
 
@@ -147,7 +149,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     arch: str = Field(BUNDLED_MODEL, description="open_clip architecture, e.g. ViT-B-32, or vs2ray-tiny")
     pretrained: str = Field(
-        "bundled", description="open_clip pretrained tag (openai), a local checkpoint file, or 'bundled'"
+        "bundled", description="open_clip tag (openai), a local checkpoint file, 'bundled', or 'random' (benchmarks)"
     )
     cache_dir: str | None = Field(None, description="where open_clip caches downloaded weights")
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -382,15 +384,5 @@ def run_cli(main: Callable[[], int | None]) -> None:
 
 
 def config_to_yaml(config: ExperimentConfig) -> str:
-    """Serialise a config back to YAML (distributions in their `{kind: [...]}` form)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            if set(value) == {"kind", "values"} and value["kind"] in DISTRIBUTION_KINDS:
-                return {value["kind"]: list(value["values"])}
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    return yaml.safe_dump(plain(config.model_dump(mode="python", by_alias=True)), sort_keys=False)
+    """Serialise a config back to YAML that `load_config` reads into an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -295,7 +295,7 @@ def _run_pipeline(
                 "std": preprocess.std,
             },
         )
-        .map_batches(write_chunk, batch_size=1, fn_kwargs={"store_dir": str(store_dir)}, num_cpus=0.5)
+        .map_batches(write_chunk, batch_size=1, fn_kwargs={"store_dir": str(store_dir)}, num_cpus=0.1)
     )
     started, done, workers = time.perf_counter(), 0, []
     next_report = 0
@@ -400,7 +400,7 @@ def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = l
             "model": {"arch": config.model.arch, "num_layers": num_layers},
             "versions": _versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "workers": sorted({json.dumps(w, sort_keys=True) for w in workers}),
+            "workers": [json.loads(w) for w in sorted({json.dumps(w, sort_keys=True) for w in workers})],
         }
     )
     manifest.pop("complete")

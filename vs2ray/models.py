@@ -59,8 +59,11 @@ def register_bundled_model() -> None:
         open_clip.add_model_config(BUNDLED_CONFIG)
 
 
-def _resolve_weights(arch: str, pretrained: str) -> str:
-    """Check the (arch, pretrained) pair before any download, returning what open_clip should load."""
+def _resolve_weights(arch: str, pretrained: str) -> str | None:
+    """Check the (arch, pretrained) pair before any download, returning what open_clip should load.
+
+    None means random initialisation (`pretrained: random`, for benchmarks: accuracies are meaningless).
+    """
     if pretrained == "bundled":
         if not BUNDLED_WEIGHTS.is_file():
             raise ModelUnavailable(
@@ -73,6 +76,8 @@ def _resolve_weights(arch: str, pretrained: str) -> str:
             f"model.arch: open_clip has no architecture {arch!r}; see open_clip.list_models() "
             f"(e.g. ViT-B-32, ViT-B-16, ViT-L-14)"
         )
+    if pretrained == "random":
+        return None
     if Path(pretrained).expanduser().is_file():
         return str(Path(pretrained).expanduser())
     if arch == BUNDLED_MODEL:
@@ -121,10 +126,12 @@ def load_clip(config: ModelConfig, device: torch.device | str | None = None) -> 
     register_bundled_model()
     device = torch.device(device) if device is not None else resolve_device(config.device)
     weights = _resolve_weights(config.arch, config.pretrained)
-    is_tag = not Path(weights).is_file()
+    is_tag = weights is not None and not Path(weights).is_file()
     offline = is_tag and not _hub_reachable()
     try:
-        with _hub_cache_only() if offline else contextlib.nullcontext():
+        # fork_rng + a fixed seed: `pretrained: random` gives the same weights in every process
+        with _hub_cache_only() if offline else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             model, _, preprocess = open_clip.create_model_and_transforms(
                 config.arch,
                 pretrained=weights,
