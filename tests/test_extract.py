@@ -22,7 +22,9 @@ from vs2ray.models import (
     apply_head,
     build_text_classifier,
     encode_images,
+    encode_retrieval,
     load_clip,
+    load_retrieval_encoder,
     zero_shot_logits,
 )
 from vs2ray.store import StoreIncomplete, load_activations, read_manifest
@@ -229,3 +231,36 @@ def test_encoders_run_on_the_fake_gpu_node_of_a_two_node_cluster(tmp_path, test_
     here, there = load_activations(single_node.store_dir, layers=[0, -1]), load_activations(store, layers=[0, -1])
     for name in ("cls_0", "cls_3", "embedding"):
         np.testing.assert_array_equal(here[name], there[name])
+
+
+def test_dinov2_retrieval_column_matches_an_independent_timm_forward(tmp_path, ray_session):
+    # random DINOv2 weights (no download here) at a small input size: the path, not the features
+    retrieval = [
+        "retrieval.space=dinov2",
+        "retrieval.encoder=vit_small_patch14_dinov2.lvd142m",
+        "retrieval.encoder_pretrained=false",
+        "retrieval.image_size=56",
+    ]
+    config = load_config(
+        None, [f"storage.root={tmp_path}", "dataset.sizes.test=96", "extraction.batch_size=48", *retrieval]
+    )
+    result = extract(config, "test")
+    acts = load_activations(result.store_dir, retrieval=True)
+    assert read_manifest(result.store_dir)["columns"]["retrieval"] == [384]
+    encoder = load_retrieval_encoder(config.retrieval)
+    dataset = get_dataset(config.dataset)
+    pixels = torch.stack([encoder.preprocess(dataset.load_image("test", str(i))) for i in acts.ids])
+    torch.testing.assert_close(
+        torch.from_numpy(acts["retrieval"]), encode_retrieval(encoder, pixels), atol=1e-5, rtol=0
+    )
+    # the retrieval settings are part of the key: a CLIP-only store is a different one
+    assert extract(small_config(tmp_path, "dataset.sizes.test=96"), "test").store_dir != result.store_dir
+
+
+def test_dinov2_weights_offline_fail_before_any_work(tmp_path, monkeypatch):
+    import vs2ray.models as models
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: False)
+    with pytest.raises(ModelUnavailable, match=r"vit_base_patch14_dinov2\.lvd142m weights"):
+        extract(small_config(tmp_path, "retrieval.space=dinov2"), "test")
+    assert not (tmp_path / "activations").exists()

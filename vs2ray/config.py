@@ -234,6 +234,9 @@ class SteeringConfig(Section):
 
 class RetrievalConfig(Section):
     space: Literal["clip", "dinov2"] = "clip"
+    encoder: str = Field("vit_base_patch14_dinov2.lvd142m", description="timm model extracted for space: dinov2")
+    encoder_pretrained: bool = Field(True, description="false: seeded random weights (tests and benchmarks only)")
+    image_size: int = Field(224, ge=14, description="input size of the retrieval encoder")
     n_neighbors: PositiveInt = 50
     positive_rule: _searchable(Literal["query", "majority"], "'query' or 'majority'", ("choice",)) = "query"
     index: Literal["flat", "ivf", "hnsw"] = "flat"

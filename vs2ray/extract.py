@@ -36,9 +36,9 @@ from vs2ray.config import ExperimentConfig, load_config, run_cli
 from vs2ray.data import ImageDataset, ImageRecord, get_dataset, prompt_templates_for
 from vs2ray.models import (
     BUNDLED_WEIGHTS,
-    ClipBundle,
     build_text_classifier,
     load_clip,
+    load_retrieval_encoder,
     num_vision_layers,
     resolve_layers,
     vision_head,
@@ -78,11 +78,12 @@ def _file_fingerprint(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def store_inputs(config: ExperimentConfig, split: str, bundle: ClipBundle, layers: list[int]) -> dict[str, Any]:
+def store_inputs(
+    config: ExperimentConfig, split: str, layers: list[int], preprocess: dict[str, SplitPreprocess]
+) -> dict[str, Any]:
     """Every input that determines a store's content; the store's key is their hash."""
     pretrained = config.model.pretrained
     weights = BUNDLED_WEIGHTS if pretrained == "bundled" else Path(pretrained).expanduser()
-    preprocess = _split_preprocess(bundle.preprocess)
     dataset = config.dataset.model_dump(exclude={"val_fraction", "train_split", "test_split"})
     if dataset["root"]:
         dataset["root"] = str(Path(dataset["root"]).expanduser().resolve())
@@ -97,8 +98,12 @@ def store_inputs(config: ExperimentConfig, split: str, bundle: ClipBundle, layer
         "dataset": dataset,
         "split": split,
         "layers": layers,
-        "preprocess": {"pixels": repr(preprocess.pixels), "mean": preprocess.mean, "std": preprocess.std},
-        "retrieval_space": config.retrieval.space,
+        "preprocess": {name: [repr(p.pixels), p.mean, p.std] for name, p in preprocess.items()},
+        "retrieval": (
+            config.retrieval.model_dump(include={"space", "encoder", "encoder_pretrained", "image_size"})
+            if config.retrieval.space == "dinov2"
+            else None
+        ),
     }
 
 
@@ -127,7 +132,10 @@ def _split_preprocess(preprocess: Any) -> SplitPreprocess:
     steps = list(preprocess.transforms)
     if len(steps) < 2 or not isinstance(steps[-1], Normalize) or "ToTensor" not in type(steps[-2]).__name__:
         raise ValueError(f"unexpected preprocessing pipeline (expected ... ToTensor, Normalize): {preprocess}")
-    return SplitPreprocess(Compose(steps[:-2]), tuple(steps[-1].mean), tuple(steps[-1].std))
+    normalize = steps[-1]
+    return SplitPreprocess(
+        Compose(steps[:-2]), tuple(float(m) for m in normalize.mean), tuple(float(s) for s in normalize.std)
+    )
 
 
 def normalise_pixels(pixels_nhwc: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
@@ -158,28 +166,33 @@ def _records(config_json: str, split: str) -> list[ImageRecord]:
 
 
 def decode_chunk(
-    batch: dict[str, np.ndarray], config_json: str, split: str, transform: Callable[[Any], Any]
+    batch: dict[str, np.ndarray], config_json: str, split: str, transforms: dict[str, Callable[[Any], Any]]
 ) -> dict[str, Any]:
     """Ray Data UDF (CPU task): load and resize/crop the images of one chunk.
 
-    In: {'chunk', 'start', 'stop'} with one row. Out: one row with uint8 pixels
-    (n, H, W, 3), ids, labels, and the images that failed to load as a JSON list.
+    In: {'chunk', 'start', 'stop'} with one row. `transforms` maps an output column
+    ('pixels' for CLIP, 'retrieval_pixels' for the retrieval encoder) to its PIL steps.
+    Out: one row with uint8 (n, H, W, 3) arrays per column, ids, labels, and the
+    images that failed to load as a JSON list.
     """
     dataset, _ = _worker_dataset(config_json)
     start, stop = int(batch["start"][0]), int(batch["stop"][0])
-    pixels, ids, labels, failed = [], [], [], []
+    pixels: dict[str, list[np.ndarray]] = {name: [] for name in transforms}
+    ids, labels, failed = [], [], []
     for record in _records(config_json, split)[start:stop]:
         try:
-            image = transform(dataset.load_image(split, record.ref))
-            pixels.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+            image = dataset.load_image(split, record.ref)
+            converted = {name: np.asarray(t(image).convert("RGB"), dtype=np.uint8) for name, t in transforms.items()}
         except Exception as error:  # a corrupt or unreadable image is skipped, counted and listed
             failed.append({"id": record.id, "ref": record.ref, "error": f"{type(error).__name__}: {error}"})
             continue
+        for name, array in converted.items():
+            pixels[name].append(array)
         ids.append(record.id)
         labels.append(record.label)
     return {
         "chunk": batch["chunk"],
-        "pixels": [np.stack(pixels) if pixels else np.zeros((0, 1, 1, 3), np.uint8)],
+        **{name: [np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)] for name, arrays in pixels.items()},
         "ids": [np.asarray(ids, dtype=np.int64)],
         "labels": [np.asarray(labels, dtype=np.int32)],
         "failed": [json.dumps(failed)],
@@ -187,9 +200,10 @@ def decode_chunk(
 
 
 class ChunkEncoder:
-    """Ray Data UDF (actor): CLIP forward pass with [CLS] hooks, on the actor's GPU when it has one."""
+    """Ray Data UDF (actor): CLIP forward pass with [CLS] hooks (and the retrieval encoder, if any),
+    on the actor's GPU when it has one."""
 
-    def __init__(self, config_json: str, layers: list[int], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, config_json: str, layers: list[int], normalisation: dict[str, tuple[tuple, tuple]]) -> None:
         import ray
         import torch
 
@@ -197,32 +211,43 @@ class ChunkEncoder:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
         self.bundle = load_clip(config.model, device=device)
-        self.layers, self.mean, self.std = layers, mean, std
+        self.retrieval = (
+            load_retrieval_encoder(config.retrieval, device) if "retrieval_pixels" in normalisation else None
+        )
+        self.layers, self.normalisation = layers, normalisation
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        from vs2ray.models import capture_cls, encode_images
+        from vs2ray.models import capture_cls, encode_images, encode_retrieval
 
         pixels = np.asarray(batch["pixels"][0])
         out: dict[str, Any] = {key: batch[key] for key in ("chunk", "ids", "labels", "failed")}
-        with torch.no_grad(), capture_cls(self.bundle, self.layers) as captured:
-            if len(pixels):
-                embedding = encode_images(self.bundle, normalise_pixels(pixels, self.mean, self.std))
+        width = self.bundle.model.visual.transformer.width
+        embed_dim = self.bundle.model.visual.proj.shape[1]
+        if not len(pixels):  # every image of the chunk failed: empty columns of the right width
+            out.update({f"cls_{layer}": [np.zeros((0, width), np.float32)] for layer in self.layers})
+            out["embedding"] = [np.zeros((0, embed_dim), np.float32)]
+            if self.retrieval is not None:
+                out["retrieval"] = [np.zeros((0, self.retrieval.model.num_features), np.float32)]
+        else:
+            with torch.no_grad(), capture_cls(self.bundle, self.layers) as captured:
+                images = normalise_pixels(pixels, *self.normalisation["pixels"])
+                out["embedding"] = [encode_images(self.bundle, images).cpu().numpy()]
                 for layer in self.layers:
                     out[f"cls_{layer}"] = [captured[layer].float().cpu().numpy()]
-                out["embedding"] = [embedding.cpu().numpy()]
-            else:
-                out.update({f"cls_{layer}": [np.zeros((0, 0), np.float32)] for layer in self.layers})
-                out["embedding"] = [np.zeros((0, 0), np.float32)]
+            if self.retrieval is not None:
+                retrieval_images = np.asarray(batch["retrieval_pixels"][0])
+                images = normalise_pixels(retrieval_images, *self.normalisation["retrieval_pixels"])
+                out["retrieval"] = [encode_retrieval(self.retrieval, images).cpu().numpy()]
         out["worker"] = [json.dumps({"node": self.node_id, "gpus": self.gpu_ids, "device": str(self.bundle.device)})]
         return out
 
 
 def write_chunk(batch: dict[str, np.ndarray], store_dir: str) -> dict[str, Any]:
     """Ray Data UDF (CPU task): write one encoded chunk as its part file; return a small summary row."""
-    vectors = {k: np.asarray(batch[k][0]) for k in batch if k.startswith("cls_") or k == "embedding"}
+    vectors = {k: np.asarray(batch[k][0]) for k in batch if k.startswith("cls_") or k in ("embedding", "retrieval")}
     columns = {"id": np.asarray(batch["ids"][0]), "label": np.asarray(batch["labels"][0]), **vectors}
     failed = json.loads(str(batch["failed"][0]))
     write_part(Path(store_dir), int(batch["chunk"][0]), columns, failed)
@@ -256,7 +281,7 @@ def _run_pipeline(
     store_dir: Path,
     chunks: list[tuple[int, int, int]],
     layers: list[int],
-    preprocess: SplitPreprocess,
+    preprocess: dict[str, SplitPreprocess],
     total_rows: int,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
@@ -279,7 +304,11 @@ def _run_pipeline(
         .map_batches(
             decode_chunk,
             batch_size=1,
-            fn_kwargs={"config_json": config_json, "split": split, "transform": preprocess.pixels},
+            fn_kwargs={
+                "config_json": config_json,
+                "split": split,
+                "transforms": {name: p.pixels for name, p in preprocess.items()},
+            },
             num_cpus=1,
         )
         .map_batches(
@@ -291,8 +320,7 @@ def _run_pipeline(
             fn_constructor_kwargs={
                 "config_json": config_json,
                 "layers": layers,
-                "mean": preprocess.mean,
-                "std": preprocess.std,
+                "normalisation": {name: (p.mean, p.std) for name, p in preprocess.items()},
             },
         )
         .map_batches(write_chunk, batch_size=1, fn_kwargs={"store_dir": str(store_dir)}, num_cpus=0.1)
@@ -340,12 +368,10 @@ def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = l
     bundle = load_clip(config.model, device="cpu")
     layers = resolve_layers(bundle, config.extraction.layers)
     num_layers = num_vision_layers(bundle)
-    if config.retrieval.space != "clip":
-        raise ValueError(
-            f"retrieval.space: {config.retrieval.space!r} embeddings are not extracted yet; use 'clip' "
-            f"(neighbours are then searched in CLIP's image-embedding space)"
-        )
-    inputs = store_inputs(config, split, bundle, layers)
+    preprocess = {"pixels": _split_preprocess(bundle.preprocess)}
+    if config.retrieval.space == "dinov2":  # load it here so that a bad name or missing weights fail now
+        preprocess["retrieval_pixels"] = _split_preprocess(load_retrieval_encoder(config.retrieval).preprocess)
+    inputs = store_inputs(config, split, layers, preprocess)
     store_dir = store_dir_for(config, split, inputs)
     if is_complete(store_dir):
         manifest = read_manifest(store_dir)
@@ -380,7 +406,6 @@ def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = l
         log(f"{split}: resuming {store_dir}: {len(done)} of {len(boundaries)} chunks already written")
     workers = []
     if todo:
-        preprocess = _split_preprocess(bundle.preprocess)
         workers = _run_pipeline(config, split, store_dir, todo, layers, preprocess, len(records), log)
 
     done = finished_chunks(store_dir)

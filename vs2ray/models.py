@@ -21,7 +21,7 @@ from typing import Any
 import open_clip
 import torch
 
-from vs2ray.config import BUNDLED_MODEL, ExperimentConfig, ModelConfig, load_config, run_cli
+from vs2ray.config import BUNDLED_MODEL, ExperimentConfig, ModelConfig, RetrievalConfig, load_config, run_cli
 
 ASSETS = resources.files("vs2ray") / "assets"
 BUNDLED_CONFIG = Path(str(ASSETS / f"{BUNDLED_MODEL}.json"))
@@ -158,6 +158,57 @@ def load_clip(config: ModelConfig, device: torch.device | str | None = None) -> 
         pretrained=config.pretrained,
         device=device,
     )
+
+
+@dataclass
+class RetrievalEncoder:
+    """A second image encoder (DINOv2 through timm) whose embeddings serve neighbour search."""
+
+    model: Any  # timm model with its classifier removed (pooled features out)
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> (3, S, S) float tensor
+    name: str
+    device: torch.device
+
+
+def load_retrieval_encoder(config: RetrievalConfig, device: torch.device | str = "cpu") -> RetrievalEncoder:
+    """Load `retrieval.encoder` from timm at `retrieval.image_size`, failing fast and clearly offline."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    if not timm.is_model(config.encoder):
+        raise ModelUnavailable(
+            f"retrieval.encoder: timm has no model {config.encoder!r} (e.g. vit_base_patch14_dinov2.lvd142m)"
+        )
+    offline = config.encoder_pretrained and not _hub_reachable()
+    try:
+        with _hub_cache_only() if offline else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(
+                config.encoder, pretrained=config.encoder_pretrained, num_classes=0, img_size=config.image_size
+            )
+    except Exception as error:  # huggingface_hub raises several kinds of error offline
+        if not config.encoder_pretrained:
+            raise
+        reason = "the Hugging Face Hub is unreachable and they are not in the cache" if offline else str(error)
+        raise ModelUnavailable(
+            f"could not load pretrained {config.encoder} weights ({reason}). Set HF_HOME to a cache that holds "
+            f"them, or use retrieval.space: clip."
+        ) from None
+    size = config.image_size
+    data_config = resolve_data_config({"input_size": (3, size, size), "crop_pct": 1.0}, model=model)
+    return RetrievalEncoder(
+        model=model.eval().to(device),
+        preprocess=create_transform(**data_config, is_training=False),
+        name=config.encoder,
+        device=torch.device(device),
+    )
+
+
+@torch.no_grad()
+def encode_retrieval(encoder: RetrievalEncoder, images: torch.Tensor) -> torch.Tensor:
+    """Normalised retrieval embeddings (n, features) of preprocessed images (n, 3, S, S)."""
+    features = encoder.model(images.to(encoder.device)).float()
+    return features / features.norm(dim=-1, keepdim=True)
 
 
 @torch.no_grad()
