@@ -1,0 +1,342 @@
+"""Top-k sparse autoencoder and its training loop (AuxK, PASS). Torch only: no Ray here.
+
+    c     = TopK_k( W_enc (x − b_pre) )        (k values and their latent indices)
+    x_hat = W_dec c + b_pre
+
+Conventions: `W_dec` is stored as (n_latents, d), one unit-norm row per latent (a
+"decoder column" in the paper's notation); `W_enc` is (n_latents, d) with no bias, as
+in Gao et al. 2024. Codes travel as (values, indices) pairs of shape (batch, k); the
+dense n-wide code is only built where a method needs it.
+
+Loss (METHOD.md §2, §5), both terms over one batch, divided by the batch's total variance
+Σ‖x − x̄‖² so that the reconstruction term is the batch FVU:
+
+    L = FVU + w_aux · Σ_i ‖z_i − z̄_class(i)‖² / Σ‖x − x̄‖²  + auxk_coef · AuxK
+
+which is METHOD's `L_recon + w_aux ‖z_i − z̄‖²` with both terms scaled alike (ours).
+z̄_class is a running mean of each class's codes, updated every step and detached.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TopKMode = Literal["relu", "abs"]
+DENSE_FIRING_RATE = 0.1  # a latent firing on more than this share of samples counts as dense
+
+
+class TopKSAE(nn.Module):
+    """Top-k SAE with a pre-encoder bias `b_pre` and unit-norm decoder rows."""
+
+    def __init__(self, d: int, n_latents: int, k: int, topk: TopKMode = "relu") -> None:
+        super().__init__()
+        if not 1 <= k <= n_latents:
+            raise ValueError(f"sae.k must be in [1, n_latents={n_latents}] (expansion × d), got {k}")
+        if topk not in ("relu", "abs"):
+            raise ValueError(f"sae.topk must be 'relu' or 'abs', got {topk!r}")
+        self.d, self.n_latents, self.k, self.topk = d, n_latents, k, topk
+        self.b_pre = nn.Parameter(torch.zeros(d))
+        self.W_dec = nn.Parameter(torch.randn(n_latents, d))
+        self.W_enc = nn.Parameter(torch.empty(n_latents, d))
+        self.normalize_decoder()
+        with torch.no_grad():
+            self.W_enc.copy_(self.W_dec)  # tied initialisation (Gao et al.)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the gradient component along each decoder row, so a step keeps rows near unit norm."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """W_enc (x − b_pre): (batch, d) -> (batch, n_latents)."""
+        return (x - self.b_pre) @ self.W_enc.T
+
+    def select(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK of pre-activations (batch, n) -> values, indices (batch, k)."""
+        k = self.k if k is None else k
+        if self.topk == "relu":  # largest values, then ReLU (Gao et al., sparsify)
+            values, indices = pre.topk(k, dim=-1, sorted=False)
+            return F.relu(values), indices
+        indices = pre.abs().topk(k, dim=-1, sorted=False).indices  # largest |value| (the paper)
+        return pre.gather(-1, indices), indices
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse codes of x (batch, d): values and latent indices, each (batch, k)."""
+        return self.select(self.pre_activations(x))
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """D(c) = W_dec c + b_pre from a sparse code (values, indices: (batch, k)) or a dense one (batch, n)."""
+        return self.decode_without_bias(values, indices) + self.b_pre
+
+    def decode_without_bias(self, values: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """W_dec c, without b_pre: (batch, d)."""
+        if indices is None:
+            return values @ self.W_dec
+        # embedding_bag sums k decoder rows per sample without a (batch, k, d) intermediate
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+
+    def dense_codes(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Scatter a sparse code into its dense (batch, n_latents) form."""
+        return torch.zeros(values.shape[0], self.n_latents, dtype=values.dtype, device=values.device).scatter_(
+            -1, indices, values
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction (batch, d) and the sparse code (values, indices)."""
+        values, indices = self.encode(x)
+        return self.decode(values, indices), values, indices
+
+
+@dataclass
+class SAETrainParams:
+    """Every parameter of one SAE training run (the SAE checkpoint key hashes these)."""
+
+    k: int = 64
+    expansion: int = 4
+    topk: TopKMode = "relu"
+    lr: float = 5e-4
+    lr_scale_with_width: bool = False
+    warmup_steps: int = 100
+    steps: int = 2000
+    batch_size: int = 4096
+    dead_threshold: int = 100
+    auxk_coef: float = 1 / 32
+    auxk_k: int | None = None
+    w_aux: float = 0.0
+    pass_momentum: float = 0.9
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """A trained SAE and how training went."""
+
+    sae: TopKSAE
+    metrics: dict[str, float]
+    losses: list[float]
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained over a batch: ‖X − X̂‖²_F / ‖X − mean(X)‖²_F (scalar)."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+
+
+def per_sample_fvu(x: torch.Tensor, x_hat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Per-sample FVU ‖x̂ − x‖² / ‖x − μ‖²: (batch, d) -> (batch,), μ the data mean (d,)."""
+    return (x_hat - x).pow(2).sum(dim=1) / (x - mean).pow(2).sum(dim=1)
+
+
+def effective_lr(params: SAETrainParams, n_latents: int) -> float:
+    """Base LR, or sparsify's width rule 2e-4 / sqrt(n / 2^14) when `lr_scale_with_width`."""
+    return 2e-4 / math.sqrt(n_latents / 2**14) if params.lr_scale_with_width else params.lr
+
+
+def lr_factor(step: int, params: SAETrainParams) -> float:
+    """Linear warm-up to 1, then linear decay to 0 at the last step."""
+    if step < params.warmup_steps:
+        return (step + 1) / params.warmup_steps
+    remaining = params.steps - params.warmup_steps
+    return max(0.0, 1.0 - (step - params.warmup_steps) / max(1, remaining))
+
+
+class ClassMeans:
+    """Running mean of each class's dense code, updated per step from the batch (detached)."""
+
+    def __init__(self, num_classes: int, n_latents: int, momentum: float, device: torch.device) -> None:
+        self.means = torch.zeros(num_classes, n_latents, device=device)
+        self.seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def update(self, dense: torch.Tensor, labels: torch.Tensor) -> None:
+        sums = torch.zeros_like(self.means).index_add_(0, labels, dense)
+        counts = torch.bincount(labels, minlength=self.means.shape[0]).to(dense.dtype)
+        present = counts > 0
+        batch_means = sums[present] / counts[present, None]
+        first = present & ~self.seen
+        blended = self.momentum * self.means[present] + (1 - self.momentum) * batch_means
+        self.means[present] = torch.where(first[present, None], batch_means, blended)
+        self.seen |= present
+
+    def dispersion(self, values: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Σ_i ‖z_i − z̄_class(i)‖² from sparse codes, without building (batch, n) tensors with gradients."""
+        prototypes = self.means[labels]  # (batch, n), no gradient
+        cross = (values * prototypes.gather(1, indices)).sum()
+        return values.pow(2).sum() - 2 * cross + prototypes.pow(2).sum()
+
+
+def auxk_loss(
+    sae: TopKSAE,
+    pre: torch.Tensor,
+    residual: torch.Tensor,
+    dead: torch.Tensor,
+    auxk_k: int,
+    total_variance: torch.Tensor,
+) -> torch.Tensor:
+    """Gao et al.'s AuxK: reconstruct the residual x − x̂ from the top `auxk_k` dead latents.
+
+    Divided by the batch's total variance of x, like the FVU term, and scaled down while
+    fewer than `auxk_k` latents are dead (as sparsify does). The target is the residual,
+    so its reconstruction uses W_dec alone: adding b_pre here would count the decoder
+    bias twice (the pitfall the issue warns about).
+    """
+    num_dead = int(dead.sum())
+    k_aux = min(auxk_k, num_dead)
+    masked = pre.masked_fill(~dead, -torch.inf if sae.topk == "relu" else 0.0)
+    values, indices = sae.select(masked, k_aux)  # relu maps the -inf of live latents to 0
+    residual_hat = sae.decode_without_bias(values, indices)
+    scale = min(num_dead / auxk_k, 1.0)
+    return scale * (residual_hat - residual).pow(2).sum() / total_variance
+
+
+def train_sae(
+    acts: torch.Tensor,
+    params: SAETrainParams,
+    labels: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device | None = None,
+    log_every: int = 0,
+    log=print,
+) -> TrainResult:
+    """Train a top-k SAE on activations (N, d), deterministically for a given `params.seed`.
+
+    `labels` (N,) are needed only for PASS (`params.w_aux > 0`) and never used otherwise.
+    Runs on CUDA when available unless `device` says otherwise.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if params.w_aux > 0 and labels is None:
+        raise ValueError("pass.w_aux > 0 needs labels for the training activations")
+    generator = torch.Generator().manual_seed(params.seed)
+    torch.manual_seed(params.seed)
+    n, d = acts.shape
+    n_latents = params.expansion * d
+    sae = TopKSAE(d, n_latents, params.k, params.topk).to(device)
+    data = acts.to(device=device, dtype=torch.float32)
+    with torch.no_grad():
+        sae.b_pre.copy_(data.mean(dim=0))  # b_pre starts at the empirical mean
+    base_lr = effective_lr(params, n_latents)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10)
+    auxk_k = params.auxk_k or d // 2
+    samples_since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
+    class_means = None
+    if params.w_aux > 0:
+        class_means = ClassMeans(num_classes or int(labels.max()) + 1, n_latents, params.pass_momentum, device)
+        labels = labels.to(device)
+    losses: list[float] = []
+    batch_size = min(params.batch_size, n)
+    order = torch.randperm(n, generator=generator).to(device)
+    cursor = 0
+    started = time.perf_counter()
+    for step in range(params.steps):
+        if cursor + batch_size > n:
+            order, cursor = torch.randperm(n, generator=generator).to(device), 0
+        batch_idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        x = data[batch_idx]
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * lr_factor(step, params)
+
+        pre = sae.pre_activations(x)
+        values, indices = sae.select(pre)
+        x_hat = sae.decode(values, indices)
+        total_variance = (x - x.mean(dim=0)).pow(2).sum()
+        loss = (x - x_hat).pow(2).sum() / total_variance
+
+        fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
+        fired[indices[values != 0]] = True
+        samples_since_fired += batch_size
+        samples_since_fired[fired] = 0
+        dead = samples_since_fired > params.dead_threshold
+        if params.auxk_coef > 0 and dead.any():
+            loss = loss + params.auxk_coef * auxk_loss(sae, pre, (x - x_hat).detach(), dead, auxk_k, total_variance)
+        if class_means is not None:
+            batch_labels = labels[batch_idx]
+            class_means.update(sae.dense_codes(values.detach(), indices), batch_labels)
+            loss = loss + params.w_aux * class_means.dispersion(values, indices, batch_labels) / total_variance
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_decoder_grad()
+        optimizer.step()
+        sae.normalize_decoder()
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == params.steps - 1):
+            log(f"step {step:6d}  loss {losses[-1]:.4f}  dead {dead.float().mean().item():.3f}")
+    seconds = time.perf_counter() - started
+    metrics = evaluate_sae(sae, data, labels if class_means is not None else None)
+    metrics.update(
+        {
+            "final_loss": losses[-1],
+            "train_seconds": seconds,
+            "samples_per_second": params.steps * batch_size / seconds,
+            "lr": base_lr,
+        }
+    )
+    return TrainResult(sae=sae.cpu(), metrics=metrics, losses=losses)
+
+
+@torch.no_grad()
+def evaluate_sae(
+    sae: TopKSAE, acts: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 8192
+) -> dict[str, float]:
+    """FVU, per-sample FVU (mean, median), L0, dead and dense fractions over all of `acts` (N, d).
+
+    Dead here: never fired on `acts`. Dense: fired on more than 10% of the samples.
+    With `labels` (N,), also the within-class code dispersion that PASS penalises:
+    `class_dispersion` = mean_i ‖z_i − z̄_class(i)‖² and `class_dispersion_relative` =
+    Σ‖z_i − z̄_class(i)‖² / Σ‖z_i‖² (0 when every class's codes collapse onto its mean),
+    in one pass through Σ‖z − z̄_c‖² = Σ‖z‖² − Σ_c n_c ‖z̄_c‖².
+    """
+    device = sae.W_dec.device
+    acts = acts.to(device=device, dtype=torch.float32)
+    mean = acts.mean(dim=0)
+    residual_sq, nonzero, code_sq = 0.0, 0, 0.0
+    fire_counts = torch.zeros(sae.n_latents, device=device)
+    sample_fvus = []
+    if labels is not None:
+        labels = labels.to(device)
+        num_classes = int(labels.max()) + 1
+        class_sums = torch.zeros(num_classes, sae.n_latents, device=device)
+    for start in range(0, len(acts), batch_size):
+        x = acts[start : start + batch_size]
+        x_hat, values, indices = sae(x)
+        residual_sq += (x - x_hat).pow(2).sum().item()
+        active = values != 0
+        nonzero += int(active.sum())
+        fire_counts.index_add_(0, indices[active], torch.ones_like(values[active]))
+        sample_fvus.append(per_sample_fvu(x, x_hat, mean))
+        if labels is not None:
+            class_sums.index_add_(0, labels[start : start + batch_size], sae.dense_codes(values, indices))
+            code_sq += values.pow(2).sum().item()
+    sample_fvu = torch.cat(sample_fvus)
+    metrics = {
+        "fvu": residual_sq / (acts - mean).pow(2).sum().item(),
+        "fvu_per_sample_mean": sample_fvu.mean().item(),
+        "fvu_per_sample_median": sample_fvu.median().item(),
+        "l0": nonzero / len(acts),
+        "dead_fraction": (fire_counts == 0).float().mean().item(),
+        "dense_fraction": (fire_counts > DENSE_FIRING_RATE * len(acts)).float().mean().item(),
+    }
+    if labels is not None:
+        counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).float()
+        between = (class_sums.pow(2).sum(dim=1) / counts).sum().item()  # Σ_c n_c ‖z̄_c‖²
+        metrics["class_dispersion"] = (code_sq - between) / len(acts)
+        metrics["class_dispersion_relative"] = (code_sq - between) / code_sq
+    return metrics
