@@ -214,10 +214,12 @@ def train_sae(
     device: str | torch.device | None = None,
     log_every: int = 0,
     log=print,
+    init: TopKSAE | None = None,
 ) -> TrainResult:
     """Train a top-k SAE on activations (N, d), deterministically for a given `params.seed`.
 
     `labels` (N,) are needed only for PASS (`params.w_aux > 0`) and never used otherwise.
+    `init` continues training from a copy of an existing SAE (its b_pre is kept).
     Runs on CUDA when available unless `device` says otherwise.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -230,7 +232,10 @@ def train_sae(
     sae = TopKSAE(d, n_latents, params.k, params.topk).to(device)
     data = acts.to(device=device, dtype=torch.float32)
     with torch.no_grad():
-        sae.b_pre.copy_(data.mean(dim=0))  # b_pre starts at the empirical mean
+        if init is not None:
+            sae.load_state_dict(init.state_dict())
+        else:
+            sae.b_pre.copy_(data.mean(dim=0))  # b_pre starts at the empirical mean
     base_lr = effective_lr(params, n_latents)
     optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10)
     auxk_k = params.auxk_k or d // 2
