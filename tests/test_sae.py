@@ -85,6 +85,12 @@ def test_k_larger_than_the_latent_width_is_rejected():
         train_sae(torch.randn(100, 8), SAETrainParams(k=40, expansion=4, steps=1), device="cpu")
 
 
+def test_epochs_set_the_number_of_steps():
+    x, _, _ = planted(n=1000)
+    result = train_sae(x, SAETrainParams(k=4, expansion=2, epochs=2.5, batch_size=100, warmup_steps=5), device="cpu")
+    assert len(result.losses) == 25
+
+
 def test_same_seed_same_weights_other_seed_other_weights():
     x, _, _ = planted(n=2000)
     params = SAETrainParams(k=4, expansion=2, steps=30, batch_size=256, warmup_steps=5)

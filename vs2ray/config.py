@@ -211,6 +211,7 @@ class SAEConfig(Section):
     lr_scale_with_width: bool = False
     warmup_steps: int = Field(100, ge=0)
     steps: int = Field(2000, ge=1)
+    epochs: float | None = Field(None, gt=0, description="passes over the data; overrides steps when set")
     batch_size: int = Field(4096, ge=1)
     dead_threshold: int = Field(100, ge=1)
     auxk_coef: NonNegativeFloat = 1 / 32

@@ -112,6 +112,7 @@ class SAETrainParams:
     lr_scale_with_width: bool = False
     warmup_steps: int = 100
     steps: int = 2000
+    epochs: float | None = None  # when set, overrides steps: ceil(epochs × N / batch_size)
     batch_size: int = 4096
     dead_threshold: int = 100
     auxk_coef: float = 1 / 32
@@ -228,6 +229,8 @@ def train_sae(
     generator = torch.Generator().manual_seed(params.seed)
     torch.manual_seed(params.seed)
     n, d = acts.shape
+    if params.epochs is not None:
+        params = SAETrainParams(**{**params.as_dict(), "steps": math.ceil(params.epochs * n / params.batch_size)})
     n_latents = params.expansion * d
     sae = TopKSAE(d, n_latents, params.k, params.topk).to(device)
     data = acts.to(device=device, dtype=torch.float32)
@@ -395,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         lr_scale_with_width=config.sae.lr_scale_with_width,
         warmup_steps=config.sae.warmup_steps,
         steps=config.sae.steps,
+        epochs=config.sae.epochs,
         batch_size=config.sae.batch_size,
         dead_threshold=config.sae.dead_threshold,
         auxk_coef=config.sae.auxk_coef,
