@@ -19,7 +19,6 @@ from vs2ray.data import DatasetUnavailable, get_dataset
 from vs2ray.extract import extract
 from vs2ray.models import (
     ModelUnavailable,
-    apply_head,
     build_text_classifier,
     encode_images,
     encode_retrieval,
@@ -27,6 +26,7 @@ from vs2ray.models import (
     load_retrieval_encoder,
     zero_shot_logits,
 )
+from vs2ray.steering import apply_head
 from vs2ray.store import StoreIncomplete, load_activations, read_manifest
 
 TEST_ROWS = 600

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from vs2ray import __version__
 from vs2ray.config import ExperimentConfig, load_config, run_cli
@@ -52,6 +53,7 @@ from vs2ray.store import (
     read_manifest,
     write_json,
     write_part,
+    write_tensors,
 )
 
 _FULL_HASH_LIMIT = 64 * 2**20
@@ -359,8 +361,6 @@ def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = l
     Everything that can be wrong with the input (unknown split, missing data, unknown
     model or tag, a layer out of range) raises before any Ray work starts.
     """
-    from safetensors.torch import save_file
-
     started = time.perf_counter()
     dataset = get_dataset(config.dataset)
     dataset.check_split(split)
@@ -393,10 +393,10 @@ def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = l
         stale.unlink(missing_ok=True)
     write_json(store_dir / "manifest.json", manifest)
     if not (store_dir / "head.safetensors").is_file():
-        save_file(vision_head(bundle), str(store_dir / "head.safetensors"))
+        write_tensors(store_dir / "head.safetensors", vision_head(bundle))
     if not (store_dir / "classifier.safetensors").is_file():
         classifier = build_text_classifier(bundle, dataset.classes, manifest["prompt_templates"])
-        save_file({"classifier": classifier.contiguous()}, str(store_dir / "classifier.safetensors"))
+        write_tensors(store_dir / "classifier.safetensors", {"classifier": classifier})
 
     starts = range(0, len(records), chunk_rows)
     boundaries = [(c, start, min(start + chunk_rows, len(records))) for c, start in enumerate(starts)]
@@ -412,8 +412,6 @@ def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = l
     missing = sorted({c for c, _, _ in boundaries} - set(done))
     if missing:
         raise RuntimeError(f"{store_dir}: chunks {missing[:10]} were not written; run the extraction again")
-    import pyarrow.parquet as pq
-
     rows = sum(pq.read_metadata(path).num_rows for path in sorted(store_dir.glob("part-*.parquet")))
     failed = [entry for chunk in sorted(done) for entry in done[chunk]]
     manifest.update(

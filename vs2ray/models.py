@@ -287,19 +287,6 @@ def vision_head(bundle: ClipBundle) -> dict[str, torch.Tensor]:
     }
 
 
-def apply_head(cls_tokens: torch.Tensor, head: dict[str, torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
-    """Finish CLIP's image forward from cached last-block [CLS] tokens: normalize(ln_post(x) @ proj).
-
-    cls_tokens: (n, width) -> (n, embed_dim), rows unit-norm.
-    """
-    width = cls_tokens.shape[-1]
-    normed = torch.nn.functional.layer_norm(
-        cls_tokens, (width,), head["ln_post.weight"].to(cls_tokens), head["ln_post.bias"].to(cls_tokens), eps
-    )
-    embedding = normed @ head["proj"].to(cls_tokens)
-    return embedding / embedding.norm(dim=-1, keepdim=True)
-
-
 def zero_shot_logits(embeddings: torch.Tensor, text_classifier: torch.Tensor) -> torch.Tensor:
     """CLIP's zero-shot logits `100 · e @ Tᵀ`: (n, embed_dim) × (classes, embed_dim) -> (n, classes)."""
     return 100.0 * embeddings @ text_classifier.T

@@ -60,6 +60,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
 
 
+def write_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write torch tensors as a safetensors file."""
+    from safetensors.torch import save
+
+    contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    atomic_write_bytes(path, save(contiguous, metadata=metadata))
+
+
 def read_manifest(store_dir: Path) -> dict[str, Any] | None:
     """The store's manifest, or None when there is none yet."""
     path = Path(store_dir) / "manifest.json"
@@ -181,12 +189,9 @@ def sae_dir_for(root: str | Path, activation_key: str, training: dict[str, Any])
 
 def save_sae(directory: Path, tensors: dict[str, Any], config: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Write an SAE checkpoint: weights, then config.json, then metrics.json (the completion mark)."""
-    from safetensors.torch import save
-
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {k: str(config[k]) for k in ("d", "n_latents", "k", "topk")}
-    contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    atomic_write_bytes(directory / "sae.safetensors", save(contiguous, metadata=metadata))
+    write_tensors(directory / "sae.safetensors", tensors, metadata)
     write_json(directory / "config.json", config)
     write_json(directory / "metrics.json", metrics)
 

@@ -1,0 +1,171 @@
+"""Steering methods: Proposition 3.1, identities, the FVU gate, and VS2++ on a hand-built case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vs2ray.sae import SAETrainParams, train_sae
+from vs2ray.steering import (
+    centroid_shift,
+    classify,
+    code_direction,
+    gate_threshold,
+    gated,
+    group_mean_difference,
+    norm_preserving,
+    per_sample_fvu,
+    positive_mask,
+    sae_rec_amplified,
+    sae_rec_final,
+    vs2,
+    vs2_grid_logits,
+    vs2pp,
+    vs2pp_direction,
+    weighted_rag,
+)
+
+D, EMBED, CLASSES = 24, 8, 5
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A trained SAE on structured data, plus a random head and text classifier (float64 for exactness)."""
+    g = torch.Generator().manual_seed(0)
+    atoms = F.normalize(torch.randn(48, D, generator=g), dim=1)
+    chosen = torch.stack([torch.randperm(48, generator=g)[:3] for _ in range(4000)])
+    x = (atoms[chosen] * (torch.rand(4000, 3, 1, generator=g) + 0.5)).sum(1) + 0.05 * torch.randn(4000, D, generator=g)
+    x = x + 2.0
+    sae = train_sae(x, SAETrainParams(k=3, expansion=2, steps=300, batch_size=256, lr=2e-3, warmup_steps=20)).sae
+    sae = sae.double()
+    head = {
+        "ln_post.weight": 1 + 0.1 * torch.randn(D, generator=g, dtype=torch.float64),
+        "ln_post.bias": 0.1 * torch.randn(D, generator=g, dtype=torch.float64),
+        "proj": torch.randn(D, EMBED, generator=g, dtype=torch.float64),
+    }
+    classifier = F.normalize(torch.randn(CLASSES, EMBED, generator=g, dtype=torch.float64), dim=1)
+    return sae, x.double(), head, classifier
+
+
+def test_proposition_3_1_closed_form_and_error_bound(world):
+    sae, x, _, _ = world
+    x = x[:500]
+    gamma, lam = 1.5, 2.1
+    alpha = lam * (gamma - 1)
+    values, indices = sae.encode(x)
+    v = sae.decode(gamma * values, indices) - sae.decode(values, indices)  # D(γc) − D(c), as the paper writes it
+    epsilon = sae.decode(values, indices) - x  # ε(x) = D(c) − x
+    # x + λv = x + α(x − b_pre) + α ε(x): the centroid in the closed form is the SAE's b_pre
+    torch.testing.assert_close(x + lam * v, x + alpha * (x - sae.b_pre) + alpha * epsilon, atol=1e-10, rtol=1e-10)
+    # ‖α ε(x)‖ = α sqrt(FVU(x)) ‖x − μ‖ with μ the data mean used in the per-sample FVU
+    mu = x.mean(dim=0)
+    bound = alpha * per_sample_fvu(sae, x, mu).sqrt() * (x - mu).norm(dim=1)
+    torch.testing.assert_close((alpha * epsilon).norm(dim=1), bound, atol=1e-10, rtol=1e-10)
+    # and the library's VS2 is exactly that update, rescaled to ‖x‖
+    torch.testing.assert_close(vs2(sae, x, gamma, lam), norm_preserving(x, lam * v), atol=1e-10, rtol=1e-10)
+
+
+def test_gamma_one_or_lambda_zero_is_zero_shot_and_norm_is_kept(world):
+    sae, x, head, classifier = world
+    x = x[:300]
+    zero_shot = classify(x, head, classifier)
+    for gamma, lam in ((1.0, 3.0), (2.0, 0.0)):
+        steered = vs2(sae, x, gamma, lam)
+        torch.testing.assert_close(classify(steered, head, classifier), zero_shot, atol=1e-9, rtol=0)
+    steered = vs2(sae, x, 2.5, 3.0)
+    torch.testing.assert_close(steered.norm(dim=1), x.norm(dim=1), atol=1e-10, rtol=0)
+    assert not torch.allclose(steered, x)
+
+
+def test_grid_over_alpha_matches_one_call_per_setting(world):
+    sae, x, head, classifier = world
+    x = x[:200]
+    settings = [(1.5, 2.1), (2.0, 1.0), (3.0, 0.5), (1.0, 4.0)]
+    grid = vs2_grid_logits(x, code_direction(sae, x), [lam * (g - 1) for g, lam in settings], head, classifier)
+    for row, (gamma, lam) in zip(grid, settings, strict=True):
+        torch.testing.assert_close(row, classify(vs2(sae, x, gamma, lam), head, classifier), atol=1e-9, rtol=0)
+
+
+def test_reconstruction_baselines(world):
+    sae, x, _, _ = world
+    values, indices = sae.encode(x[:50])
+    torch.testing.assert_close(sae_rec_final(sae, x[:50]), sae.decode(values, indices))
+    amplified = sae_rec_amplified(sae, x[:50], 1.5)
+    torch.testing.assert_close(amplified - sae.b_pre, 1.5 * (sae.decode(values, indices) - sae.b_pre))
+
+
+def test_centroid_shift_is_vs2_without_the_sae_error_term(world):
+    sae, x, _, _ = world
+    x = x[:100]
+    alpha = 0.8
+    # with μ = b_pre and ε removed, VS2's closed form reduces to the centroid shift
+    epsilon = sae_rec_final(sae, x) - x
+    expected = norm_preserving(x, alpha * (x - sae.b_pre) + alpha * epsilon)
+    torch.testing.assert_close(vs2(sae, x, 1 + alpha, 1.0), expected, atol=1e-10, rtol=1e-10)
+    shifted = centroid_shift(x, sae.b_pre, alpha)
+    torch.testing.assert_close(shifted, norm_preserving(x, alpha * (x - sae.b_pre)), atol=1e-12, rtol=0)
+
+
+def test_gate_coverage_extremes_and_monotone_in_q(world):
+    sae, x, _, _ = world
+    calibration, queries = x[:2000], x[2000:2600]
+    mu = calibration.mean(dim=0)
+    fvu_queries = per_sample_fvu(sae, queries, mu)
+    steered = vs2(sae, queries, 1.5, 2.0)
+    _, nothing = gated(queries, steered, fvu_queries, fvu_queries.min().item() - 1e-9)
+    out, everything = gated(queries, steered, fvu_queries, fvu_queries.max().item())
+    assert nothing == 0.0 and everything == 1.0
+    torch.testing.assert_close(out, steered)
+    calibration_fvu = per_sample_fvu(sae, calibration, mu)
+    coverages = [gated(queries, steered, fvu_queries, gate_threshold(calibration_fvu, q))[1] for q in (0.5, 0.9, 0.99)]
+    assert coverages == sorted(coverages) and coverages[0] < coverages[-1]
+    kept, _ = gated(queries, steered, fvu_queries, gate_threshold(calibration_fvu, 0.5))
+    unsteered = fvu_queries > gate_threshold(calibration_fvu, 0.5)
+    torch.testing.assert_close(kept[unsteered], queries[unsteered])
+
+
+def test_positive_rules():
+    query = torch.tensor([0, 2])
+    neighbours = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 2, 2, 2]])
+    assert positive_mask(query, neighbours, "query", 3).tolist() == [
+        [True, False, False, True, False],
+        [False, False, True, True, True],
+    ]
+    assert positive_mask(query, neighbours, "majority", 3).tolist() == [
+        [False, True, True, False, True],
+        [False, False, True, True, True],
+    ]
+    with pytest.raises(ValueError, match="positive_rule"):
+        positive_mask(query, neighbours, "best", 3)
+
+
+def test_vs2pp_direction_on_a_hand_built_case(world):
+    sae, x, _, _ = world
+    n_latents = sae.n_latents
+    codes = torch.zeros(2, 3, n_latents, dtype=torch.float64)
+    codes[0, 0, 1], codes[0, 1, 1], codes[0, 1, 4], codes[0, 2, 7] = 2.0, 4.0, 6.0, 5.0
+    codes[1, :, 2] = torch.tensor([1.0, 2.0, 3.0])
+    positives = torch.tensor([[True, True, False], [True, True, True]])  # query 2 has no negatives
+    gamma = 1.5
+    # by hand: S+ mean = 3·e1 + 3·e4, S− mean = 5·e7; for query 2, S+ mean = 2·e2, S− empty -> 0
+    expected_codes = torch.zeros(2, n_latents, dtype=torch.float64)
+    expected_codes[0, 1], expected_codes[0, 4], expected_codes[0, 7] = 3.0, 3.0, -5.0
+    expected_codes[1, 2] = 2.0
+    expected = (gamma - 1) * expected_codes @ sae.W_dec
+    torch.testing.assert_close(vs2pp_direction(sae, codes, positives, gamma), expected)
+    # no positives at all: the positive mean counts as 0
+    none = group_mean_difference(codes[:1], torch.zeros(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(none, -codes[0].mean(dim=0, keepdim=True))
+    steered = vs2pp(x[:2], expected, 2.0)
+    torch.testing.assert_close(steered.norm(dim=1), x[:2].norm(dim=1))
+
+
+def test_weighted_rag_weights_by_similarity():
+    q = F.normalize(torch.tensor([[1.0, 0.0]]), dim=1)
+    neighbours = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    similarities = torch.tensor([[3.0, 1.0]])
+    mixed = weighted_rag(q, neighbours, similarities, a=0.5)
+    expected = F.normalize(0.5 * q + 0.5 * torch.tensor([[0.25, 0.75]]), dim=1)
+    torch.testing.assert_close(mixed, expected)
+    torch.testing.assert_close(weighted_rag(q, neighbours, similarities, a=1.0), q)

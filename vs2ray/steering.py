@@ -1,0 +1,181 @@
+"""Steering methods as pure tensor functions over cached [CLS] tokens (METHOD.md §1, §3, §4). Torch only.
+
+Every method maps last-block [CLS] tokens x (n, d) to steered tokens (or, for the
+CLIP-space baselines, to embeddings), and every one ends in the same classification
+step: `normalize(ln_post(x) @ proj)` with the store's head, then `100 · e @ Tᵀ` with the
+store's text classifier T (classes, embed dim).
+
+VS2 with amplification γ and scale λ (α = λ(γ − 1)):
+
+    v     = D(γc) − D(c) = (γ − 1) W_dec c
+    x_hat = (x + λv) · ‖x‖ / ‖x + λv‖
+
+Because x + λv = x + α·W_dec c depends on (γ, λ) only through α, a whole (γ, λ) grid is
+evaluated by computing W_dec c once and one normalisation per distinct α.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from vs2ray.sae import TopKSAE
+
+PositiveRule = Literal["query", "majority"]
+
+
+# ---------------------------------------------------------------- classification step
+
+
+def apply_head(cls_tokens: torch.Tensor, head: dict[str, torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
+    """Finish CLIP's image forward from last-block [CLS] tokens: normalize(ln_post(x) @ proj).
+
+    cls_tokens: (n, width) -> (n, embed_dim), rows unit-norm. `head` holds
+    'ln_post.weight', 'ln_post.bias' (width,) and 'proj' (width, embed_dim).
+    """
+    width = cls_tokens.shape[-1]
+    weight, bias = head["ln_post.weight"].to(cls_tokens), head["ln_post.bias"].to(cls_tokens)
+    embedding = F.layer_norm(cls_tokens, (width,), weight, bias, eps) @ head["proj"].to(cls_tokens)
+    return embedding / embedding.norm(dim=-1, keepdim=True)
+
+
+def logits_from_embeddings(embeddings: torch.Tensor, text_classifier: torch.Tensor) -> torch.Tensor:
+    """Zero-shot logits 100 · e @ Tᵀ: (n, embed_dim), (classes, embed_dim) -> (n, classes)."""
+    return 100.0 * embeddings @ text_classifier.to(embeddings).T
+
+
+def classify(cls_tokens: torch.Tensor, head: dict[str, torch.Tensor], text_classifier: torch.Tensor) -> torch.Tensor:
+    """Logits (n, classes) of [CLS] tokens (n, width) through the head and the text classifier."""
+    return logits_from_embeddings(apply_head(cls_tokens, head), text_classifier)
+
+
+# ---------------------------------------------------------------- SAE-based methods
+
+
+def norm_preserving(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(x + shift) rescaled to the norm of x, row by row: (n, d), (n, d) -> (n, d)."""
+    moved = x + shift
+    return moved * (x.norm(dim=-1, keepdim=True) / moved.norm(dim=-1, keepdim=True))
+
+
+def sae_rec_final(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
+    """SAE_REC^F: x replaced by its reconstruction D(c): (n, d) -> (n, d)."""
+    return sae(x)[0]
+
+
+def sae_rec_amplified(sae: TopKSAE, x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """SAE_REC^{F+γ}: x replaced by D(γc): (n, d) -> (n, d)."""
+    values, indices = sae.encode(x)
+    return sae.decode(gamma * values, indices)
+
+
+def code_direction(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
+    """u = W_dec c (without b_pre): the direction VS2 amplifies, v = (γ − 1) u. (n, d) -> (n, d)."""
+    values, indices = sae.encode(x)
+    return sae.decode_without_bias(values, indices)
+
+
+def vs2(sae: TopKSAE, x: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """VS2: x + λ(γ − 1) W_dec c, rescaled to ‖x‖. (n, d) -> (n, d)."""
+    return norm_preserving(x, lam * (gamma - 1) * code_direction(sae, x))
+
+
+def vs2_grid_logits(
+    x: torch.Tensor,
+    direction: torch.Tensor,
+    alphas: Sequence[float],
+    head: dict[str, torch.Tensor],
+    text_classifier: torch.Tensor,
+) -> torch.Tensor:
+    """Logits of VS2 for every α = λ(γ − 1) at once: (len(alphas), n, classes).
+
+    `direction` is `code_direction(sae, x)`; one normalisation per α, no SAE pass.
+    """
+    return torch.stack([classify(norm_preserving(x, alpha * direction), head, text_classifier) for alpha in alphas])
+
+
+def centroid_shift(x: torch.Tensor, mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Our ablation: x + α(x − μ) rescaled to ‖x‖, with the empirical mean μ and no SAE.
+
+    It is the closed form of METHOD.md §3 without the SAE's error term α·ε(x).
+    """
+    return norm_preserving(x, alpha * (x - mean))
+
+
+# ---------------------------------------------------------------- FVU gate
+
+
+def per_sample_fvu(sae: TopKSAE, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """FVU(x) = ‖D(c) − x‖² / ‖x − μ‖² per row: (n, d) -> (n,)."""
+    return (sae(x)[0] - x).pow(2).sum(dim=-1) / (x - mean).pow(2).sum(dim=-1)
+
+
+def gate_threshold(calibration_fvu: torch.Tensor, quantile: float) -> float:
+    """τ = the q-quantile of per-sample FVU on unlabeled calibration activations."""
+    return torch.quantile(calibration_fvu.double(), quantile).item()
+
+
+def gated(x: torch.Tensor, steered: torch.Tensor, fvu: torch.Tensor, threshold: float) -> tuple[torch.Tensor, float]:
+    """Keep `steered` where FVU(x) <= τ and x elsewhere; returns the tokens and the coverage (share steered)."""
+    steer = fvu <= threshold
+    return torch.where(steer[:, None], steered, x), steer.float().mean().item()
+
+
+# ---------------------------------------------------------------- VS2++ and the retrieval baselines
+
+
+def positive_mask(
+    query_labels: torch.Tensor, neighbour_labels: torch.Tensor, rule: PositiveRule, num_classes: int
+) -> torch.Tensor:
+    """Which neighbours are positives: (n,), (n, N) -> (n, N) bool.
+
+    'query': same (pseudo-)label as the query. 'majority': the most frequent label among the
+    query's N neighbours (ties go to the smallest label).
+    """
+    if rule == "query":
+        reference = query_labels
+    elif rule == "majority":
+        counts = F.one_hot(neighbour_labels, num_classes).sum(dim=1)  # (n, classes)
+        reference = counts.argmax(dim=1)
+    else:
+        raise ValueError(f"retrieval.positive_rule must be 'query' or 'majority', got {rule!r}")
+    return neighbour_labels == reference[:, None]
+
+
+def group_mean_difference(features: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """mean over S+ minus mean over S− of neighbour features (n, N, f) -> (n, f); an empty group's mean is 0."""
+    weights_pos = positives.to(features.dtype)
+    weights_neg = 1.0 - weights_pos
+    mean_pos = (weights_pos[..., None] * features).sum(1) / weights_pos.sum(1, keepdim=True).clamp_min(1.0)
+    mean_neg = (weights_neg[..., None] * features).sum(1) / weights_neg.sum(1, keepdim=True).clamp_min(1.0)
+    return mean_pos - mean_neg
+
+
+def vs2pp_direction(sae: TopKSAE, neighbour_codes: torch.Tensor, positives: torch.Tensor, gamma: float) -> torch.Tensor:
+    """v̄ = (γ − 1) W_dec (mean_{S+} c − mean_{S−} c) from dense neighbour codes (n, N, n_latents) -> (n, d)."""
+    return (gamma - 1) * (group_mean_difference(neighbour_codes, positives) @ sae.W_dec)
+
+
+def vs2pp(x: torch.Tensor, direction: torch.Tensor, lam: float) -> torch.Tensor:
+    """VS2++: the norm-preserving update of VS2 with v̄ in place of v. (n, d) -> (n, d)."""
+    return norm_preserving(x, lam * direction)
+
+
+def weighted_rag(
+    query_embeddings: torch.Tensor, neighbour_embeddings: torch.Tensor, similarities: torch.Tensor, a: float
+) -> torch.Tensor:
+    """E = a·q + (1 − a) Σ_j w_j r_j with w_j = s_j / Σ s, renormalised: (n, e), (n, N, e), (n, N) -> (n, e)."""
+    weights = similarities / similarities.sum(dim=1, keepdim=True)
+    mixed = a * query_embeddings + (1 - a) * (weights[..., None] * neighbour_embeddings).sum(1)
+    return mixed / mixed.norm(dim=-1, keepdim=True)
+
+
+def clip_steer(
+    query_embeddings: torch.Tensor, neighbour_embeddings: torch.Tensor, positives: torch.Tensor, strength: float
+) -> torch.Tensor:
+    """CLIP-space steering: q + strength·(mean_{S+} r − mean_{S−} r), renormalised. -> (n, e)."""
+    moved = query_embeddings + strength * group_mean_difference(neighbour_embeddings, positives)
+    return moved / moved.norm(dim=-1, keepdim=True)
