@@ -367,11 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m vs2ray.sae`: train (or reuse) the SAE of a config on its train split, minus validation."""
     import argparse
 
-    import numpy as np
-
-    from vs2ray.config import Distribution, load_config
-    from vs2ray.extract import extract
-    from vs2ray.store import cls_column, load_activations, load_sae_files, sae_dir_for, save_sae, train_val_split
+    from vs2ray.config import load_config
+    from vs2ray.trainable import get_or_train_sae, load_train_split, sae_params
 
     parser = argparse.ArgumentParser(prog="python -m vs2ray.sae", description="Train the configured top-k SAE.")
     parser.add_argument("--config", help="experiment YAML (default: built-in defaults = the bundled world)")
@@ -379,65 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    values = {
-        "sae.k": config.sae.k,
-        "sae.expansion": config.sae.expansion,
-        "sae.lr": config.sae.lr,
-        "sae.auxk_coef": config.sae.auxk_coef,
-        "pass.w_aux": config.pass_.w_aux,
-    }
-    searched = [key for key, value in values.items() if isinstance(value, Distribution)]
-    if searched:
-        print(f"error: {', '.join(searched)} are search distributions; fix them with --set (e.g. --set sae.k=64)")
-        return 2
-    params = SAETrainParams(
-        k=config.sae.k,
-        expansion=config.sae.expansion,
-        topk=config.sae.topk,
-        lr=config.sae.lr,
-        lr_scale_with_width=config.sae.lr_scale_with_width,
-        warmup_steps=config.sae.warmup_steps,
-        steps=config.sae.steps,
-        epochs=config.sae.epochs,
-        batch_size=config.sae.batch_size,
-        dead_threshold=config.sae.dead_threshold,
-        auxk_coef=config.sae.auxk_coef,
-        auxk_k=config.sae.auxk_k,
-        w_aux=config.pass_.w_aux,
-        pass_momentum=config.pass_.momentum,
-        seed=config.seed,
-    )
-    store = extract(config, config.dataset.train_split, lambda line: print(line, flush=True)).store_dir
-    acts = load_activations(store, layers=[args.layer], embedding=False)
-    column = cls_column(acts.manifest, args.layer)
-    train_mask, val_mask = train_val_split(acts.ids, config.dataset.val_fraction, config.seed)
-    directory = sae_dir_for(config.storage.root, f"{store.name}-{column}", params.as_dict())
-    if (directory / "metrics.json").is_file():
-        _, _, metrics = load_sae_files(directory, expected_d=acts[column].shape[1])
-        print(f"reusing {directory}")
-    else:
-        x = torch.from_numpy(acts[column])
-        labels = torch.from_numpy(acts.labels.astype(np.int64))
-        num_classes = len(acts.manifest["classes"])
-        train_x, train_labels = x[torch.from_numpy(train_mask)], labels[torch.from_numpy(train_mask)]
-        print(f"training on {len(train_x)} of {len(x)} activations ({val_mask.sum()} held out for validation)")
-        result = train_sae(
-            train_x, params, labels=train_labels, num_classes=num_classes, log_every=max(1, params.steps // 10)
-        )
-        val_metrics = evaluate_sae(result.sae, x[torch.from_numpy(val_mask)]) if val_mask.any() else {}
-        metrics = {**result.metrics, **{f"val_{name}": value for name, value in val_metrics.items()}}
-        config_record = {
-            **params.as_dict(),
-            "d": result.sae.d,
-            "n_latents": result.sae.n_latents,
-            "activation_key": store.name,
-            "column": column,
-            "val_fraction": config.dataset.val_fraction,
-        }
-        save_sae(directory, state_tensors(result.sae), config_record, metrics)
-        print(f"saved {directory}")
+    params = sae_params(config)
+    split = load_train_split(config, args.layer, lambda line: print(line, flush=True))
+    trained = get_or_train_sae(config, params, split, lambda line: print(line, flush=True))
+    print(f"{'reused' if trained.cache_hit else 'saved'} {trained.directory}")
     shown = ("fvu", "val_fvu", "l0", "dead_fraction", "dense_fraction", "samples_per_second", "train_seconds")
-    print("  ".join(f"{name} {metrics[name]:.4g}" for name in shown if name in metrics))
+    print("  ".join(f"{name} {trained.metrics[name]:.4g}" for name in shown if name in trained.metrics))
     return 0
 
 
