@@ -54,6 +54,13 @@ def test_selection_happens_on_validation_and_oracle_is_the_test_maximum(evaluato
     assert summary["test_top1_vs2"] == result.test_top1[i]
     assert summary["test_oracle_top1_vs2"] == max(result.test_top1) >= summary["test_top1_vs2"]
     assert summary["selected_gamma_vs2"] == result.settings[i]["gamma"]
+    # the shared-SAE-pass grid gives what one steering.vs2 call per setting gives
+    from vs2ray.steering import classify, vs2
+
+    for setting, top1 in zip(result.settings, result.test_top1, strict=True):
+        steered = vs2(evaluator.sae, evaluator.test.cls, setting["gamma"], setting["lambda"])
+        logits = classify(steered, evaluator.head, evaluator.classifier)
+        assert accuracy(logits, evaluator.test.labels, CLASSES)[0] == pytest.approx(top1, abs=1e-9)
     # λ = 0 settings are exactly zero-shot
     zero = evaluator.evaluate("zero_shot", GRID)
     for setting, top1 in zip(result.settings, result.test_top1, strict=True):
@@ -91,3 +98,34 @@ def test_accuracy_and_grid_values():
     assert grid_values(Distribution(kind="choice", values=(1, 3))) == [1.0, 3.0]
     assert grid_values(Distribution(kind="uniform", values=(1.0, 3.0)), 3) == [1.0, 2.0, 3.0]
     assert grid_values(Distribution(kind="loguniform", values=(0.1, 10.0)), 3) == [0.1, 1.0, 10.0]
+
+
+def test_cli_on_a_small_shapes_world_reports_zero_shot_and_oracle_vs2pp(tmp_path, ray_session):
+    import subprocess
+    import sys
+
+    address = ray_session.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "vs2ray.evaluate", "--address", address, "--gammas", "1.5,2", "--lambdas", "1,3"]
+    for assignment in (
+        f"storage.root={tmp_path}",
+        "dataset.sizes={train: 3000, test: 1000}",
+        "sae.k=16",
+        "sae.expansion=2",
+        "sae.steps=200",
+        "sae.batch_size=512",
+        "retrieval.n_neighbors=20",
+        "steering.methods=[zero_shot, vs2, vs2pp, vs2pp_oracle]",
+    ):
+        command += ["--set", assignment]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=500)
+    assert output.returncode == 0, output.stderr[-3000:]
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in output.stdout.splitlines()
+        if line.startswith(("zero_shot", "vs2"))
+    }
+    assert set(rows) == {"zero_shot", "vs2", "vs2pp", "vs2pp_oracle"}
+    zero_shot_test = float(rows["zero_shot"][1])
+    assert 50 < zero_shot_test < 90  # the bundled model on 1,000 test images
+    assert float(rows["vs2pp_oracle"][3]) >= 0  # test-oracle column present and numeric
+    assert "300 validation rows (carved from train), 1000 test rows" in output.stdout

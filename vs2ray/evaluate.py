@@ -113,6 +113,17 @@ class Evaluator:
             self.calibration_fvu = steering.per_sample_fvu(sae, pool.cls, self.mean)
             self.pool_pseudo = self._logits_of_embeddings(pool.embedding).argmax(dim=1)
         self._neighbours: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sae_pass: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def _direction_and_fvu(self, split: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_dec c and per-sample FVU of a split, from one SAE pass shared by every (γ, λ, q) setting."""
+        if split.name not in self._sae_pass:
+            values, indices = self.sae.encode(split.cls)
+            direction = self.sae.decode_without_bias(values, indices)
+            fvu = (direction + self.sae.b_pre - split.cls).pow(2).sum(-1) / (split.cls - self.mean).pow(2).sum(-1)
+            self._sae_pass[split.name] = (direction, fvu)
+        return self._sae_pass[split.name]
 
     def _logits_of_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         return steering.logits_from_embeddings(embeddings, self.classifier)
@@ -140,14 +151,13 @@ class Evaluator:
             steered = steering.sae_rec_final(sae, x)
         elif method == "sae_rec_amplified":
             steered = steering.sae_rec_amplified(sae, x, setting["gamma"])
-        elif method == "vs2":
-            steered = steering.vs2(sae, x, setting["gamma"], setting["lambda"])
-        elif method == "vs2_gated":
-            threshold = steering.gate_threshold(self.calibration_fvu, setting["quantile"])
-            fvu = steering.per_sample_fvu(sae, x, self.mean)
-            steered, coverage = steering.gated(
-                x, steering.vs2(sae, x, setting["gamma"], setting["lambda"]), fvu, threshold
-            )
+        elif method in ("vs2", "vs2_gated"):
+            # x + λ(γ − 1) W_dec c: the SAE pass is shared by the whole grid (see steering.vs2)
+            direction, fvu = self._direction_and_fvu(split)
+            steered = steering.norm_preserving(x, setting["lambda"] * (setting["gamma"] - 1) * direction)
+            if method == "vs2_gated":
+                threshold = steering.gate_threshold(self.calibration_fvu, setting["quantile"])
+                steered, coverage = steering.gated(x, steered, fvu, threshold)
         elif method == "centroid_shift":
             steered = steering.centroid_shift(x, self.mean, setting["lambda"] * (setting["gamma"] - 1))
         elif method in ("vs2pp", "vs2pp_oracle"):
