@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 
 import pytest
 
@@ -17,3 +19,11 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def cli_command(module: str, *args: str, assignments: Sequence[str] = ()) -> list[str]:
+    """`python -m <module> <args> --set a --set b ...` with this interpreter."""
+    command = [sys.executable, "-m", module, *args]
+    for assignment in assignments:
+        command += ["--set", assignment]
+    return command

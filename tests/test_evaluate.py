@@ -102,11 +102,11 @@ def test_accuracy_and_grid_values():
 
 def test_cli_on_a_small_shapes_world_reports_zero_shot_and_oracle_vs2pp(tmp_path, ray_session):
     import subprocess
-    import sys
+
+    from conftest import cli_command
 
     address = ray_session.get_runtime_context().gcs_address
-    command = [sys.executable, "-m", "vs2ray.evaluate", "--address", address, "--gammas", "1.5,2", "--lambdas", "1,3"]
-    for assignment in (
+    assignments = (
         f"storage.root={tmp_path}",
         "dataset.sizes={train: 3000, test: 1000}",
         "sae.k=16",
@@ -115,8 +115,9 @@ def test_cli_on_a_small_shapes_world_reports_zero_shot_and_oracle_vs2pp(tmp_path
         "sae.batch_size=512",
         "retrieval.n_neighbors=20",
         "steering.methods=[zero_shot, vs2, vs2pp, vs2pp_oracle]",
-    ):
-        command += ["--set", assignment]
+    )
+    args = ("--address", address, "--gammas", "1.5,2", "--lambdas", "1,3")
+    command = cli_command("vs2ray.evaluate", *args, assignments=assignments)
     output = subprocess.run(command, capture_output=True, text=True, timeout=500)
     assert output.returncode == 0, output.stderr[-3000:]
     rows = {

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import cli_command
 from safetensors.torch import load_file
 
 from vs2ray.config import load_config
@@ -150,7 +150,7 @@ def test_corrupt_images_are_skipped_counted_and_listed(tmp_path, ray_session):
         "extraction: {batch_size: 8}\n"
     )
     address = ray_session.get_runtime_context().gcs_address
-    command = [sys.executable, "-m", "vs2ray.extract", "--config", str(config_file), "--split", "test"]
+    command = cli_command("vs2ray.extract", "--config", str(config_file), "--split", "test")
     output = subprocess.run([*command, "--address", address], capture_output=True, text=True, timeout=300)
     assert output.returncode == 0, output.stderr[-3000:]
     records = get_dataset(load_config(config_file).dataset).records("test")
@@ -170,9 +170,7 @@ def test_corrupt_images_are_skipped_counted_and_listed(tmp_path, ray_session):
 def test_killed_extraction_resumes_without_duplicates(tmp_path, ray_session):
     config_args = [f"storage.root={tmp_path}", "dataset.sizes.test=2400", "extraction.batch_size=60"]
     address = ray_session.get_runtime_context().gcs_address
-    command = [sys.executable, "-m", "vs2ray.extract", "--split", "test", "--address", address]
-    for assignment in config_args:
-        command += ["--set", assignment]
+    command = cli_command("vs2ray.extract", "--split", "test", "--address", address, assignments=config_args)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -208,16 +206,17 @@ def test_encoders_run_on_the_fake_gpu_node_of_a_two_node_cluster(tmp_path, test_
     try:
         gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
         cluster.wait_for_nodes()
-        command = [sys.executable, "-m", "vs2ray.extract", "--split", "test", "--address", cluster.address]
-        for assignment in (
+        assignments = (
             f"storage.root={tmp_path}",
             f"dataset.sizes.test={TEST_ROWS}",
             "extraction.batch_size=128",
             "extraction.layers=[0, -1]",
             "extraction.gpus_per_worker=0.5",
             "extraction.num_workers=2",
-        ):
-            command += ["--set", assignment]
+        )
+        command = cli_command(
+            "vs2ray.extract", "--split", "test", "--address", cluster.address, assignments=assignments
+        )
         output = subprocess.run(command, capture_output=True, text=True, timeout=400)
         assert output.returncode == 0, output.stderr[-3000:]
         assert "2 encoder actor(s) (0.5 GPU" in output.stdout

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vs2ray import steering
-from vs2ray.sae import TopKSAE
+from vs2ray.sae import TopKSAE, per_sample_fvu
 
 Search = Callable[[np.ndarray, int, str], tuple[np.ndarray, np.ndarray]]
 NEIGHBOUR_METHODS = ("vs2pp", "vs2pp_oracle", "weighted_rag", "clip_steer")
@@ -121,7 +121,7 @@ class Evaluator:
         if split.name not in self._sae_pass:
             values, indices = self.sae.encode(split.cls)
             direction = self.sae.decode_without_bias(values, indices)
-            fvu = (direction + self.sae.b_pre - split.cls).pow(2).sum(-1) / (split.cls - self.mean).pow(2).sum(-1)
+            fvu = per_sample_fvu(split.cls, direction + self.sae.b_pre, self.mean)
             self._sae_pass[split.name] = (direction, fvu)
         return self._sae_pass[split.name]
 

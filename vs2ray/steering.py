@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vs2ray.sae import TopKSAE
+from vs2ray.sae import per_sample_fvu as fvu_of_reconstruction
 
 PositiveRule = Literal["query", "majority"]
 
@@ -110,7 +111,7 @@ def centroid_shift(x: torch.Tensor, mean: torch.Tensor, alpha: float) -> torch.T
 
 def per_sample_fvu(sae: TopKSAE, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """FVU(x) = ‖D(c) − x‖² / ‖x − μ‖² per row: (n, d) -> (n,)."""
-    return (sae(x)[0] - x).pow(2).sum(dim=-1) / (x - mean).pow(2).sum(dim=-1)
+    return fvu_of_reconstruction(x, sae(x)[0], mean)
 
 
 def gate_threshold(calibration_fvu: torch.Tensor, quantile: float) -> float:
