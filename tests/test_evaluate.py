@@ -82,6 +82,22 @@ def test_neighbour_methods_run_on_a_faiss_index(evaluator):
     for result in results.values():
         assert all(0.0 <= v <= 1.0 for v in result.test_top1)
         assert len(result.per_class_test[0]) == CLASSES
+    # the cached W_dec Δ scaled per setting gives what the steering functions give directly
+    from vs2ray import steering
+
+    rows = torch.from_numpy(evaluator.search(evaluator.test.embedding.numpy(), 10, "check")[1]).long()
+    truth = evaluator.pool.labels[rows]
+    pseudo = steering.logits_from_embeddings(evaluator.test.embedding, evaluator.classifier).argmax(1)
+    positives = steering.positive_mask(pseudo, truth, "query", CLASSES)
+    values, indices = evaluator.sae.encode(evaluator.pool.cls[rows.reshape(-1)])
+    codes = evaluator.sae.dense_codes(values, indices).reshape(*rows.shape, -1)
+    oracle = results["vs2pp_oracle"]
+    for setting, top1 in zip(oracle.settings, oracle.test_top1, strict=True):
+        direction = steering.vs2pp_direction(evaluator.sae, codes, positives, setting["gamma"])
+        logits = steering.classify(
+            steering.vs2pp(evaluator.test.cls, direction, setting["lambda"]), evaluator.head, evaluator.classifier
+        )
+        assert accuracy(logits, evaluator.test.labels, CLASSES)[0] == pytest.approx(top1, abs=2e-3)
     # with well-separated classes, oracle neighbour labels steer at least as well as zero-shot on test
     assert max(results["vs2pp_oracle"].test_top1) >= results["zero_shot"].test_top1[0]
     table = format_table(results)

@@ -24,9 +24,8 @@ from vs2ray.models import (
     encode_retrieval,
     load_clip,
     load_retrieval_encoder,
-    zero_shot_logits,
 )
-from vs2ray.steering import apply_head
+from vs2ray.steering import apply_head, logits_from_embeddings
 from vs2ray.store import StoreIncomplete, load_activations, read_manifest
 
 TEST_ROWS = 600
@@ -104,8 +103,8 @@ def test_store_classifier_gives_the_model_paths_predictions(test_store, referenc
     model_classifier = build_text_classifier(bundle, dataset.classes, prompt_templates_for(config.dataset, dataset))
     stored_classifier = load_file(result.store_dir / "classifier.safetensors")["classifier"]
     acts = load_activations(result.store_dir)
-    stored_pred = zero_shot_logits(torch.from_numpy(acts["embedding"]), stored_classifier).argmax(1)
-    model_pred = zero_shot_logits(independent, model_classifier).argmax(1)
+    stored_pred = logits_from_embeddings(torch.from_numpy(acts["embedding"]), stored_classifier).argmax(1)
+    model_pred = logits_from_embeddings(independent, model_classifier).argmax(1)
     assert torch.equal(stored_pred, model_pred)
     assert (stored_pred.numpy() == acts.labels).mean() > 0.5  # the bundled model's accuracy range
 

@@ -19,8 +19,8 @@ from vs2ray.models import (
     load_clip,
     topk_accuracy,
     zero_shot_evaluate,
-    zero_shot_logits,
 )
+from vs2ray.steering import logits_from_embeddings
 
 # The README documents the shipped model's zero-shot top-1 on shapes/test; the issue's
 # design target is 50-85%: far above chance (1/24 = 4.2%) yet leaving room for steering.
@@ -86,13 +86,13 @@ def test_class_order_mix_up_is_caught(bundle, shapes_test):
     embeddings = encode_images(bundle, pixels)
     templates = prompt_templates_for(config.dataset, dataset)
     right_classifier = build_text_classifier(bundle, dataset.classes, templates)
-    right = topk_accuracy(zero_shot_logits(embeddings, right_classifier), labels)
+    right = topk_accuracy(logits_from_embeddings(embeddings, right_classifier), labels)
     # swap the two colours inside every block: the names stay plausible, the order is wrong
     swapped = list(dataset.classes)
     for block in range(len(CLASS_BLOCKS)):
         i = 4 * block
         swapped[i : i + 4] = swapped[i + 2 : i + 4] + swapped[i : i + 2]
-    wrong = topk_accuracy(zero_shot_logits(embeddings, build_text_classifier(bundle, swapped, templates)), labels)
+    wrong = topk_accuracy(logits_from_embeddings(embeddings, build_text_classifier(bundle, swapped, templates)), labels)
     assert wrong[1] < right[1] / 2, (right, wrong)
 
 

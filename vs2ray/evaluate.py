@@ -114,6 +114,7 @@ class Evaluator:
             self.pool_pseudo = self._logits_of_embeddings(pool.embedding).argmax(dim=1)
         self._neighbours: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sae_pass: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._code_differences: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
     def _direction_and_fvu(self, split: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,22 +167,28 @@ class Evaluator:
             raise ValueError(f"unknown token method {method!r}")
         return steering.classify(steered, self.head, self.classifier), coverage
 
-    def _vs2pp(self, split: SplitData, oracle: bool, setting: dict[str, float]) -> torch.Tensor:
-        k = int(setting["n_neighbors"])
-        _, rows = self._neighbours_of(split, k)
-        rows = rows[:, :k]
+    def _positives(self, split: SplitData, rows: torch.Tensor, oracle: bool, rule: str) -> torch.Tensor:
+        """S+ of each query (n, N): from neighbours' pseudo-labels, or their true labels for the oracle."""
         neighbour_labels = (self.pool.labels if oracle else self.pool_pseudo)[rows]
         query_pseudo = self._logits_of_embeddings(split.embedding).argmax(dim=1)
-        positives = steering.positive_mask(query_pseudo, neighbour_labels, setting["rule"], self.num_classes)
-        directions = []
-        for start in range(0, len(rows), 256):  # (chunk, N, n_latents) dense codes stay small
-            chunk = rows[start : start + 256]
-            values, indices = self.sae.encode(self.pool.cls[chunk.reshape(-1)])
-            codes = self.sae.dense_codes(values, indices).reshape(*chunk.shape, -1)
-            directions.append(
-                steering.vs2pp_direction(self.sae, codes, positives[start : start + 256], setting["gamma"])
-            )
-        return steering.vs2pp(split.cls, torch.cat(directions), setting["lambda"])
+        return steering.positive_mask(query_pseudo, neighbour_labels, rule, self.num_classes)
+
+    def _vs2pp(self, split: SplitData, oracle: bool, setting: dict[str, float]) -> torch.Tensor:
+        # v̄ = (γ − 1) W_dec Δ: W_dec Δ depends on neither γ nor λ, so it is computed once per grid
+        k, rule = int(setting["n_neighbors"]), str(setting["rule"])
+        key = (split.name, oracle, rule, k)
+        if key not in self._code_differences:
+            rows = self._neighbours_of(split, k)[1][:, :k]
+            positives = self._positives(split, rows, oracle, rule)
+            directions = []
+            for start in range(0, len(rows), 256):  # (chunk, N, n_latents) dense codes stay small
+                chunk = rows[start : start + 256]
+                values, indices = self.sae.encode(self.pool.cls[chunk.reshape(-1)])
+                codes = self.sae.dense_codes(values, indices).reshape(*chunk.shape, -1)
+                directions.append(steering.vs2pp_direction(self.sae, codes, positives[start : start + 256], 2.0))
+            self._code_differences[key] = torch.cat(directions)
+        direction = (setting["gamma"] - 1) * self._code_differences[key]
+        return steering.vs2pp(split.cls, direction, setting["lambda"])
 
     @torch.no_grad()
     def _embedding_method(self, split: SplitData, method: str, setting: dict[str, float]) -> torch.Tensor:
@@ -194,8 +201,7 @@ class Evaluator:
                 split.embedding, neighbour_embeddings, similarities.clamp_min(0), setting["a"]
             )
         else:
-            query_pseudo = self._logits_of_embeddings(split.embedding).argmax(dim=1)
-            positives = steering.positive_mask(query_pseudo, self.pool_pseudo[rows], setting["rule"], self.num_classes)
+            positives = self._positives(split, rows, False, str(setting["rule"]))
             mixed = steering.clip_steer(split.embedding, neighbour_embeddings, positives, setting["lambda"])
         return self._logits_of_embeddings(mixed)
 

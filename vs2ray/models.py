@@ -22,6 +22,7 @@ import open_clip
 import torch
 
 from vs2ray.config import BUNDLED_MODEL, ExperimentConfig, ModelConfig, RetrievalConfig, load_config, run_cli
+from vs2ray.steering import logits_from_embeddings
 
 ASSETS = resources.files("vs2ray") / "assets"
 BUNDLED_CONFIG = Path(str(ASSETS / f"{BUNDLED_MODEL}.json"))
@@ -287,11 +288,6 @@ def vision_head(bundle: ClipBundle) -> dict[str, torch.Tensor]:
     }
 
 
-def zero_shot_logits(embeddings: torch.Tensor, text_classifier: torch.Tensor) -> torch.Tensor:
-    """CLIP's zero-shot logits `100 · e @ Tᵀ`: (n, embed_dim) × (classes, embed_dim) -> (n, classes)."""
-    return 100.0 * embeddings @ text_classifier.T
-
-
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Fraction of rows whose label is among the k highest logits, for each k."""
     ranked = logits.topk(max(ks), dim=1).indices
@@ -322,7 +318,7 @@ def zero_shot_evaluate(
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
         pixels = torch.stack([bundle.preprocess(dataset.load_image(split, r.ref)) for r in chunk])
-        logits.append(zero_shot_logits(encode_images(bundle, pixels), classifier).cpu())
+        logits.append(logits_from_embeddings(encode_images(bundle, pixels), classifier).cpu())
         labels.extend(r.label for r in chunk)
         if progress is not None:
             progress(len(labels), len(records))
