@@ -220,7 +220,9 @@ class SAEConfig(Section):
 
 class PassConfig(Section):
     w_aux: NonNegativeFloat = Field(0.0, description="PASS prototype-alignment weight; 0 = plain top-k SAE")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="running class-mean update rate")
+    momentum: _searchable(Annotated[float, Field(ge=0, lt=1)], "a number in [0, 1)", NUMERIC) = Field(
+        0.9, description="running class-mean update rate; searched only in trials with w_aux > 0"
+    )
 
 
 class SteeringConfig(Section):
@@ -243,16 +245,32 @@ class RetrievalConfig(Section):
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     num_shards: int = Field(1, ge=1)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    gpus_per_shard: float = Field(0.0, ge=0.0, le=8.0, description="GPU share each FAISS actor reserves (sweeps)")
 
 
 class SearchConfig(Section):
     num_samples: int = Field(20, ge=1)
     max_concurrent_trials: int = Field(4, ge=1)
-    metric: str = "val_top1_vs2"
-    mode: Literal["max", "min"] = "max"
+    metric: str | list[str] = Field(
+        "val_top1_vs2", description="reported metric Optuna optimises; a list [accuracy, fvu] is multi-objective"
+    )
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
     sampler: Literal["tpe", "random", "nsga2"] = "tpe"
     seed: int | None = Field(None, description="sampler seed; default: the top-level seed")
-    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="first trials, e.g. the paper's defaults: {sae.k: 64, ...}"
+    )
+    max_failures: int = Field(1, ge=0, description="times a failed trial is retried before it counts as failed")
+
+    @model_validator(mode="after")
+    def _metric_and_mode_agree(self) -> SearchConfig:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        modes = self.mode if isinstance(self.mode, list) else [self.mode]
+        if len(metrics) != len(modes) or not metrics:
+            raise PydanticCustomError(
+                "search_metric", f"metric and mode need one entry each per objective, got {metrics} and {modes}"
+            )
+        return self
 
 
 class ResourcesConfig(Section):
@@ -344,15 +362,27 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError([f"--set {key}: value {text!r} is not valid YAML ({error})"], "--set") from None
-    parts = key.strip().split(".")
+    _set_path(raw, key.strip(), value, source="--set")
+
+
+def _set_path(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(parts[: depth + 1])
-            raise ConfigError([f"--set {key}: {where} is a value, not a section"], "--set")
+            raise ConfigError([f"{source} {key}: {where} is a value, not a section"], source)
         node = child
     node[parts[-1]] = value
+
+
+def config_with(config: ExperimentConfig, values: dict[str, Any], source: str = "trial") -> ExperimentConfig:
+    """A copy of `config` with dotted keys set to fixed values (a trial's sampled parameters), validated."""
+    raw = config.model_dump(mode="json", by_alias=True)
+    for key, value in values.items():
+        _set_path(raw, key, value, source)
+    return validate_config(raw, source)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -56,11 +56,13 @@ class MethodResult:
 
     method: str
     settings: list[dict[str, float]]
-    val_top1: list[float]
-    test_top1: list[float]
-    test_top5: list[float]
-    coverage: list[float | None]
-    per_class_test: list[list[float]] = field(repr=False)
+    val_top1: list[float] = field(default_factory=list)
+    val_top5: list[float] = field(default_factory=list)
+    test_top1: list[float] = field(default_factory=list)
+    test_top5: list[float] = field(default_factory=list)
+    coverage: list[float | None] = field(default_factory=list)
+    per_class_test: list[list[float]] = field(default_factory=list, repr=False)
+    test_predictions: list[np.ndarray] = field(default_factory=list, repr=False)  # (n_test,) each
 
     @property
     def selected(self) -> int:
@@ -71,6 +73,7 @@ class MethodResult:
         i = self.selected
         out = {
             f"val_top1_{self.method}": self.val_top1[i],
+            f"val_top5_{self.method}": self.val_top5[i],
             f"test_top1_{self.method}": self.test_top1[i],
             f"test_top5_{self.method}": self.test_top5[i],
             f"test_oracle_top1_{self.method}": max(self.test_top1),
@@ -225,7 +228,7 @@ class Evaluator:
     def evaluate(self, method: str, grid: Grid) -> MethodResult:
         """Every setting of `method` on validation and test."""
         settings = self.settings_for(method, grid)
-        result = MethodResult(method, settings, [], [], [], [], [])
+        result = MethodResult(method, settings)
         for setting in settings:
             for split in (self.val, self.test):
                 if method in ("weighted_rag", "clip_steer"):
@@ -235,11 +238,13 @@ class Evaluator:
                 top1, top5, per_class = accuracy(logits, split.labels, self.num_classes)
                 if split is self.val:
                     result.val_top1.append(top1)
+                    result.val_top5.append(top5)
                 else:
                     result.test_top1.append(top1)
                     result.test_top5.append(top5)
                     result.coverage.append(coverage)
                     result.per_class_test.append(per_class)
+                    result.test_predictions.append(logits.argmax(dim=1).cpu().numpy())
         return result
 
     def evaluate_all(self, methods: Sequence[str], grid: Grid) -> dict[str, MethodResult]:
@@ -284,12 +289,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m vs2ray.evaluate`: every configured method for one SAE, selected on validation."""
     import argparse
 
-    from safetensors.torch import load_file
-
     from vs2ray.config import load_config
-    from vs2ray.extract import extract
-    from vs2ray.store import load_activations
-    from vs2ray.trainable import get_or_train_sae, load_train_split, sae_params
+    from vs2ray.trainable import (
+        build_evaluator,
+        get_or_train_sae,
+        needs_retrieval,
+        prepare_data,
+        sae_params,
+        start_retrieval,
+        steering_grid,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m vs2ray.evaluate", description=main.__doc__)
     parser.add_argument("--config", help="experiment YAML (default: built-in defaults = the bundled world)")
@@ -303,60 +312,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    split = load_train_split(config, -1, log)
-    trained = get_or_train_sae(config, sae_params(config), split, log)
+    data = prepare_data(config, log)
+    trained = get_or_train_sae(config, sae_params(config), data.split, log)
     log(f"SAE {trained.directory} ({'reused' if trained.cache_hit else 'trained'}): FVU {trained.metrics['fvu']:.4f}")
-    test_store = extract(config, config.dataset.test_split, log).store_dir
-    use_retrieval = config.retrieval.space == "dinov2"
-    test_acts = load_activations(test_store, retrieval=use_retrieval)
-    train_acts = split.acts
-
-    def rows(acts, mask, name: str) -> SplitData:
-        mask = torch.from_numpy(mask)
-        return SplitData(
-            name=name,
-            cls=torch.from_numpy(acts[split.column])[mask],
-            embedding=torch.from_numpy(acts["embedding"])[mask],
-            labels=torch.from_numpy(acts.labels.astype(np.int64))[mask],
-            retrieval=torch.from_numpy(acts["retrieval"])[mask] if use_retrieval else None,
-        )
-
-    pool = rows(train_acts, split.train_mask, "pool")
-    val = rows(train_acts, split.val_mask, "val")
-    test = rows(test_acts, np.ones(len(test_acts.ids), dtype=bool), "test")
-    methods = list(config.steering.methods)
-    search = None
-    if any(m in NEIGHBOUR_METHODS for m in methods):
+    index = None  # the FAISS actors live as long as this handle
+    if needs_retrieval(config):
         import ray
-
-        from vs2ray.retrieval import RetrievalIndex
 
         if not ray.is_initialized():
             ray.init(address=args.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        vectors = (pool.retrieval if use_retrieval else pool.embedding).numpy()
-        index = RetrievalIndex(
-            f"{split.store_dir.name}-{config.retrieval.space}-{config.dataset.val_fraction}-{config.seed}",
-            vectors,
-            np.arange(len(vectors)),
-            kind=config.retrieval.index,
-            num_shards=config.retrieval.num_shards,
-            use_gpu=config.retrieval.use_gpu,
-        )
-        search = index.search
-    head = load_file(test_store / "head.safetensors")
-    classifier = load_file(test_store / "classifier.safetensors")["classifier"]
-    grid = Grid(
-        gammas=[float(v) for v in args.gammas.split(",")] if args.gammas else grid_values(config.steering.gamma),
-        lambdas=[float(v) for v in args.lambdas.split(",")] if args.lambdas else grid_values(config.steering.lambda_),
-        gate_quantiles=config.steering.gate_quantiles,
-        rag_alphas=grid_values(config.steering.rag_alpha, 3),
-        n_neighbors=int(grid_values(config.retrieval.n_neighbors)[0]),
-        positive_rule=str(config.retrieval.positive_rule),
+        index = start_retrieval(config, data)
+    grid = steering_grid(
+        config,
+        gammas=[float(v) for v in args.gammas.split(",")] if args.gammas else None,
+        lambdas=[float(v) for v in args.lambdas.split(",")] if args.lambdas else None,
     )
-    evaluator = Evaluator(trained.sae, head, classifier, pool, val, test, search)
-    results = evaluator.evaluate_all(methods, grid)
-    print(f"{len(val.labels)} validation rows (carved from train), {len(test.labels)} test rows")
+    evaluator = build_evaluator(data, trained.sae)
+    results = evaluator.evaluate_all(config.steering.methods, grid)
+    print(f"{len(evaluator.val.labels)} validation rows (carved from train), {len(evaluator.test.labels)} test rows")
     print(format_table(results))
+    del index
     return 0
 
 

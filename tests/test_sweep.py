@@ -1,0 +1,217 @@
+"""The sweep end to end: real Ray Tune, real Optuna, real FAISS actors, on a small shapes world."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import cli_command
+
+from vs2ray.config import load_config
+from vs2ray.results import load_results, method_table, trial_file, trial_predictions
+from vs2ray.sweep import SearchSpace, check_sweep
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
+# a quickstart shortened to seconds per trial; the stores are shared by every test of this module
+SMALL_WORLD = (
+    "dataset.sizes={train: 2000, test: 500}",
+    "sae.steps=100",
+    "sae.batch_size=512",
+    "resources.cpus_per_trial=0.5",
+    "retrieval.n_neighbors=20",
+)
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sweep-storage")
+
+
+def run_sweep(storage: Path, address: str, name: str, *assignments: str, extra: tuple[str, ...] = (), timeout=400):
+    command = cli_command(
+        "vs2ray.sweep",
+        "--name",
+        name,
+        "--address",
+        address,
+        *extra,
+        assignments=(*SMALL_WORLD, f"storage.root={storage}", *assignments),
+    )
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def test_invalid_sweeps_fail_before_ray_starts_and_name_the_key(tmp_path):
+    cases = {
+        "search.metric=val_top1_vs2pp": "search.metric: 'val_top1_vs2pp' is not reported",
+        "search.points_to_evaluate=[{sae.q: 3}]": "search.points_to_evaluate[0]: sae.q not searched",
+        "sae.k={choice: []}": "sae.k: choice needs a non-empty list",
+        "search.sampler=grid": "search.sampler: got 'grid'",
+    }
+    for assignment, expected in cases.items():
+        command = cli_command("vs2ray.sweep", assignments=(f"storage.root={tmp_path}", assignment))
+        output = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert output.returncode == 2, (assignment, output.stderr[-2000:])
+        assert expected in output.stderr, (assignment, output.stderr)
+        assert "Traceback" not in output.stderr and "Ray" not in output.stdout + output.stderr
+    assert not (tmp_path / "experiments").exists() and not (tmp_path / "activations").exists()
+
+
+def test_define_by_run_space_samples_momentum_only_with_pass():
+    import optuna
+
+    config = load_config(QUICKSTART, ["pass.w_aux={choice: [0.0, 0.8]}", "pass.momentum={uniform: [0.5, 0.99]}"])
+    space = SearchSpace(check_sweep(config), fixed={})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    for _ in range(12):
+        trial = study.ask()
+        space(trial)
+        seen.append(trial.params)
+        study.tell(trial, 0.5)
+    assert {p["pass.w_aux"] for p in seen} == {0.0, 0.8}
+    for params in seen:
+        assert ("pass.momentum" in params) == (params["pass.w_aux"] > 0)
+        assert params["sae.k"] in (16, 32, 64) and 1.0 <= params["steering.gamma"] <= 3.0
+
+
+def test_sweep_shares_the_sae_cache_records_per_class_files_and_survives_a_failing_trial(storage, ray_session):
+    address = ray_session.get_runtime_context().gcs_address
+    good = {"sae.k": 16, "pass.w_aux": 0.0, "steering.gamma": 1.5, "steering.lambda": 2.1}
+    points = [{**good, "sae.k": 100000}, good, {**good, "steering.gamma": 2.5}]  # the first cannot be built
+    output = run_sweep(
+        storage,
+        address,
+        "cache",
+        "sae.k={choice: [16, 100000]}",
+        "pass.w_aux={choice: [0.0]}",
+        "sae.expansion=2",
+        "steering.methods=[zero_shot, vs2, vs2_gated, vs2pp]",
+        "search.num_samples=4",
+        "search.max_failures=0",
+        f"search.points_to_evaluate={json.dumps(points)}",
+    )
+    assert output.returncode == 0, output.stderr[-3000:]
+    experiment = storage / "experiments" / "cache"
+    assert f"experiment: {experiment}" in output.stdout
+    trials = load_results(experiment)
+    assert len(trials) == 4 and trials["trial_id"].is_unique
+    failed = trials[trials["status"] == "ERROR"]
+    assert len(failed) >= 1 and set(failed["sae.k"]) == {100000}
+    assert all("sae.k must be in [1, n_latents=" in error for error in failed["error"])
+    assert "failed trial" in output.stdout
+    done = trials[trials["status"] == "TERMINATED"]
+    assert len(done) == len(trials) - len(failed) and set(done["sae.k"]) == {16}
+    assert done["sae_cache_hit"].sum() == len(done) - 1  # one SAE trained, every other trial reused it
+    assert done["sae_dir"].nunique() == 1
+    sampled = done[["steering.gamma", "steering.lambda"]].drop_duplicates()
+    assert len(sampled) == len(done)  # trials differ in steering values only
+    for column in ("val_top1_vs2", "test_top1_vs2", "test_top5_vs2pp", "coverage_vs2_gated", "fvu", "l0"):
+        assert done[column].notna().all(), column
+    assert (done["retrieval_index"].str.startswith("vs2ray-retrieval-")).all()
+
+    # per-class files agree with the predictions they were computed from
+    row = done.iloc[0]
+    per_class = json.loads(trial_file(row["trial_dir"], "per_class.json"))
+    predictions = trial_predictions(row["trial_dir"])
+    labels = predictions["labels"]
+    assert len(per_class["classes"]) == 24 and len(labels) == 500
+    for method in ("zero_shot", "vs2", "vs2pp"):
+        hits = predictions[method] == labels
+        assert hits.mean() == pytest.approx(row[f"test_top1_{method}"], abs=1e-6)
+        by_class = [hits[labels == c].mean() for c in range(24)]
+        np.testing.assert_allclose(per_class["per_class_top1"][method], by_class, atol=1e-6)
+
+    table = method_table(trials).set_index("key")
+    assert set(table.index) == {"zero_shot", "vs2", "vs2_gated", "vs2pp"}
+    best_vs2 = done.loc[done["val_top1_vs2"].idxmax()]
+    assert table.loc["vs2", "test_top1"] == pytest.approx(100 * best_vs2["test_top1_vs2"])
+    assert table.loc["vs2", "delta"] == pytest.approx(100 * (best_vs2["test_top1_vs2"] - row["test_top1_zero_shot"]))
+
+
+def _finished_trials(experiment: Path) -> dict[str, str]:
+    finished = {}
+    for result in experiment.glob("trial_*/result.json"):
+        text = result.read_text()
+        if '"vs2ray_complete": true' in text:
+            finished[result.parent.name] = text
+    return finished
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_session):
+    address = ray_session.get_runtime_context().gcs_address
+    assignments = (
+        "sae.k={choice: [8, 16, 32]}",
+        "sae.expansion={choice: [2, 4]}",
+        "sae.steps=300",
+        "steering.methods=[zero_shot, vs2]",
+        "search.num_samples=6",
+        "search.max_concurrent_trials=1",
+    )
+    command = cli_command(
+        "vs2ray.sweep",
+        "--name",
+        "killed",
+        "--address",
+        address,
+        assignments=(*SMALL_WORLD, f"storage.root={storage}", *assignments),
+    )
+    experiment = storage / "experiments" / "killed"
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_finished_trials(experiment)) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        driver.kill()
+    before = _finished_trials(experiment)
+    assert 2 <= len(before) < 6
+
+    output = run_sweep(storage, address, "killed", *assignments, extra=("--resume",))
+    assert output.returncode == 0, output.stderr[-3000:]
+    assert f"resuming {experiment}" in output.stdout
+    trials = load_results(experiment)
+    assert len(trials) == 6 and trials["trial_id"].is_unique
+    assert (trials["status"] == "TERMINATED").all()
+    after = _finished_trials(experiment)
+    for name, text in before.items():
+        assert after[name] == text  # a finished trial was not run again: its result file is untouched
+    saved = yaml.safe_load((experiment / "vs2ray_config.yaml").read_text())
+    assert saved["search"]["num_samples"] == 6
+
+
+def test_trials_take_their_gpu_share_on_the_worker_node_and_find_the_retrieval_actor(storage, ray_session):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
+        cluster.wait_for_nodes()
+        output = run_sweep(
+            storage,
+            cluster.address,
+            "two-node",
+            "sae.k={choice: [8, 16]}",
+            "sae.expansion=2",
+            "steering.methods=[zero_shot, vs2, vs2pp]",
+            "resources.gpus_per_trial=0.5",
+            "search.num_samples=3",
+            "search.max_concurrent_trials=2",
+        )
+        assert output.returncode == 0, output.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    trials = load_results(storage / "experiments" / "two-node")
+    assert len(trials) == 3 and (trials["status"] == "TERMINATED").all()
+    assert set(trials["node_id"]) == {gpu_node.node_id}  # the head has no GPU, so trials went to the worker
+    assert (trials["gpu_ids"].astype(str).str.len() > 0).all()  # each trial was given a (fake) GPU share
+    assert trials["retrieval_index"].nunique() == 1 and trials["test_top1_vs2pp"].notna().all()
+    assert (trials["device"] == "cpu").all()  # fake GPUs: torch stays on the CPU

@@ -1,0 +1,237 @@
+"""A sweep's experiment dir -> a pandas DataFrame (one row per trial), without Ray running.
+
+Tune writes one directory per trial: `params.json` (the sampled values), `result.json`
+(one JSON line per report), `error.txt` when it failed, and `checkpoint_000000/` with
+the files a vs2ray trial leaves (`per_class.json`, `methods.json`, `predictions.npz`).
+Paths may be local or `s3://` / `gs://` URIs (read through pyarrow's filesystems).
+
+    from vs2ray.results import load_results, method_table
+    trials = load_results("~/vs2ray/experiments/quickstart-20261122-101500")
+    print(method_table(trials))
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# row label of each method in tables (the paper's names; centroid_shift is our ablation)
+METHOD_LABELS = {
+    "zero_shot": "zero-shot CLIP",
+    "sae_rec_final": "SAE_REC^F",
+    "sae_rec_amplified": "SAE_REC^{F+γ}",
+    "vs2": "VS2",
+    "vs2_pass": "VS2 + PASS",
+    "vs2_gated": "VS2 + FVU gate",
+    "vs2pp": "VS2++ (pseudo-labels)",
+    "vs2pp_oracle": "VS2++ (oracle labels)",
+    "weighted_rag": "weighted RAG",
+    "clip_steer": "CLIP-space steering",
+    "centroid_shift": "centroid shift (ours)",
+}
+STATUS_DONE, STATUS_ERROR, STATUS_INCOMPLETE = "TERMINATED", "ERROR", "INCOMPLETE"
+
+
+# ---------------------------------------------------------------- local paths and URIs alike
+
+
+def _filesystem(path: str | Path) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    text = str(path)
+    if "://" in text:
+        return pafs.FileSystem.from_uri(text)
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+def read_bytes(path: str | Path) -> bytes | None:
+    """A file's bytes, or None when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, where = _filesystem(path)
+    if fs.get_file_info(where).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(where) as stream:
+        return stream.read()
+
+
+def read_text(path: str | Path) -> str | None:
+    data = read_bytes(path)
+    return None if data is None else data.decode()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    fs, where = _filesystem(path)
+    fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(where) as stream:
+        stream.write(text.encode())
+
+
+def list_dirs(path: str | Path) -> list[str]:
+    """Names of the directories directly under `path` (none if it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, where = _filesystem(path)
+    if fs.get_file_info(where).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(where))
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+
+
+# ---------------------------------------------------------------- trials
+
+
+def _last_complete_result(text: str | None) -> dict[str, Any] | None:
+    lines = [json.loads(line) for line in (text or "").splitlines() if line.strip()]
+    complete = [line for line in lines if line.get("vs2ray_complete")]
+    return complete[-1] if complete else None
+
+
+def load_results(experiment: str | Path) -> pd.DataFrame:
+    """One row per trial of an experiment dir: trial_id, status, error, the sampled values, the reported metrics.
+
+    Sampled values keep their config keys (`sae.k`, `steering.gamma`); metrics have no
+    dot (`val_top1_vs2`, `fvu`). A trial that failed and succeeded on a retry is
+    TERMINATED; one that never reported a complete result is ERROR (with the last line
+    of its error) or INCOMPLETE (still pending or running).
+    """
+    experiment = str(experiment)
+    if not list_dirs(experiment) and read_text(f"{experiment}/vs2ray_config.yaml") is None:
+        raise FileNotFoundError(f"{experiment} is not a vs2ray experiment dir (no trials, no vs2ray_config.yaml)")
+    rows = []
+    for name in list_dirs(experiment):
+        trial_dir = f"{experiment}/{name}"
+        params_text = read_text(f"{trial_dir}/params.json")
+        if params_text is None:
+            continue
+        params = json.loads(params_text)
+        result = _last_complete_result(read_text(f"{trial_dir}/result.json"))
+        error = read_text(f"{trial_dir}/error.txt")
+        status = STATUS_DONE if result else STATUS_ERROR if error else STATUS_INCOMPLETE
+        row = {
+            "trial_id": name.removeprefix("trial_"),
+            "status": status,
+            "error": _error_summary(error) if status == STATUS_ERROR else "",
+            "trial_dir": trial_dir,
+        }
+        row.update(params)
+        if result:
+            row.update({k: v for k, v in result.items() if k not in ("config", "vs2ray_complete") and "/" not in k})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _error_summary(error: str | None) -> str:
+    lines = [line for line in (error or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def searched_keys(trials: pd.DataFrame) -> list[str]:
+    """The sampled config keys present in `trials` (columns with a dot)."""
+    return [c for c in trials.columns if "." in c]
+
+
+def methods_in(trials: pd.DataFrame) -> list[str]:
+    """Methods that some trial reported, in the order of METHOD_LABELS."""
+    reported = {c.removeprefix("val_top1_") for c in trials.columns if c.startswith("val_top1_")}
+    return [m for m in METHOD_LABELS if m in reported]
+
+
+def trial_file(trial_dir: str, name: str) -> bytes | None:
+    """A file the trial left in its checkpoint (per_class.json, methods.json, predictions.npz)."""
+    return read_bytes(f"{trial_dir}/checkpoint_000000/{name}")
+
+
+def trial_predictions(trial_dir: str) -> dict[str, np.ndarray]:
+    """Test labels and each method's test predictions at its selected setting: name -> (n_test,) int32."""
+    data = trial_file(trial_dir, "predictions.npz")
+    if data is None:
+        raise FileNotFoundError(f"{trial_dir} has no checkpoint_000000/predictions.npz")
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+# ---------------------------------------------------------------- the method table
+
+
+def method_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Each method at its validation-selected trial (paper Table 1, with selection done on validation).
+
+    For method m the selected trial is the finished one with the highest `val_top1_m`;
+    `test_top1` is its test accuracy, `test_oracle_top1` the best test accuracy of m
+    over every trial and grid setting (the paper's way; optimistic). VS2 is split into
+    plain SAEs (w_aux = 0) and PASS SAEs (w_aux > 0) when the sweep has both.
+    Accuracies are in %; `delta` is test_top1 minus zero-shot's, in points.
+    """
+    done = trials[trials["status"] == STATUS_DONE] if "status" in trials else trials
+    rows = []
+    w_aux = done["pass.w_aux"] if "pass.w_aux" in done else pd.Series(0.0, index=done.index)
+    for method in methods_in(done):
+        subsets = [(method, done)]
+        if method == "vs2":
+            subsets = [("vs2", done[w_aux == 0]), ("vs2_pass", done[w_aux > 0])]
+        for key, subset in subsets:
+            subset = subset.dropna(subset=[f"val_top1_{method}"])
+            if subset.empty:
+                continue
+            best = subset.loc[subset[f"val_top1_{method}"].idxmax()]
+            chosen = {k: best[k] for k in searched_keys(subset) if pd.notna(best[k])}
+            for column in _selected(best, method):
+                chosen.setdefault(column.removeprefix("selected_").removesuffix(f"_{method}"), best[column])
+            rows.append(
+                {
+                    "key": key,
+                    "method": METHOD_LABELS[key],
+                    "val_top1": 100 * best[f"val_top1_{method}"],
+                    "test_top1": 100 * best[f"test_top1_{method}"],
+                    "test_oracle_top1": 100 * subset[f"test_oracle_top1_{method}"].max(),
+                    "coverage": best.get(f"coverage_{method}", np.nan),
+                    "trial_id": best["trial_id"],
+                    "selected": ", ".join(f"{k}={_short(v)}" for k, v in chosen.items()),
+                }
+            )
+    table = pd.DataFrame(rows)
+    if not table.empty and "zero_shot" in set(table["key"]):
+        zero = table.loc[table["key"] == "zero_shot", "test_top1"].iloc[0]
+        table.insert(4, "delta", table["test_top1"] - zero)
+    return table
+
+
+def _selected(row: pd.Series, method: str) -> list[str]:
+    return [c for c in row.index if c.startswith("selected_") and c.endswith(f"_{method}") and pd.notna(row[c])]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_summary(trials: pd.DataFrame, config: Any, top: int = 5) -> str:
+    """The sweep's closing printout: trial counts, the best trials by the search metric, the method table."""
+    if trials.empty:
+        return "no trials"
+    counts = trials["status"].value_counts().to_dict()
+    lines = ["trials: " + ", ".join(f"{n} {status.lower()}" for status, n in counts.items())]
+    for _, failed in trials[trials["status"] == STATUS_ERROR].iterrows():
+        lines.append(f"  failed trial {failed['trial_id']}: {failed['error']}")
+    metric = config.search.metric[0] if isinstance(config.search.metric, list) else config.search.metric
+    mode = config.search.mode[0] if isinstance(config.search.mode, list) else config.search.mode
+    done = trials[trials["status"] == STATUS_DONE]
+    if metric in done:
+        best = done.sort_values(metric, ascending=mode == "min").head(top)
+        shown = ["trial_id", *searched_keys(done), metric, "fvu", "sae_cache_hit", "trial_seconds"]
+        shown = [c for c in dict.fromkeys(shown) if c in best]
+        lines += ["", f"best trials by {metric} ({mode}):", best[shown].to_string(index=False, float_format="%.4g")]
+    table = method_table(trials)
+    if not table.empty:
+        shown = [c for c in ("method", "val_top1", "test_top1", "delta", "test_oracle_top1", "trial_id") if c in table]
+        lines += [
+            "",
+            "each method at its validation-selected trial (top-1 %; test-oracle = best test figure, optimistic):",
+            table[shown].to_string(index=False, float_format="%.2f"),
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""`python -m vs2ray.sweep`: a Ray Tune + Optuna sweep over SAE and steering parameters.
+
+The driver extracts (or reuses) the activation stores, loads the arrays once and hands
+them to every trial through the object store (`tune.with_parameters`), starts the FAISS
+retrieval actors when a neighbour method is evaluated, and runs a `tune.Tuner` whose
+`OptunaSearch` samples every value the YAML marks as a distribution (define-by-run, so
+a value that only matters under a condition is sampled only then). At the end it prints
+the best trials and each method at its validation-selected trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vs2ray.config import (
+    ConfigError,
+    Distribution,
+    ExperimentConfig,
+    config_to_yaml,
+    config_with,
+    load_config,
+    search_space,
+)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
+CONFIG_FILE = "vs2ray_config.yaml"  # the sweep's config, saved in the experiment dir for --resume and analysis
+SAE_METRICS = ("fvu", "val_fvu", "l0", "dead_fraction", "dense_fraction", "train_seconds", "trial_seconds")
+METHOD_METRICS = ("val_top1", "val_top5", "test_top1", "test_top5", "test_oracle_top1")
+
+
+def _sampled_only_with_pass(values: dict[str, Any]) -> bool:
+    return float(values.get("pass.w_aux", 0.0)) > 0
+
+
+# key -> when it is sampled (given the values sampled or fixed before it); otherwise the config's value stands
+CONDITIONS = {"pass.momentum": _sampled_only_with_pass}
+
+
+class SearchSpace:
+    """Optuna define-by-run space over a config's distributions (a class, so Tune can pickle the searcher)."""
+
+    def __init__(self, distributions: list[tuple[str, Distribution]], fixed: dict[str, Any]) -> None:
+        self.distributions = distributions
+        self.fixed = fixed  # constants the conditions look at
+
+    def __call__(self, trial: Any) -> None:
+        values = dict(self.fixed)
+        for key, dist in self.distributions:
+            if key in CONDITIONS and not CONDITIONS[key](values):
+                continue
+            low, high = dist.values[0], dist.values[-1]
+            if dist.kind == "choice":
+                values[key] = trial.suggest_categorical(key, list(dist.values))
+            elif dist.kind == "int":
+                values[key] = trial.suggest_int(key, low, high)
+            else:
+                values[key] = trial.suggest_float(key, low, high, log=dist.kind == "loguniform")
+
+
+def allowed_metrics(config: ExperimentConfig) -> list[str]:
+    """Every metric a trial of `config` reports that the search may optimise."""
+    methods = [m for m in config.steering.methods if m != "sae_rec_all"]
+    return [f"{prefix}_{m}" for m in methods for prefix in METHOD_METRICS] + list(SAE_METRICS)
+
+
+def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
+    """The search space, after checking what pydantic cannot: metric names and points_to_evaluate (ConfigError)."""
+    space = list(search_space(config))
+    problems = []
+    if "sae_rec_all" in config.steering.methods:
+        problems.append("steering.methods: sae_rec_all needs one SAE per layer; the sweep does not evaluate it")
+    allowed = allowed_metrics(config)
+    metrics = config.search.metric if isinstance(config.search.metric, list) else [config.search.metric]
+    for metric in metrics:
+        if metric not in allowed:
+            problems.append(f"search.metric: {metric!r} is not reported by these methods; one of: {', '.join(allowed)}")
+    keys = [key for key, _ in space]
+    if not space:
+        problems.append("the config has no distribution to search; mark a value as e.g. {choice: [...]}")
+    for i, point in enumerate(config.search.points_to_evaluate):
+        unknown = sorted(set(point) - set(keys))
+        if unknown:
+            problems.append(
+                f"search.points_to_evaluate[{i}]: {', '.join(unknown)} not searched; searched keys: {', '.join(keys)}"
+            )
+            continue
+        missing = [key for key in keys if key not in point and key not in CONDITIONS]
+        if missing:
+            problems.append(f"search.points_to_evaluate[{i}]: missing {', '.join(missing)}")
+        try:
+            config_with(config, point, f"search.points_to_evaluate[{i}]")
+        except ConfigError as error:
+            problems += error.problems
+    if problems:
+        raise ConfigError(problems, "sweep")
+    return space
+
+
+def experiments_root(config: ExperimentConfig) -> str:
+    """Where Tune writes experiments: storage.experiments, else <storage.root>/experiments (URIs kept as given)."""
+    root = config.storage.experiments or f"{config.storage.root.rstrip('/')}/experiments"
+    return root if "://" in root else str(Path(root).expanduser().resolve())
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_searcher(config: ExperimentConfig, space: list[tuple[str, Distribution]]) -> Any:
+    """OptunaSearch over `space` with the configured sampler, seeded; several metrics make it multi-objective."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    seed = config.search.seed if config.search.seed is not None else config.seed
+    sampler = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+    }[config.search.sampler]()
+    fixed = {key: value for key, value in [("pass.w_aux", config.pass_.w_aux)] if not isinstance(value, Distribution)}
+    return OptunaSearch(
+        space=SearchSpace(space, fixed),
+        metric=config.search.metric,
+        mode=config.search.mode,
+        points_to_evaluate=[dict(point) for point in config.search.points_to_evaluate] or None,
+        sampler=sampler,
+    )
+
+
+def build_trainable(config: ExperimentConfig, data: Any) -> Any:
+    """run_trial with the shared arrays in the object store and the configured per-trial resources."""
+    from ray import tune
+
+    from vs2ray.trainable import run_trial
+
+    resources = {"cpu": config.resources.cpus_per_trial, "gpu": config.resources.gpus_per_trial}
+    base = config.model_dump(mode="json", by_alias=True)
+    return tune.with_resources(tune.with_parameters(run_trial, base_config=base, data=data), resources)
+
+
+def build_tuner(config: ExperimentConfig, trainable: Any, name: str) -> Any:
+    from ray import tune
+
+    space = check_sweep(config)
+    single = not isinstance(config.search.metric, list)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=build_searcher(config, space),
+            metric=config.search.metric if single else None,
+            mode=config.search.mode if single else None,
+            num_samples=config.search.num_samples,
+            max_concurrent_trials=config.search.max_concurrent_trials,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=experiments_root(config),
+            failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
+            verbose=1,  # status tables and trial errors; each trial's metrics are in the closing summary
+        ),
+    )
+
+
+def _latest_experiment(root: str, prefix: str) -> str | None:
+    from vs2ray.results import list_dirs
+
+    names = sorted(n for n in list_dirs(root) if n.startswith(f"{prefix}-"))
+    return names[-1] if names else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or --resume) a sweep; print the best trials, each method's selected trial and the experiment path."""
+    parser = argparse.ArgumentParser(prog="python -m vs2ray.sweep", description=main.__doc__)
+    parser.add_argument("--config", help=f"sweep YAML (default: {DEFAULT_CONFIG.name}, the bundled world)")
+    parser.add_argument("--name", help="experiment name (default: <config name>-<date>-<time>; with --resume: latest)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: a local instance")
+    args = parser.parse_args(argv)
+
+    from vs2ray.results import format_summary, load_results, read_text, write_text
+
+    config_path = args.config or str(DEFAULT_CONFIG)
+    config = load_config(config_path, args.overrides)
+    check_sweep(config)  # a bad sweep fails here, before Ray starts
+    root = experiments_root(config)
+    if args.resume:
+        name = args.name or _latest_experiment(root, config.name)
+        saved = read_text(f"{root}/{name}/{CONFIG_FILE}") if name else None
+        if saved is None:
+            raise ConfigError([f"--resume: no experiment {name or config.name + '-*'} under {root}"], "sweep")
+        if args.overrides:
+            print("note: --resume continues with the experiment's saved config; --set values are ignored")
+        config = load_config_text(saved, f"{root}/{name}/{CONFIG_FILE}")
+    else:
+        name = args.name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if read_text(f"{root}/{name}/{CONFIG_FILE}") is not None:
+            problem = f"--name: experiment {root}/{name} exists; add --resume or choose another name"
+            raise ConfigError([problem], "sweep")
+    path = f"{root}/{name}"
+
+    import ray
+    from ray import tune
+
+    # snapshot the experiment state at every step, so that a killed driver loses no finished trial
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    started = time.perf_counter()
+    ray.init(address=args.address, include_dashboard=False if args.address is None else None, configure_logging=False)
+
+    from vs2ray.trainable import needs_retrieval, prepare_data, start_retrieval
+
+    data = prepare_data(config, lambda line: print(line, flush=True))
+    index = None  # the FAISS actors live as long as this handle
+    if needs_retrieval(config):
+        index = start_retrieval(config, data, config.retrieval.gpus_per_shard)
+        print(f"retrieval: {data.retrieval_index} ({sum(index.sizes)} vectors in {len(index.sizes)} shard(s))")
+    trainable = build_trainable(config, data)
+    if args.resume:
+        print(f"resuming {path}")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        write_text(f"{path}/{CONFIG_FILE}", config_to_yaml(config))
+        tuner = build_tuner(config, trainable, name)
+    tuner.fit()
+    del index
+    results = load_results(path)
+    print()
+    print(format_summary(results, config))
+    print(f"\n{len(results)} trials in {time.perf_counter() - started:.0f} s; experiment: {path}")
+    print(f"report: python -m analysis.report {path}")
+    finished = int((results["status"] == "TERMINATED").sum()) if len(results) else 0
+    return 0 if finished else 1  # a sweep in which no trial finished is a failed command
+
+
+def load_config_text(text: str, source: str) -> ExperimentConfig:
+    import yaml
+
+    from vs2ray.config import validate_config
+
+    return validate_config(yaml.safe_load(text), source)
+
+
+if __name__ == "__main__":
+    from vs2ray.config import run_cli
+    from vs2ray.sweep import main as _main  # Tune pickles SearchSpace by module; keep it vs2ray.sweep's
+
+    run_cli(_main)
