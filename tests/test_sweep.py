@@ -215,3 +215,26 @@ def test_trials_take_their_gpu_share_on_the_worker_node_and_find_the_retrieval_a
     assert (trials["gpu_ids"].astype(str).str.len() > 0).all()  # each trial was given a (fake) GPU share
     assert trials["retrieval_index"].nunique() == 1 and trials["test_top1_vs2pp"].notna().all()
     assert (trials["device"] == "cpu").all()  # fake GPUs: torch stays on the CPU
+
+
+@pytest.mark.parametrize("path", sorted((QUICKSTART.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_is_valid_and_starts_with_its_paper_defaults(path):
+    config = load_config(path)
+    keys = [key for key, _ in check_sweep(config)]
+    assert {"steering.gamma", "steering.lambda"} <= set(keys)
+    points = config.search.points_to_evaluate
+    assert points and all(point["steering.gamma"] == 1.5 and point["steering.lambda"] == 2.1 for point in points)
+
+
+def test_a_paper_sweep_without_its_data_fails_with_a_clear_message(tmp_path):
+    config = QUICKSTART.parent / "cub200_vit_b32.yaml"
+    assignments = (f"storage.root={tmp_path}", f"dataset.root={tmp_path / 'no-cub-here'}")
+    output = subprocess.run(
+        cli_command("vs2ray.sweep", "--config", str(config), assignments=assignments),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert output.returncode == 1
+    assert "no-cub-here" in output.stderr and "has no train/ directory" in output.stderr
+    assert "Traceback" not in output.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -205,6 +206,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError([problem], "sweep")
     path = f"{root}/{name}"
 
+    from vs2ray.data import DatasetUnavailable, get_dataset
+    from vs2ray.models import ModelUnavailable
+
+    try:
+        get_dataset(config.dataset)  # a missing dataset root fails here, before Ray starts
+    except DatasetUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
     import ray
     from ray import tune
 
@@ -215,7 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from vs2ray.trainable import needs_retrieval, prepare_data, start_retrieval
 
-    data = prepare_data(config, lambda line: print(line, flush=True))
+    try:
+        data = prepare_data(config, lambda line: print(line, flush=True))
+    except (DatasetUnavailable, ModelUnavailable) as error:  # offline, or files not where the config says
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     index = None  # the FAISS actors live as long as this handle
     if needs_retrieval(config):
         index = start_retrieval(config, data, config.retrieval.gpus_per_shard)
