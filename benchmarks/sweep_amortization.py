@@ -86,12 +86,12 @@ def main() -> None:
     hits = trials[trials["sae_cache_hit"].astype(bool)]["trial_seconds"]
     training = trials[~trials["sae_cache_hit"].astype(bool)]["trial_seconds"]
     print()
-    print(f"| N | independent runs (s) | one sweep (s) | sweep / independent |")
-    print(f"|---|---|---|---|")
+    print("| N | independent runs (s) | one sweep (s) | sweep / independent |")
+    print("|---|---|---|---|")
     print(f"| {args.trials} | {independent:.1f} | {shared:.1f} | {shared / independent:.2f} |")
     print()
-    print(f"| training trials | mean training trial (s) | cache-hit trials | mean cache-hit trial (s) | hit / training |")
-    print(f"|---|---|---|---|---|")
+    print("| training trials | mean training trial (s) | cache-hit trials | mean cache-hit trial (s) | hit/training |")
+    print("|---|---|---|---|---|")
     print(
         f"| {len(training)} | {training.mean():.2f} | {len(hits)} | {hits.mean():.2f} | "
         f"{hits.mean() / training.mean():.3f} |"

@@ -148,3 +148,17 @@ def test_cli_prints_problems_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert "sae.k: got 'zero'" in result.stderr
     assert "steering.gamma: got 0.5; expected a number >= 1" in result.stderr
+
+
+def test_storage_defaults_come_from_the_environment(monkeypatch):
+    from vs2ray.sweep import experiments_root
+
+    monkeypatch.delenv("VS2RAY_ROOT", raising=False)
+    monkeypatch.delenv("VS2RAY_EXPERIMENTS", raising=False)
+    config = load_config(None)
+    assert config.storage.root == "~/vs2ray" and experiments_root(config).endswith("/vs2ray/experiments")
+    monkeypatch.setenv("VS2RAY_ROOT", "/mnt/efs/vs2ray")
+    monkeypatch.setenv("VS2RAY_EXPERIMENTS", "s3://bucket/experiments")
+    config = load_config(None)
+    assert config.storage.root == "/mnt/efs/vs2ray" and experiments_root(config) == "s3://bucket/experiments"
+    assert load_config(None, ["storage.root=/elsewhere"]).storage.root == "/elsewhere"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def test_define_by_run_space_samples_momentum_only_with_pass():
         assert params["sae.k"] in (16, 32, 64) and 1.0 <= params["steering.gamma"] <= 3.0
 
 
-def test_sweep_shares_the_sae_cache_records_per_class_files_and_survives_a_failing_trial(storage, ray_session):
+@pytest.fixture(scope="module")
+def cache_sweep(storage, ray_session) -> tuple[subprocess.CompletedProcess, Path]:
+    """A finished sweep whose trials share one SAE, one of which cannot be built."""
     address = ray_session.get_runtime_context().gcs_address
     good = {"sae.k": 16, "pass.w_aux": 0.0, "steering.gamma": 1.5, "steering.lambda": 2.1}
     points = [{**good, "sae.k": 100000}, good, {**good, "steering.gamma": 2.5}]  # the first cannot be built
@@ -96,8 +99,12 @@ def test_sweep_shares_the_sae_cache_records_per_class_files_and_survives_a_faili
         "search.max_failures=0",
         f"search.points_to_evaluate={json.dumps(points)}",
     )
+    return output, storage / "experiments" / "cache"
+
+
+def test_sweep_shares_the_sae_cache_records_per_class_files_and_survives_a_failing_trial(cache_sweep):
+    output, experiment = cache_sweep
     assert output.returncode == 0, output.stderr[-3000:]
-    experiment = storage / "experiments" / "cache"
     assert f"experiment: {experiment}" in output.stdout
     trials = load_results(experiment)
     assert len(trials) == 4 and trials["trial_id"].is_unique
@@ -238,3 +245,52 @@ def test_a_paper_sweep_without_its_data_fails_with_a_clear_message(tmp_path):
     assert output.returncode == 1
     assert "no-cub-here" in output.stderr and "has no train/ directory" in output.stderr
     assert "Traceback" not in output.stderr
+
+
+def test_report_writes_valid_figures_and_a_row_per_method_of_the_sweep(cache_sweep, tmp_path):
+    from PIL import Image
+
+    _, experiment = cache_sweep
+    output = subprocess.run(
+        [sys.executable, "-m", "analysis.report", str(experiment), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert output.returncode == 0, output.stderr[-3000:]
+    assert f"report: {tmp_path / 'report.md'}" in output.stdout
+    figures = {path.name for path in tmp_path.glob("*.png")}
+    expected = {
+        "heatmap_gamma_lambda.png",
+        "fvu_vs_accuracy.png",
+        "per_class_vs2.png",
+        "per_class_vs2pp.png",
+        "gate_coverage.png",
+        "optuna_history.png",
+    }
+    trials = load_results(experiment)
+    if (trials["status"] == "TERMINATED").sum() >= 3:  # importances need three finished trials
+        expected.add("optuna_importance.png")
+    assert figures == expected  # expansion was not searched: no capacity plot
+    for name in figures:
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
+        with Image.open(tmp_path / name) as image:
+            assert image.size[0] > 300 and image.size[1] > 200, name
+    report = (tmp_path / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|") for line in report.splitlines() if line.startswith("| ")}
+    for label in ("zero-shot CLIP", "VS2", "VS2 + FVU gate", "VS2++ (pseudo-labels)"):
+        assert label in rows, label
+    for absent in ("SAE_REC^F", "VS2 + PASS", "VS2++ (oracle labels)", "weighted RAG", "centroid shift (ours)"):
+        assert absent not in rows, absent
+    best = trials.loc[trials["val_top1_vs2"].idxmax()]
+    assert rows["VS2"][3].strip() == f"{100 * best['test_top1_vs2']:.2f}"
+    assert "## Failed trials" in report and "sae.k must be in" in report
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    from analysis.plots import pareto_front
+
+    # (fvu, accuracy): (0.3, 70) is beaten by (0.2, 71); (0.5, 69) by everything better
+    points = np.array([[0.1, 68.0], [0.2, 71.0], [0.3, 70.0], [0.4, 72.0], [0.5, 69.0]])
+    assert sorted(pareto_front(points).tolist()) == [0, 1, 3]

@@ -16,6 +16,7 @@ the key path, the offending value and what is allowed.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -279,8 +280,14 @@ class ResourcesConfig(Section):
 
 
 class StorageConfig(Section):
-    root: str = Field("~/vs2ray", description="activation stores and SAE checkpoints (local or s3:// / gs://)")
-    experiments: str | None = Field(None, description="Tune experiment dir; default <root>/experiments")
+    root: str = Field(
+        default_factory=lambda: os.environ.get("VS2RAY_ROOT", "~/vs2ray"),
+        description="activation stores and SAE checkpoints; a path every node sees (default $VS2RAY_ROOT or ~/vs2ray)",
+    )
+    experiments: str | None = Field(
+        default_factory=lambda: os.environ.get("VS2RAY_EXPERIMENTS"),
+        description="Tune experiment dir, local or s3:// / gs:// (default $VS2RAY_EXPERIMENTS or <root>/experiments)",
+    )
 
 
 class ExperimentConfig(Section):

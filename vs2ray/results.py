@@ -93,7 +93,7 @@ def _last_complete_result(text: str | None) -> dict[str, Any] | None:
 
 
 def load_results(experiment: str | Path) -> pd.DataFrame:
-    """One row per trial of an experiment dir: trial_id, status, error, the sampled values, the reported metrics.
+    """One row per trial of an experiment dir, in start order: trial_id, status, error, sampled values, metrics.
 
     Sampled values keep their config keys (`sae.k`, `steering.gamma`); metrics have no
     dot (`val_top1_vs2`, `fvu`). A trial that failed and succeeded on a retry is
@@ -110,6 +110,7 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
         if params_text is None:
             continue
         params = json.loads(params_text)
+        started = _modified(f"{trial_dir}/params.json")  # Tune writes params.json when the trial starts
         result = _last_complete_result(read_text(f"{trial_dir}/result.json"))
         error = read_text(f"{trial_dir}/error.txt")
         status = STATUS_DONE if result else STATUS_ERROR if error else STATUS_INCOMPLETE
@@ -118,12 +119,19 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
             "status": status,
             "error": _error_summary(error) if status == STATUS_ERROR else "",
             "trial_dir": trial_dir,
+            "started": started,
         }
         row.update(params)
         if result:
             row.update({k: v for k, v in result.items() if k not in ("config", "vs2ray_complete") and "/" not in k})
         rows.append(row)
-    return pd.DataFrame(rows)
+    trials = pd.DataFrame(rows)
+    return trials.sort_values("started", kind="stable").reset_index(drop=True) if rows else trials
+
+
+def _modified(path: str) -> pd.Timestamp:
+    fs, where = _filesystem(path)
+    return pd.Timestamp(fs.get_file_info(where).mtime)
 
 
 def _error_summary(error: str | None) -> str:
@@ -180,9 +188,9 @@ def method_table(trials: pd.DataFrame) -> pd.DataFrame:
             if subset.empty:
                 continue
             best = subset.loc[subset[f"val_top1_{method}"].idxmax()]
-            chosen = {k: best[k] for k in searched_keys(subset) if pd.notna(best[k])}
-            for column in _selected(best, method):
-                chosen.setdefault(column.removeprefix("selected_").removesuffix(f"_{method}"), best[column])
+            chosen = {k: best[k] for k in _relevant_keys(subset, method) if pd.notna(best[k])}
+            for column in _selected(best, method):  # the setting chosen within the trial (γ, λ, q, a, N)
+                chosen[column.removeprefix("selected_").removesuffix(f"_{method}")] = best[column]
             rows.append(
                 {
                     "key": key,
@@ -200,6 +208,16 @@ def method_table(trials: pd.DataFrame) -> pd.DataFrame:
         zero = table.loc[table["key"] == "zero_shot", "test_top1"].iloc[0]
         table.insert(4, "delta", table["test_top1"] - zero)
     return table
+
+
+SAE_FREE_METHODS = ("zero_shot", "centroid_shift", "weighted_rag", "clip_steer")  # results do not depend on the SAE
+
+
+def _relevant_keys(trials: pd.DataFrame, method: str) -> list[str]:
+    """The sampled SAE keys that shape `method`'s result (steering values are in its selected_* columns)."""
+    if method in SAE_FREE_METHODS:
+        return []
+    return [k for k in searched_keys(trials) if k.startswith(("sae.", "pass."))]
 
 
 def _selected(row: pd.Series, method: str) -> list[str]:

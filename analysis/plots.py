@@ -1,0 +1,194 @@
+"""The report's figures, one function each: a trials DataFrame (vs2ray.results) in, a PNG out.
+
+Every function returns the path it wrote, or None when the sweep has nothing to show
+for it (e.g. no PASS trials for the Pareto plot), so the report simply leaves it out.
+Accuracies are plotted in %.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a cluster head or in CI
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+DPI = 130
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def steering_heatmap(trials: pd.DataFrame, out: Path, method: str = "vs2", bins: int = 6) -> Path | None:
+    """Mean validation top-1 of `method` over (γ, λ) cells, with every trial as a dot (paper Figure 3 / 5)."""
+    column = f"val_top1_{method}"
+    needed = {"steering.gamma", "steering.lambda", column}
+    if not needed <= set(trials) or trials[column].notna().sum() < 2:
+        return None
+    data = trials.dropna(subset=list(needed))
+    gamma, lam, acc = data["steering.gamma"], data["steering.lambda"], 100 * data[column]
+    g_edges = np.linspace(gamma.min(), gamma.max(), bins + 1)
+    l_edges = np.linspace(lam.min(), lam.max(), bins + 1)
+    g_index = np.clip(np.digitize(gamma, g_edges) - 1, 0, bins - 1)
+    l_index = np.clip(np.digitize(lam, l_edges) - 1, 0, bins - 1)
+    total, count = np.zeros((bins, bins)), np.zeros((bins, bins))
+    np.add.at(total, (l_index, g_index), acc)
+    np.add.at(count, (l_index, g_index), 1)
+    mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    fig, ax = plt.subplots(figsize=(6.8, 5.4))
+    mesh = ax.pcolormesh(g_edges, l_edges, np.ma.masked_invalid(mean), cmap="viridis", shading="flat")
+    ax.scatter(gamma, lam, c="white", edgecolors="black", s=22, label="a trial", clip_on=False, zorder=3)
+    gammas = np.linspace(max(gamma.min(), 1.01), gamma.max(), 100)
+    for product, style in ((2, "--"), (3, ":")):  # the paper's broad optimum lies between λ·γ = 2 and 3
+        ax.plot(gammas, product / gammas, style, color="black", lw=1, label=f"λ·γ = {product}")
+    ax.set(xlim=(g_edges[0], g_edges[-1]), ylim=(l_edges[0], l_edges[-1]))
+    ax.set_xlabel("amplification γ")
+    ax.set_ylabel("steering scale λ")
+    ax.set_title(f"{_label(method)}: validation top-1 (%) by γ and λ\n(cell = mean of its trials; blank = no trial)")
+    fig.colorbar(mesh, ax=ax, label="validation top-1 (%)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
+    return _save(fig, out)
+
+
+def _label(method: str) -> str:
+    from vs2ray.results import METHOD_LABELS
+
+    return METHOD_LABELS.get(method, method)
+
+
+def pareto_front(points: np.ndarray) -> np.ndarray:
+    """Indices of the points (fvu, accuracy) no other point beats on both (lower FVU, higher accuracy)."""
+    order = np.lexsort((-points[:, 1], points[:, 0]))  # by FVU, then best accuracy first
+    front, best = [], -np.inf
+    for i in order:
+        if points[i, 1] > best:
+            front.append(i)
+            best = points[i, 1]
+    return np.asarray(front, dtype=int)
+
+
+def fvu_vs_accuracy(trials: pd.DataFrame, out: Path, method: str = "vs2") -> Path | None:
+    """Test top-1 of `method` against SAE FVU, coloured by PASS w_aux, with the Pareto front (paper Table 12)."""
+    column = f"test_top1_{method}"
+    if not {"fvu", column} <= set(trials):
+        return None
+    data = trials.dropna(subset=["fvu", column])
+    if len(data) < 2:
+        return None
+    w_aux = data["pass.w_aux"] if "pass.w_aux" in data else pd.Series(0.0, index=data.index)
+    points = np.column_stack([data["fvu"], 100 * data[column]])
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for value in sorted(w_aux.unique()):
+        mask = (w_aux == value).to_numpy()
+        ax.scatter(points[mask, 0], points[mask, 1], s=30, label=f"w_aux = {value:g}")
+    front = pareto_front(points)
+    ax.plot(points[front, 0], points[front, 1], "k--", lw=1, label="Pareto front")
+    if "test_top1_zero_shot" in data:
+        ax.axhline(100 * data["test_top1_zero_shot"].iloc[0], color="gray", lw=1, ls=":", label="zero-shot")
+    ax.set_xlabel("SAE FVU (training rows; lower = better reconstruction)")
+    ax.set_ylabel(f"{_label(method)} test top-1 (%)")
+    ax.set_title(f"Reconstruction vs accuracy ({_label(method)}), one dot per trial")
+    ax.legend(fontsize=8, title="PASS weight", title_fontsize=8)
+    return _save(fig, out)
+
+
+def accuracy_by_capacity(trials: pd.DataFrame, out: Path, method: str = "vs2") -> Path | None:
+    """Best validation-selected test top-1 of `method` per (k, expansion): one line per expansion."""
+    column, val = f"test_top1_{method}", f"val_top1_{method}"
+    if not {"sae.k", "sae.expansion", column, val} <= set(trials):
+        return None
+    data = trials.dropna(subset=[column, val])
+    if data.empty:
+        return None
+    best = data.loc[data.groupby(["sae.expansion", "sae.k"])[val].idxmax()]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for expansion, group in best.groupby("sae.expansion"):
+        group = group.sort_values("sae.k")
+        ax.plot(group["sae.k"], 100 * group[column], "o-", label=f"expansion {expansion}")
+    if "test_top1_zero_shot" in data:
+        ax.axhline(100 * data["test_top1_zero_shot"].iloc[0], color="gray", lw=1, ls=":", label="zero-shot")
+    ax.set_xscale("log", base=2)
+    ks = sorted(best["sae.k"].unique())
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("SAE k (active latents per sample)")
+    ax.set_ylabel(f"{_label(method)} test top-1 (%)")
+    ax.set_title(f"{_label(method)} by SAE capacity\n(per point: the trial with the best validation top-1)")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def per_class_changes(deltas: pd.DataFrame, out: Path, method: str, top: int = 5) -> Path | None:
+    """Horizontal bars: the `top` classes `method` helped most and hurt most (test top-1 points vs zero-shot)."""
+    if deltas.empty:
+        return None
+    ranked = deltas.sort_values("delta")
+    shown = pd.concat([ranked.head(top), ranked.tail(top)]).drop_duplicates("class")
+    shown = shown.sort_values("delta")
+    fig, ax = plt.subplots(figsize=(6.8, 0.35 * len(shown) + 1.4))
+    colours = ["tab:red" if d < 0 else "tab:green" for d in shown["delta"]]
+    ax.barh(shown["class"], shown["delta"], color=colours)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(f"test top-1 change vs zero-shot (points), {_label(method)} at its selected setting")
+    ax.set_title(f"Largest per-class gains and losses: {_label(method)}")
+    return _save(fig, out)
+
+
+def gate_coverage(settings: dict, ungated: float | None, zero_shot: float | None, out: Path) -> Path | None:
+    """Test top-1 against coverage (share steered) for each gate quantile q of the selected trial.
+
+    `ungated` is plain VS2's test top-1 at the same γ, λ (coverage 1), `zero_shot` coverage 0.
+    """
+    points = [
+        (cov, 100 * acc, s["quantile"])
+        for s, cov, acc in zip(settings["settings"], settings["coverage"], settings["test_top1"], strict=True)
+        if cov is not None
+    ]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    coverage, accuracy, _ = zip(*sorted(points), strict=True)
+    ax.plot(coverage, accuracy, "o-", label="VS2 + FVU gate")
+    for i, (x, y, q) in enumerate(sorted(points)):
+        ax.annotate(f"q={q:g}", (x, y), textcoords="offset points", xytext=(-8, 8 if i % 2 else -14), fontsize=8)
+    if ungated is not None:
+        ax.scatter([1.0], [100 * ungated], marker="s", color="tab:orange", zorder=3, label="VS2, no gate (coverage 1)")
+    if zero_shot is not None:
+        ax.axhline(100 * zero_shot, color="gray", lw=1, ls=":", label="zero-shot (coverage 0)")
+    ax.set_xlabel("coverage (share of test images steered)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("FVU gate: accuracy vs coverage (one SAE, γ and λ fixed)")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def optuna_views(study, out_history: Path, out_importance: Path) -> list[Path]:
+    """Optuna's own matplotlib plots: optimisation history and (with enough trials) parameter importances."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.visualization import matplotlib as optuna_plots
+
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        ax = optuna_plots.plot_optimization_history(study)
+        ax.set_ylabel(f"{study.study_name} (search objective)")
+        ax.set_xlabel("trial (in start order)")
+        ax.figure.set_size_inches(7.6, 4.2)
+        written.append(_save(ax.figure, out_history))
+        complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+        varied = [name for name in study.best_params if len({t.params.get(name) for t in complete}) > 1]
+        if len(complete) >= 3 and varied:
+            ax = optuna_plots.plot_param_importances(study)
+            ax.set_title(f"Parameter importances for {study.study_name} (fANOVA)")
+            ax.get_legend().remove()
+            ax.figure.set_size_inches(6.8, 0.45 * len(study.best_params) + 2)
+            written.append(_save(ax.figure, out_importance))
+    return written

@@ -1,0 +1,274 @@
+"""`python -m analysis.report EXPERIMENT_DIR [--out DIR]`: a finished sweep as report.md plus PNG figures.
+
+Needs no running Ray: it reads the experiment dir through `vs2ray.results`. Written:
+
+    report.md                 the method table (paper Table 1 layout), best trials, per-class tables
+    heatmap_gamma_lambda.png  validation top-1 of VS2 over (γ, λ)
+    fvu_vs_accuracy.png       test top-1 against SAE FVU by PASS w_aux, with the Pareto front
+    accuracy_by_capacity.png  test top-1 against k, one line per expansion
+    per_class_<method>.png    largest per-class gains and losses against zero-shot (VS2, VS2++)
+    gate_coverage.png         accuracy against coverage for each FVU-gate quantile
+    optuna_history.png        Optuna's optimisation history
+    optuna_importance.png     Optuna's parameter importances (when at least two values varied)
+
+A figure whose data the sweep does not have (no PASS trials, no gated method...) is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots
+from vs2ray.results import (
+    METHOD_LABELS,
+    STATUS_DONE,
+    load_results,
+    method_table,
+    read_text,
+    searched_keys,
+    trial_file,
+    trial_predictions,
+)
+
+PER_CLASS_METHODS = ("vs2", "vs2pp")  # the paper's Table 2 / 15
+
+
+def load_sweep_config(experiment: str) -> Any | None:
+    """The config the sweep saved (vs2ray_config.yaml), or None for a dir written by something else."""
+    import yaml
+
+    from vs2ray.config import validate_config
+
+    text = read_text(f"{experiment}/vs2ray_config.yaml")
+    return None if text is None else validate_config(yaml.safe_load(text), "vs2ray_config.yaml")
+
+
+def per_class_deltas(trial_dir: str, method: str) -> pd.DataFrame:
+    """Per class: zero-shot and `method` test top-1 (%), their difference, and the zero-shot confusion fixed most.
+
+    `corrected_from` is the class zero-shot most often predicted for this class's images
+    that `method` then got right, with `corrected` the number of such images.
+    """
+    per_class = json.loads(trial_file(trial_dir, "per_class.json"))
+    classes, accuracy = per_class["classes"], per_class["per_class_top1"]
+    predictions = trial_predictions(trial_dir)
+    labels, zero, steered = predictions["labels"], predictions["zero_shot"], predictions[method]
+    rows = []
+    for c, name in enumerate(classes):
+        fixed = (labels == c) & (zero != c) & (steered == c)
+        sources, counts = np.unique(zero[fixed], return_counts=True)
+        rows.append(
+            {
+                "class": name,
+                "zero_shot": 100 * accuracy["zero_shot"][c],
+                method: 100 * accuracy[method][c],
+                "delta": 100 * (accuracy[method][c] - accuracy["zero_shot"][c]),
+                "corrected_from": classes[sources[counts.argmax()]] if len(counts) else "",
+                "corrected": int(counts.max()) if len(counts) else 0,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def optuna_study(trials: pd.DataFrame, config: Any) -> Any:
+    """An in-memory Optuna study rebuilt from the trials (no unpickling of the searcher state)."""
+    import optuna
+
+    from vs2ray.config import search_space
+
+    metric = config.search.metric[0] if isinstance(config.search.metric, list) else config.search.metric
+    mode = config.search.mode[0] if isinstance(config.search.mode, list) else config.search.mode
+    distributions = {}
+    for key, dist in search_space(config):
+        low, high = dist.values[0], dist.values[-1]
+        distributions[key] = {
+            "choice": lambda d=dist: optuna.distributions.CategoricalDistribution(list(d.values)),
+            "int": lambda low=low, high=high: optuna.distributions.IntDistribution(low, high),
+            "uniform": lambda low=low, high=high: optuna.distributions.FloatDistribution(low, high),
+            "loguniform": lambda low=low, high=high: optuna.distributions.FloatDistribution(low, high, log=True),
+        }[dist.kind]()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", study_name=metric)
+    for _, row in trials.iterrows():
+        params = {k: _plain(row[k]) for k in distributions if k in row and pd.notna(row[k])}
+        done = row["status"] == STATUS_DONE and metric in row and pd.notna(row[metric])
+        state = optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={k: distributions[k] for k in params},
+                value=float(row[metric]) if done else None,
+                state=state,
+            )
+        )
+    return study
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _markdown(frame: pd.DataFrame, floats: str = "{:.2f}") -> str:
+    """A DataFrame as a GitHub table (no tabulate dependency)."""
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    lines = [header, "|" + "---|" * len(frame.columns)]
+    for _, row in frame.iterrows():
+        cells = [
+            floats.format(v) if isinstance(v, float) and not pd.isna(v) else ("" if pd.isna(v) else str(v)) for v in row
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def method_section(table: pd.DataFrame) -> str:
+    shown = table.rename(
+        columns={
+            "method": "method",
+            "val_top1": "val top-1",
+            "test_top1": "test top-1",
+            "delta": "Δ zero-shot",
+            "test_oracle_top1": "test-oracle best †",
+            "coverage": "coverage",
+            "trial_id": "trial",
+            "selected": "selected on validation",
+        }
+    ).drop(columns=["key"])
+    if shown["coverage"].isna().all():
+        shown = shown.drop(columns=["coverage"])
+    return (
+        "Each method at the trial (and, within it, the grid setting) with the best **validation** top-1; "
+        "test top-1 (%) is reported there. † test-oracle best = the best test top-1 over every trial "
+        "and setting, the paper's way of choosing γ and λ: optimistic, not a result.\n\n" + _markdown(shown)
+    )
+
+
+def write_report(experiment: str, out: Path) -> Path:
+    """Write report.md and the figures for `experiment` into `out`; return the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    trials = load_results(experiment)
+    config = load_sweep_config(experiment)
+    done = trials[trials["status"] == STATUS_DONE] if len(trials) else trials
+    table = method_table(trials) if len(done) else pd.DataFrame()
+    counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+    lines = [
+        f"# Sweep report: {Path(experiment).name}",
+        "",
+        f"Experiment: `{experiment}`  ",
+        "Trials: " + (", ".join(f"{n} {s.lower()}" for s, n in counts.items()) or "none"),
+        "",
+    ]
+    if config is not None:
+        lines += [
+            f"Model `{config.model.arch}` / `{config.model.pretrained}` on `{config.dataset.name}`; "
+            f"search: {config.search.sampler}, metric `{config.search.metric}` ({config.search.mode}).",
+            "",
+        ]
+    figures: list[tuple[str, Path | None]] = []
+    if not table.empty:
+        lines += ["## Methods (paper Table 1 layout)", "", method_section(table), ""]
+    failed = trials[trials["status"] == "ERROR"] if len(trials) else trials
+    if len(failed):
+        lines += ["## Failed trials", "", _markdown(failed[["trial_id", *searched_keys(failed), "error"]]), ""]
+    if len(done) and config is not None:
+        metric = config.search.metric[0] if isinstance(config.search.metric, list) else config.search.metric
+        best = done.sort_values(metric, ascending=config.search.mode in ("min", ["min"])).head(5)
+        shown = [c for c in ["trial_id", *searched_keys(done), metric, "fvu", "l0", "sae_cache_hit"] if c in best]
+        best = best[shown].copy()
+        accuracies = [c for c in shown if c.startswith(("val_top", "test_top"))]
+        best[accuracies] = 100 * best[accuracies]
+        lines += [f"## Best trials by `{metric}` (accuracies in %)", "", _markdown(best, "{:.4g}"), ""]
+
+    figures.append(
+        (
+            "Validation top-1 of VS2 over γ and λ (paper Figure 3)",
+            plots.steering_heatmap(done, out / "heatmap_gamma_lambda.png"),
+        )
+    )
+    figures.append(
+        (
+            "Reconstruction against accuracy over PASS w_aux (paper Table 12)",
+            plots.fvu_vs_accuracy(done, out / "fvu_vs_accuracy.png"),
+        )
+    )
+    figures.append(
+        ("Accuracy by SAE k and expansion", plots.accuracy_by_capacity(done, out / "accuracy_by_capacity.png"))
+    )
+
+    selected = dict(zip(table["key"], table["trial_id"], strict=True)) if not table.empty else {}
+    trial_dirs = dict(zip(trials["trial_id"], trials["trial_dir"], strict=True)) if len(trials) else {}
+    for method in PER_CLASS_METHODS:
+        if method not in selected or "zero_shot" not in selected:
+            continue
+        deltas = per_class_deltas(trial_dirs[selected[method]], method)
+        label = METHOD_LABELS[method]
+        lines += [f"## Per-class changes: {label} (trial {selected[method]}, paper Table 2 / 15)", ""]
+        ranked = deltas.sort_values("delta")
+        gains, losses = ranked[ranked["delta"] > 0].tail(5).iloc[::-1], ranked[ranked["delta"] < 0].head(5)
+        for title, part in (("gains", gains), ("losses", losses)):
+            renamed = part.rename(columns={"corrected": "n corrected", "corrected_from": "zero-shot said (fixed)"})
+            lines += [f"Largest {title}:", "", _markdown(renamed) if len(part) else f"No class has {title}.", ""]
+        figures.append(
+            (
+                f"Per-class gains and losses: {label}",
+                plots.per_class_changes(deltas, out / f"per_class_{method}.png", method),
+            )
+        )
+    if "vs2_gated" in selected:
+        methods = json.loads(trial_file(trial_dirs[selected["vs2_gated"]], "methods.json"))
+        zero = done["test_top1_zero_shot"].iloc[0] if "test_top1_zero_shot" in done else None
+        ungated = methods.get("vs2", {}).get("test_top1", [])
+        ungated = ungated[0] if len(ungated) == 1 else None  # plain VS2 at the same γ, λ
+        figures.append(
+            (
+                "FVU gate: accuracy against coverage",
+                plots.gate_coverage(methods["vs2_gated"], ungated, zero, out / "gate_coverage.png"),
+            )
+        )
+    if config is not None and len(trials):
+        written = plots.optuna_views(
+            optuna_study(trials, config), out / "optuna_history.png", out / "optuna_importance.png"
+        )
+        captions = ("Optuna: optimisation history", "Optuna: parameter importances")
+        figures += list(zip(captions, written, strict=False))
+
+    lines += ["## Figures", ""]
+    for caption, path in figures:
+        if path is not None:
+            lines += [f"**{caption}** — `{path.name}`", "", f"![{caption}]({path.name})", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
+    parser.add_argument("experiment", help="the sweep's experiment dir (local path or s3:// / gs:// URI)")
+    parser.add_argument("--out", help="where to write (default: <experiment>/report, or ./report-<name> for a URI)")
+    args = parser.parse_args(argv)
+    experiment = args.experiment.rstrip("/")
+    if args.out:
+        out = Path(args.out)
+    elif "://" in experiment:
+        out = Path(f"report-{experiment.rsplit('/', 1)[-1]}")
+    else:
+        experiment = str(Path(experiment).expanduser().resolve())
+        out = Path(experiment) / "report"
+    try:
+        report = write_report(experiment, out)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
