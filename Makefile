@@ -28,10 +28,10 @@ lint: install
 	$(PY) -m ruff format --check .
 
 # The bundled world end to end: extraction, the quickstart sweep (8 trials), then its report.
-DEMO_NAME ?= quickstart-demo-$(shell date +%Y%m%d-%H%M%S)
 demo: install
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m vs2ray.sweep --config sweeps/quickstart.yaml --name $(DEMO_NAME)
-	$(PY) -m analysis.report $${VS2RAY_ROOT:-$$HOME/vs2ray}/experiments/$(DEMO_NAME)
+	name=quickstart-demo-$$(date +%Y%m%d-%H%M%S) && \
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m vs2ray.sweep --config sweeps/quickstart.yaml --name $$name && \
+	$(PY) -m analysis.report $${VS2RAY_EXPERIMENTS:-$${VS2RAY_ROOT:-$$HOME/vs2ray}/experiments}/$$name
 
 # Re-create the bundled vs2ray-tiny weights (about 5 minutes on 2 cores).
 tiny-clip: install
