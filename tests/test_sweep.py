@@ -26,6 +26,7 @@ SMALL_WORLD = (
     "sae.batch_size=512",
     "resources.cpus_per_trial=0.5",
     "retrieval.n_neighbors=20",
+    "search.points_to_evaluate=[]",  # the quickstart's paper defaults lie outside these tests' spaces
 )
 
 
@@ -49,7 +50,9 @@ def run_sweep(storage: Path, address: str, name: str, *assignments: str, extra: 
 
 def test_invalid_sweeps_fail_before_ray_starts_and_name_the_key(tmp_path):
     cases = {
-        "search.metric=val_top1_vs2pp": "search.metric: 'val_top1_vs2pp' is not reported",
+        "search.metric=val_top1_vs3": "search.metric: 'val_top1_vs3' is not reported",
+        "search.points_to_evaluate=[{sae.k: 12, sae.expansion: 4, pass.w_aux: 0.0, steering.gamma: 1.5, "
+        "steering.lambda: 2.1}]": "search.points_to_evaluate[0].sae.k: 12 is outside its search space",
         "search.points_to_evaluate=[{sae.q: 3}]": "search.points_to_evaluate[0]: sae.q not searched",
         "sae.k={choice: []}": "sae.k: choice needs a non-empty list",
         "search.sampler=grid": "search.sampler: got 'grid'",

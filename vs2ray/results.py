@@ -110,7 +110,7 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
         if params_text is None:
             continue
         params = json.loads(params_text)
-        started = _modified(f"{trial_dir}/params.json")  # Tune writes params.json when the trial starts
+        started = modified(f"{trial_dir}/params.json")  # Tune writes params.json when the trial starts
         result = _last_complete_result(read_text(f"{trial_dir}/result.json"))
         error = read_text(f"{trial_dir}/error.txt")
         status = STATUS_DONE if result else STATUS_ERROR if error else STATUS_INCOMPLETE
@@ -129,9 +129,15 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
     return trials.sort_values("started", kind="stable").reset_index(drop=True) if rows else trials
 
 
-def _modified(path: str) -> pd.Timestamp:
+def modified(path: str | Path) -> pd.Timestamp:
+    """A file's modification time; FileNotFoundError when it does not exist."""
+    import pyarrow.fs as pafs
+
     fs, where = _filesystem(path)
-    return pd.Timestamp(fs.get_file_info(where).mtime)
+    info = fs.get_file_info(where)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    return pd.Timestamp(info.mtime)
 
 
 def _error_summary(error: str | None) -> str:

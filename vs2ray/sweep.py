@@ -11,6 +11,7 @@ the best trials and each method at its validation-selected trial.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -93,6 +94,13 @@ def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
         missing = [key for key in keys if key not in point and key not in CONDITIONS]
         if missing:
             problems.append(f"search.points_to_evaluate[{i}]: missing {', '.join(missing)}")
+        distributions = dict(space)
+        for key, value in point.items():
+            if not _within(distributions[key], value):
+                allowed = distributions[key].model_dump()
+                problems.append(
+                    f"search.points_to_evaluate[{i}].{key}: {value!r} is outside its search space {allowed}"
+                )
         try:
             config_with(config, point, f"search.points_to_evaluate[{i}]")
         except ConfigError as error:
@@ -100,6 +108,13 @@ def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
     if problems:
         raise ConfigError(problems, "sweep")
     return space
+
+
+def _within(dist: Distribution, value: Any) -> bool:
+    if dist.kind == "choice":
+        return value in dist.values
+    low, high = dist.values
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
 def experiments_root(config: ExperimentConfig) -> str:
@@ -169,10 +184,15 @@ def build_tuner(config: ExperimentConfig, trainable: Any, name: str) -> Any:
 
 
 def _latest_experiment(root: str, prefix: str) -> str | None:
-    from vs2ray.results import list_dirs
+    """The most recently started vs2ray experiment under `root` whose name starts with `prefix`-."""
+    from vs2ray.results import list_dirs, modified
 
-    names = sorted(n for n in list_dirs(root) if n.startswith(f"{prefix}-"))
-    return names[-1] if names else None
+    started = {}
+    for name in list_dirs(root):
+        if name.startswith(f"{prefix}-"):
+            with contextlib.suppress(FileNotFoundError):
+                started[name] = modified(f"{root}/{name}/{CONFIG_FILE}")
+    return max(started, key=started.get) if started else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
