@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from vs2ray.results import METHOD_LABELS
+
 DPI = 130
 
 
@@ -58,8 +60,6 @@ def steering_heatmap(trials: pd.DataFrame, out: Path, method: str = "vs2", bins:
 
 
 def _label(method: str) -> str:
-    from vs2ray.results import METHOD_LABELS
-
     return METHOD_LABELS.get(method, method)
 
 

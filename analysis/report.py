@@ -30,25 +30,17 @@ from analysis import plots
 from vs2ray.results import (
     METHOD_LABELS,
     STATUS_DONE,
+    STATUS_ERROR,
+    best_trials,
     load_results,
+    load_sweep_config,
     method_table,
-    read_text,
     searched_keys,
     trial_file,
     trial_predictions,
 )
 
 PER_CLASS_METHODS = ("vs2", "vs2pp")  # the paper's Table 2 / 15
-
-
-def load_sweep_config(experiment: str) -> Any | None:
-    """The config the sweep saved (vs2ray_config.yaml), or None for a dir written by something else."""
-    import yaml
-
-    from vs2ray.config import validate_config
-
-    text = read_text(f"{experiment}/vs2ray_config.yaml")
-    return None if text is None else validate_config(yaml.safe_load(text), "vs2ray_config.yaml")
 
 
 def per_class_deltas(trial_dir: str, method: str) -> pd.DataFrame:
@@ -84,17 +76,8 @@ def optuna_study(trials: pd.DataFrame, config: Any) -> Any:
 
     from vs2ray.config import search_space
 
-    metric = config.search.metric[0] if isinstance(config.search.metric, list) else config.search.metric
-    mode = config.search.mode[0] if isinstance(config.search.mode, list) else config.search.mode
-    distributions = {}
-    for key, dist in search_space(config):
-        low, high = dist.values[0], dist.values[-1]
-        distributions[key] = {
-            "choice": lambda d=dist: optuna.distributions.CategoricalDistribution(list(d.values)),
-            "int": lambda low=low, high=high: optuna.distributions.IntDistribution(low, high),
-            "uniform": lambda low=low, high=high: optuna.distributions.FloatDistribution(low, high),
-            "loguniform": lambda low=low, high=high: optuna.distributions.FloatDistribution(low, high, log=True),
-        }[dist.kind]()
+    metric, mode = config.search.metrics[0], config.search.modes[0]
+    distributions = {key: _optuna_distribution(dist) for key, dist in search_space(config)}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", study_name=metric)
     for _, row in trials.iterrows():
@@ -110,6 +93,18 @@ def optuna_study(trials: pd.DataFrame, config: Any) -> Any:
             )
         )
     return study
+
+
+def _optuna_distribution(dist: Any) -> Any:
+    """The Optuna distribution of a config Distribution (the same kinds the sweep's SearchSpace suggests)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if dist.kind == "choice":
+        return CategoricalDistribution(list(dist.values))
+    low, high = dist.values
+    if dist.kind == "int":
+        return IntDistribution(low, high)
+    return FloatDistribution(low, high, log=dist.kind == "loguniform")
 
 
 def _plain(value: Any) -> Any:
@@ -131,7 +126,6 @@ def _markdown(frame: pd.DataFrame, floats: str = "{:.2f}") -> str:
 def method_section(table: pd.DataFrame) -> str:
     shown = table.rename(
         columns={
-            "method": "method",
             "val_top1": "val top-1",
             "test_top1": "test top-1",
             "delta": "Δ zero-shot",
@@ -174,12 +168,12 @@ def write_report(experiment: str, out: Path) -> Path:
     figures: list[tuple[str, Path | None]] = []
     if not table.empty:
         lines += ["## Methods (paper Table 1 layout)", "", method_section(table), ""]
-    failed = trials[trials["status"] == "ERROR"] if len(trials) else trials
+    failed = trials[trials["status"] == STATUS_ERROR] if len(trials) else trials
     if len(failed):
         lines += ["## Failed trials", "", _markdown(failed[["trial_id", *searched_keys(failed), "error"]]), ""]
     if len(done) and config is not None:
-        metric = config.search.metric[0] if isinstance(config.search.metric, list) else config.search.metric
-        best = done.sort_values(metric, ascending=config.search.mode in ("min", ["min"])).head(5)
+        metric = config.search.metrics[0]
+        best = best_trials(trials, config.search)
         shown = [c for c in ["trial_id", *searched_keys(done), metric, "fvu", "l0", "sae_cache_hit"] if c in best]
         best = best[shown].copy()
         accuracies = [c for c in shown if c.startswith(("val_top", "test_top"))]

@@ -263,13 +263,21 @@ class SearchConfig(Section):
     )
     max_failures: int = Field(1, ge=0, description="times a failed trial is retried before it counts as failed")
 
+    @property
+    def metrics(self) -> list[str]:
+        """The objectives, first one first (the one tables rank by)."""
+        return self.metric if isinstance(self.metric, list) else [self.metric]
+
+    @property
+    def modes(self) -> list[str]:
+        return self.mode if isinstance(self.mode, list) else [self.mode]
+
     @model_validator(mode="after")
     def _metric_and_mode_agree(self) -> SearchConfig:
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        modes = self.mode if isinstance(self.mode, list) else [self.mode]
-        if len(metrics) != len(modes) or not metrics:
+        if len(self.metrics) != len(self.modes) or not self.metrics:
             raise PydanticCustomError(
-                "search_metric", f"metric and mode need one entry each per objective, got {metrics} and {modes}"
+                "search_metric",
+                f"metric and mode need one entry each per objective, got {self.metrics} and {self.modes}",
             )
         return self
 

@@ -35,6 +35,7 @@ METHOD_LABELS = {
     "centroid_shift": "centroid shift (ours)",
 }
 STATUS_DONE, STATUS_ERROR, STATUS_INCOMPLETE = "TERMINATED", "ERROR", "INCOMPLETE"
+SWEEP_CONFIG_FILE = "vs2ray_config.yaml"  # the sweep's config, saved in the experiment dir for --resume and analysis
 
 
 # ---------------------------------------------------------------- local paths and URIs alike
@@ -101,7 +102,7 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
     of its error) or INCOMPLETE (still pending or running).
     """
     experiment = str(experiment)
-    if not list_dirs(experiment) and read_text(f"{experiment}/vs2ray_config.yaml") is None:
+    if not list_dirs(experiment) and read_text(f"{experiment}/{SWEEP_CONFIG_FILE}") is None:
         raise FileNotFoundError(f"{experiment} is not a vs2ray experiment dir (no trials, no vs2ray_config.yaml)")
     rows = []
     for name in list_dirs(experiment):
@@ -138,6 +139,25 @@ def modified(path: str | Path) -> pd.Timestamp:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(path)
     return pd.Timestamp(info.mtime)
+
+
+def load_sweep_config(experiment: str) -> Any | None:
+    """The ExperimentConfig the sweep saved in `experiment`, or None when there is none."""
+    import yaml
+
+    from vs2ray.config import validate_config
+
+    text = read_text(f"{experiment}/{SWEEP_CONFIG_FILE}")
+    return None if text is None else validate_config(yaml.safe_load(text), f"{experiment}/{SWEEP_CONFIG_FILE}")
+
+
+def best_trials(trials: pd.DataFrame, search: Any, top: int = 5) -> pd.DataFrame:
+    """The `top` finished trials by the search's first objective (`search`: the config's SearchConfig)."""
+    metric, mode = search.metrics[0], search.modes[0]
+    done = trials[trials["status"] == STATUS_DONE]
+    if metric not in done:
+        return done.iloc[:0]
+    return done.sort_values(metric, ascending=mode == "min").head(top)
 
 
 def _error_summary(error: str | None) -> str:
@@ -242,12 +262,10 @@ def format_summary(trials: pd.DataFrame, config: Any, top: int = 5) -> str:
     lines = ["trials: " + ", ".join(f"{n} {status.lower()}" for status, n in counts.items())]
     for _, failed in trials[trials["status"] == STATUS_ERROR].iterrows():
         lines.append(f"  failed trial {failed['trial_id']}: {failed['error']}")
-    metric = config.search.metric[0] if isinstance(config.search.metric, list) else config.search.metric
-    mode = config.search.mode[0] if isinstance(config.search.mode, list) else config.search.mode
-    done = trials[trials["status"] == STATUS_DONE]
-    if metric in done:
-        best = done.sort_values(metric, ascending=mode == "min").head(top)
-        shown = ["trial_id", *searched_keys(done), metric, "fvu", "sae_cache_hit", "trial_seconds"]
+    metric, mode = config.search.metrics[0], config.search.modes[0]
+    best = best_trials(trials, config.search, top)
+    if len(best):
+        shown = ["trial_id", *searched_keys(best), metric, "fvu", "sae_cache_hit", "trial_seconds"]
         shown = [c for c in dict.fromkeys(shown) if c in best]
         lines += ["", f"best trials by {metric} ({mode}):", best[shown].to_string(index=False, float_format="%.4g")]
     table = method_table(trials)

@@ -30,8 +30,6 @@ from vs2ray.config import (
 )
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
-CONFIG_FILE = "vs2ray_config.yaml"  # the sweep's config, saved in the experiment dir for --resume and analysis
-SAE_METRICS = ("fvu", "val_fvu", "l0", "dead_fraction", "dense_fraction", "train_seconds", "trial_seconds")
 METHOD_METRICS = ("val_top1", "val_top5", "test_top1", "test_top5", "test_oracle_top1")
 
 
@@ -66,8 +64,10 @@ class SearchSpace:
 
 def allowed_metrics(config: ExperimentConfig) -> list[str]:
     """Every metric a trial of `config` reports that the search may optimise."""
+    from vs2ray.trainable import SAE_METRICS
+
     methods = [m for m in config.steering.methods if m != "sae_rec_all"]
-    return [f"{prefix}_{m}" for m in methods for prefix in METHOD_METRICS] + list(SAE_METRICS)
+    return [f"{prefix}_{m}" for m in methods for prefix in METHOD_METRICS] + [*SAE_METRICS, "trial_seconds"]
 
 
 def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
@@ -77,11 +77,11 @@ def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
     if "sae_rec_all" in config.steering.methods:
         problems.append("steering.methods: sae_rec_all needs one SAE per layer; the sweep does not evaluate it")
     allowed = allowed_metrics(config)
-    metrics = config.search.metric if isinstance(config.search.metric, list) else [config.search.metric]
-    for metric in metrics:
+    for metric in config.search.metrics:
         if metric not in allowed:
             problems.append(f"search.metric: {metric!r} is not reported by these methods; one of: {', '.join(allowed)}")
-    keys = [key for key, _ in space]
+    distributions = dict(space)
+    keys = list(distributions)
     if not space:
         problems.append("the config has no distribution to search; mark a value as e.g. {choice: [...]}")
     for i, point in enumerate(config.search.points_to_evaluate):
@@ -94,7 +94,6 @@ def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
         missing = [key for key in keys if key not in point and key not in CONDITIONS]
         if missing:
             problems.append(f"search.points_to_evaluate[{i}]: missing {', '.join(missing)}")
-        distributions = dict(space)
         for key, value in point.items():
             if not _within(distributions[key], value):
                 allowed = distributions[key].model_dump()
@@ -138,7 +137,7 @@ def build_searcher(config: ExperimentConfig, space: list[tuple[str, Distribution
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
     }[config.search.sampler]()
-    fixed = {key: value for key, value in [("pass.w_aux", config.pass_.w_aux)] if not isinstance(value, Distribution)}
+    fixed = {} if isinstance(config.pass_.w_aux, Distribution) else {"pass.w_aux": config.pass_.w_aux}
     return OptunaSearch(
         space=SearchSpace(space, fixed),
         metric=config.search.metric,
@@ -159,10 +158,10 @@ def build_trainable(config: ExperimentConfig, data: Any) -> Any:
     return tune.with_resources(tune.with_parameters(run_trial, base_config=base, data=data), resources)
 
 
-def build_tuner(config: ExperimentConfig, trainable: Any, name: str) -> Any:
+def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]], trainable: Any, name: str) -> Any:
+    """A Tuner over `space` (from check_sweep) writing to <experiments root>/<name>."""
     from ray import tune
 
-    space = check_sweep(config)
     single = not isinstance(config.search.metric, list)
     return tune.Tuner(
         trainable,
@@ -185,13 +184,13 @@ def build_tuner(config: ExperimentConfig, trainable: Any, name: str) -> Any:
 
 def _latest_experiment(root: str, prefix: str) -> str | None:
     """The most recently started vs2ray experiment under `root` whose name starts with `prefix`-."""
-    from vs2ray.results import list_dirs, modified
+    from vs2ray.results import SWEEP_CONFIG_FILE, list_dirs, modified
 
     started = {}
     for name in list_dirs(root):
         if name.startswith(f"{prefix}-"):
             with contextlib.suppress(FileNotFoundError):
-                started[name] = modified(f"{root}/{name}/{CONFIG_FILE}")
+                started[name] = modified(f"{root}/{name}/{SWEEP_CONFIG_FILE}")
     return max(started, key=started.get) if started else None
 
 
@@ -205,23 +204,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: a local instance")
     args = parser.parse_args(argv)
 
-    from vs2ray.results import format_summary, load_results, read_text, write_text
+    from vs2ray.results import (
+        STATUS_DONE,
+        SWEEP_CONFIG_FILE,
+        format_summary,
+        load_results,
+        load_sweep_config,
+        read_text,
+        write_text,
+    )
 
     config_path = args.config or str(DEFAULT_CONFIG)
     config = load_config(config_path, args.overrides)
-    check_sweep(config)  # a bad sweep fails here, before Ray starts
+    space = check_sweep(config)  # a bad sweep fails here, before Ray starts
     root = experiments_root(config)
     if args.resume:
         name = args.name or _latest_experiment(root, config.name)
-        saved = read_text(f"{root}/{name}/{CONFIG_FILE}") if name else None
+        saved = load_sweep_config(f"{root}/{name}") if name else None
         if saved is None:
             raise ConfigError([f"--resume: no experiment {name or config.name + '-*'} under {root}"], "sweep")
         if args.overrides:
             print("note: --resume continues with the experiment's saved config; --set values are ignored")
-        config = load_config_text(saved, f"{root}/{name}/{CONFIG_FILE}")
+        config = saved
     else:
         name = args.name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if read_text(f"{root}/{name}/{CONFIG_FILE}") is not None:
+        if read_text(f"{root}/{name}/{SWEEP_CONFIG_FILE}") is not None:
             problem = f"--name: experiment {root}/{name} exists; add --resume or choose another name"
             raise ConfigError([problem], "sweep")
     path = f"{root}/{name}"
@@ -259,8 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"resuming {path}")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        write_text(f"{path}/{CONFIG_FILE}", config_to_yaml(config))
-        tuner = build_tuner(config, trainable, name)
+        write_text(f"{path}/{SWEEP_CONFIG_FILE}", config_to_yaml(config))
+        tuner = build_tuner(config, space, trainable, name)
     tuner.fit()
     del index
     results = load_results(path)
@@ -268,16 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_summary(results, config))
     print(f"\n{len(results)} trials in {time.perf_counter() - started:.0f} s; experiment: {path}")
     print(f"report: python -m analysis.report {path}")
-    finished = int((results["status"] == "TERMINATED").sum()) if len(results) else 0
+    finished = int((results["status"] == STATUS_DONE).sum()) if len(results) else 0
     return 0 if finished else 1  # a sweep in which no trial finished is a failed command
-
-
-def load_config_text(text: str, source: str) -> ExperimentConfig:
-    import yaml
-
-    from vs2ray.config import validate_config
-
-    return validate_config(yaml.safe_load(text), source)
 
 
 if __name__ == "__main__":

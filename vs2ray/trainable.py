@@ -39,7 +39,7 @@ from vs2ray.store import (
 )
 
 Log = Callable[[str], None]
-TRIAL_FILES = ("per_class.json", "methods.json", "predictions.npz")  # written into each trial's checkpoint
+SAE_METRICS = ("fvu", "val_fvu", "l0", "dead_fraction", "dense_fraction", "train_seconds")  # reported per trial
 
 
 def sae_params(config: ExperimentConfig) -> SAETrainParams:
@@ -281,8 +281,7 @@ def build_evaluator(data: SweepData, sae: TopKSAE, device: torch.device | str = 
 
 def trial_metrics(trained: TrainedSAE, results: dict[str, MethodResult]) -> dict[str, Any]:
     """The flat result a trial reports (DESIGN.md "Trial result"): SAE metrics, then each method's summary."""
-    shown = ("fvu", "val_fvu", "l0", "dead_fraction", "dense_fraction", "train_seconds")
-    metrics: dict[str, Any] = {name: float(trained.metrics[name]) for name in shown if name in trained.metrics}
+    metrics: dict[str, Any] = {name: float(trained.metrics[name]) for name in SAE_METRICS if name in trained.metrics}
     metrics["sae_cache_hit"] = trained.cache_hit
     metrics["sae_dir"] = str(trained.directory)
     for result in results.values():
