@@ -2,7 +2,8 @@
 
 Tune writes one directory per trial: `params.json` (the sampled values), `result.json`
 (one JSON line per report), `error.txt` when it failed, and `checkpoint_000000/` with
-the files a vs2ray trial leaves (`per_class.json`, `methods.json`, `predictions.npz`).
+the files a vs2ray trial leaves (`per_class.json`, `methods.json`, `predictions.npz`,
+`metrics.json`).
 Paths may be local or `s3://` / `gs://` URIs (read through pyarrow's filesystems).
 
     from vs2ray.results import load_results, method_table
@@ -14,11 +15,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 # row label of each method in tables (the paper's names; centroid_shift is our ablation)
 METHOD_LABELS = {
@@ -36,25 +41,115 @@ METHOD_LABELS = {
 }
 STATUS_DONE, STATUS_ERROR, STATUS_INCOMPLETE = "TERMINATED", "ERROR", "INCOMPLETE"
 SWEEP_CONFIG_FILE = "vs2ray_config.yaml"  # the sweep's config, saved in the experiment dir for --resume and analysis
+TRIAL_DIR_PREFIX = "trial_"
 
 
 # ---------------------------------------------------------------- local paths and URIs alike
 
 
-def _filesystem(path: str | Path) -> tuple[Any, str]:
-    import pyarrow.fs as pafs
+class _ReplaceOnClose:
+    """A file written beside its destination and renamed over it when closed."""
 
+    def __init__(self, path: str):
+        directory, name = os.path.split(path)
+        self._path = path
+        self._partial = os.path.join(directory, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+        self._file = open(self._partial, "wb")  # noqa: SIM115 (closed by close())
+
+    def write(self, data: Any) -> int:
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+            os.replace(self._partial, self._path)
+
+
+class AtomicLocalFiles(pafs.FileSystemHandler):
+    """The local filesystem, except that a file being written never replaces the old one until it is complete.
+
+    Tune copies its experiment state (trial list, searcher state) and every trial's
+    results to the storage path again and again; on a plain local filesystem a driver
+    killed mid-copy leaves a truncated `experiment_state-*.json` that `--resume` cannot
+    read. Behind this handler a reader sees the previous file or the new one. (Object
+    stores write whole objects already; they do not need it.)
+    """
+
+    def __init__(self) -> None:
+        self._local = pafs.LocalFileSystem()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AtomicLocalFiles)
+
+    def __hash__(self) -> int:
+        return hash(AtomicLocalFiles)
+
+    def get_type_name(self) -> str:
+        return "vs2ray-atomic-local"
+
+    def normalize_path(self, path: str) -> str:
+        return self._local.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[Any]:
+        return self._local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: Any) -> list[Any]:
+        return self._local.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._local.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self._local.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        self._local.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path: str) -> None:
+        self._local.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._local.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with self._local.open_input_stream(src) as source, self.open_output_stream(dest, None) as target:
+            target.write(source.read())
+
+    def open_input_stream(self, path: str) -> Any:
+        return self._local.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> Any:
+        return self._local.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        return pa.PythonFile(_ReplaceOnClose(path), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any) -> Any:
+        return self._local.open_append_stream(path)
+
+
+def storage_filesystem(path: str | Path) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) for a local path or an s3:// / gs:// URI; local writes are atomic."""
     text = str(path)
     if "://" in text:
         return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+    return pafs.PyFileSystem(AtomicLocalFiles()), str(Path(text).expanduser().resolve())
+
 
 
 def read_bytes(path: str | Path) -> bytes | None:
     """A file's bytes, or None when it does not exist."""
-    import pyarrow.fs as pafs
-
-    fs, where = _filesystem(path)
+    fs, where = storage_filesystem(path)
     if fs.get_file_info(where).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(where) as stream:
@@ -67,7 +162,7 @@ def read_text(path: str | Path) -> str | None:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    fs, where = _filesystem(path)
+    fs, where = storage_filesystem(path)
     fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(where) as stream:
         stream.write(text.encode())
@@ -75,9 +170,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 def list_dirs(path: str | Path) -> list[str]:
     """Names of the directories directly under `path` (none if it does not exist)."""
-    import pyarrow.fs as pafs
-
-    fs, where = _filesystem(path)
+    fs, where = storage_filesystem(path)
     if fs.get_file_info(where).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(where))
@@ -116,7 +209,7 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
         error = read_text(f"{trial_dir}/error.txt")
         status = STATUS_DONE if result else STATUS_ERROR if error else STATUS_INCOMPLETE
         row = {
-            "trial_id": name.removeprefix("trial_"),
+            "trial_id": name.removeprefix(TRIAL_DIR_PREFIX),
             "status": status,
             "error": _error_summary(error) if status == STATUS_ERROR else "",
             "trial_dir": trial_dir,
@@ -132,9 +225,7 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
 
 def modified(path: str | Path) -> pd.Timestamp:
     """A file's modification time; FileNotFoundError when it does not exist."""
-    import pyarrow.fs as pafs
-
-    fs, where = _filesystem(path)
+    fs, where = storage_filesystem(path)
     info = fs.get_file_info(where)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(path)
@@ -174,6 +265,11 @@ def methods_in(trials: pd.DataFrame) -> list[str]:
     """Methods that some trial reported, in the order of METHOD_LABELS."""
     reported = {c.removeprefix("val_top1_") for c in trials.columns if c.startswith("val_top1_")}
     return [m for m in METHOD_LABELS if m in reported]
+
+
+def trial_dir_name(trial_id: str) -> str:
+    """The directory Tune gives a trial inside the experiment dir (set by the sweep)."""
+    return f"{TRIAL_DIR_PREFIX}{trial_id}"
 
 
 def trial_file(trial_dir: str, name: str) -> bytes | None:

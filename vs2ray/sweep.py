@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
+import json
 import os
 import sys
 import time
@@ -122,8 +124,44 @@ def experiments_root(config: ExperimentConfig) -> str:
     return root if "://" in root else str(Path(root).expanduser().resolve())
 
 
+def tune_storage(root: str) -> tuple[str, Any | None]:
+    """Tune's (storage_path, storage_filesystem) for an experiments root.
+
+    A local root goes through vs2ray's atomic-write filesystem, so that a driver killed
+    while Tune copies its experiment state leaves the previous state whole; object
+    stores get Ray's own filesystem (None).
+    """
+    from vs2ray.results import storage_filesystem
+
+    if "://" in root:
+        return root, None
+    fs, where = storage_filesystem(root)
+    return where, fs
+
+
+def unreadable_experiment_state(experiment: str) -> str | None:
+    """The newest Tune experiment state file of `experiment` when it is not whole JSON, else None."""
+    import pyarrow.fs as pafs
+
+    from vs2ray.results import read_text, storage_filesystem
+
+    fs, where = storage_filesystem(experiment)
+    infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+    states = [info.base_name for info in infos if fnmatch.fnmatch(info.base_name, "experiment_state-*.json")]
+    if not states:
+        return None  # Tune's restore names a missing state itself
+    newest = f"{experiment}/{max(states)}"  # Tune's own choice: the latest session's timestamp
+    try:
+        json.loads(read_text(newest) or "")
+    except ValueError:
+        return newest
+    return None
+
+
 def _trial_dirname(trial: Any) -> str:
-    return f"trial_{trial.trial_id}"
+    from vs2ray.results import trial_dir_name
+
+    return trial_dir_name(trial.trial_id)
 
 
 def build_searcher(config: ExperimentConfig, space: list[tuple[str, Distribution]]) -> Any:
@@ -147,7 +185,7 @@ def build_searcher(config: ExperimentConfig, space: list[tuple[str, Distribution
     )
 
 
-def build_trainable(config: ExperimentConfig, data: Any) -> Any:
+def build_trainable(config: ExperimentConfig, data: Any, experiment: str) -> Any:
     """run_trial with the shared arrays in the object store and the configured per-trial resources."""
     from ray import tune
 
@@ -155,7 +193,8 @@ def build_trainable(config: ExperimentConfig, data: Any) -> Any:
 
     resources = {"cpu": config.resources.cpus_per_trial, "gpu": config.resources.gpus_per_trial}
     base = config.model_dump(mode="json", by_alias=True)
-    return tune.with_resources(tune.with_parameters(run_trial, base_config=base, data=data), resources)
+    trainable = tune.with_parameters(run_trial, base_config=base, data=data, experiment=experiment)
+    return tune.with_resources(trainable, resources)
 
 
 def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]], trainable: Any, name: str) -> Any:
@@ -163,6 +202,7 @@ def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]],
     from ray import tune
 
     single = not isinstance(config.search.metric, list)
+    storage_path, filesystem = tune_storage(experiments_root(config))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -175,7 +215,8 @@ def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]],
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=experiments_root(config),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
             verbose=1,  # status tables and trial errors; each trial's metrics are in the closing summary
         ),
@@ -226,6 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.overrides:
             print("note: --resume continues with the experiment's saved config; --set values are ignored")
         config = saved
+        damaged = unreadable_experiment_state(f"{root}/{name}")
+        if damaged:
+            print(
+                f"error: --resume: {damaged} is cut short (its driver was killed while writing it), so Tune cannot "
+                f"restore the sweep; its finished trials stay readable: python -m analysis.report {root}/{name}",
+                file=sys.stderr,
+            )
+            return 1
     else:
         name = args.name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if read_text(f"{root}/{name}/{SWEEP_CONFIG_FILE}") is not None:
@@ -261,10 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if needs_retrieval(config):
         index = start_retrieval(config, data, config.retrieval.gpus_per_shard)
         print(f"retrieval: {data.retrieval_index} ({sum(index.sizes)} vectors in {len(index.sizes)} shard(s))")
-    trainable = build_trainable(config, data)
+    trainable = build_trainable(config, data, path)
     if args.resume:
         print(f"resuming {path}")
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+        where, filesystem = tune_storage(root)
+        tuner = tune.Tuner.restore(
+            f"{where}/{name}", trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=filesystem
+        )
     else:
         write_text(f"{path}/{SWEEP_CONFIG_FILE}", config_to_yaml(config))
         tuner = build_tuner(config, space, trainable, name)

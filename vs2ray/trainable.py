@@ -302,11 +302,26 @@ def write_trial_files(directory: Path, classes: list[str], labels: np.ndarray, r
     np.savez(directory / "predictions.npz", labels=labels.astype(np.int32), **predictions)
 
 
-def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepData) -> None:
-    """Tune function trainable: one SAE (cached) and every configured method at the trial's sampled values."""
+METRICS_FILE = "metrics.json"  # the reported result, kept in the checkpoint so a restarted trial need not rerun
+
+
+def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepData, experiment: str) -> None:
+    """Tune function trainable: one SAE (cached) and every configured method at the trial's sampled values.
+
+    `experiment` is the experiment dir (local or URI) where Tune keeps this trial's files.
+    """
     import ray
     from ray import tune
 
+    from vs2ray.results import trial_dir_name, trial_file
+
+    trial_dir = f"{experiment}/{trial_dir_name(tune.get_context().get_trial_id())}"
+    saved = trial_file(trial_dir, METRICS_FILE)
+    if saved is not None:
+        # The driver died after this trial reported but before Tune saved its state, so Tune
+        # runs it again; its checkpoint already holds the whole result.
+        tune.report(json.loads(saved))
+        return
     started = time.perf_counter()
     config = config_with(validate_config(base_config, "sweep"), params)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -326,4 +341,5 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     )
     with tempfile.TemporaryDirectory() as staging:
         write_trial_files(Path(staging), data.classes, data.test.labels, results)
+        (Path(staging) / METRICS_FILE).write_text(json.dumps(metrics))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
