@@ -275,6 +275,10 @@ def test_a_rerun_trial_whose_checkpoint_holds_its_result_reports_it_instead_of_r
         trainable.run_trial({}, base_config, data, experiment=str(tmp_path))
     saved = {"val_top1_vs2": 0.75, "eval_seconds": 0.0311, "vs2ray_complete": True}
     (checkpoint / trainable.METRICS_FILE).write_text(json.dumps(saved))
+    with pytest.raises(Recomputed):  # the result without the per-class files (an upload cut short): it runs
+        trainable.run_trial({}, base_config, data, experiment=str(tmp_path))
+    for name in trainable.CHECKPOINT_FILES[:-1]:
+        (checkpoint / name).write_bytes(b"written")
     trainable.run_trial({}, base_config, data, experiment=str(tmp_path))
     assert reported == [(saved, None)]
 

@@ -303,6 +303,7 @@ def write_trial_files(directory: Path, classes: list[str], labels: np.ndarray, r
 
 
 METRICS_FILE = "metrics.json"  # the reported result, kept in the checkpoint so a restarted trial need not rerun
+CHECKPOINT_FILES = ("per_class.json", "methods.json", "predictions.npz", METRICS_FILE)
 
 
 def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepData, experiment: str) -> None:
@@ -317,7 +318,7 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
 
     trial_dir = f"{experiment}/{trial_dir_name(tune.get_context().get_trial_id())}"
     saved = trial_file(trial_dir, METRICS_FILE)
-    if saved is not None:
+    if saved is not None and all(trial_file(trial_dir, name) is not None for name in CHECKPOINT_FILES):
         # The driver died after this trial reported but before Tune saved its state, so Tune
         # runs it again; its checkpoint already holds the whole result.
         tune.report(json.loads(saved))
