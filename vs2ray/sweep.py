@@ -124,19 +124,16 @@ def experiments_root(config: ExperimentConfig) -> str:
     return root if "://" in root else str(Path(root).expanduser().resolve())
 
 
-def tune_storage(root: str) -> tuple[str, Any | None]:
-    """Tune's (storage_path, storage_filesystem) for an experiments root.
+def tune_filesystem(root: str) -> Any | None:
+    """Tune's storage_filesystem for an experiments root (a local path or a URI).
 
     A local root goes through vs2ray's atomic-write filesystem, so that a driver killed
     while Tune copies its experiment state leaves the previous state whole; object
-    stores get Ray's own filesystem (None).
+    stores keep Ray's own filesystem (None).
     """
     from vs2ray.results import storage_filesystem
 
-    if "://" in root:
-        return root, None
-    fs, where = storage_filesystem(root)
-    return where, fs
+    return None if "://" in root else storage_filesystem(root)[0]
 
 
 def unreadable_experiment_state(experiment: str) -> str | None:
@@ -202,7 +199,7 @@ def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]],
     from ray import tune
 
     single = not isinstance(config.search.metric, list)
-    storage_path, filesystem = tune_storage(experiments_root(config))
+    root = experiments_root(config)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -215,8 +212,8 @@ def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]],
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
+            storage_path=root,
+            storage_filesystem=tune_filesystem(root),
             failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
             verbose=1,  # status tables and trial errors; each trial's metrics are in the closing summary
         ),
@@ -313,9 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainable = build_trainable(config, data, path)
     if args.resume:
         print(f"resuming {path}")
-        where, filesystem = tune_storage(root)
         tuner = tune.Tuner.restore(
-            f"{where}/{name}", trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=filesystem
+            path, trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=tune_filesystem(root)
         )
     else:
         write_text(f"{path}/{SWEEP_CONFIG_FILE}", config_to_yaml(config))
