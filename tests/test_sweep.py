@@ -229,7 +229,7 @@ def test_a_file_written_to_local_storage_replaces_the_old_one_only_when_complete
     (staging / "trial_a" / "result.json").write_text("{}\n" * 1000)
     pafs.copy_files(str(staging), f"{root}/experiment", destination_filesystem=fs)
     assert (tmp_path / "experiment" / "trial_a" / "result.json").read_text() == "{}\n" * 1000
-    leftovers = [p.name for p in tmp_path.rglob("*") if ".partial-" in p.name]
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # atomic_write_bytes' temp files
     assert leftovers == []
 
 

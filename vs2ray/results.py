@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from vs2ray.store import atomic_write_bytes
 
 # row label of each method in tables (the paper's names; centroid_shift is our ablation)
 METHOD_LABELS = {
@@ -48,28 +48,25 @@ TRIAL_DIR_PREFIX = "trial_"
 
 
 class _ReplaceOnClose:
-    """A file written beside its destination and renamed over it when closed."""
+    """A file stream kept in memory and written to its path atomically when closed (store.atomic_write_bytes)."""
 
     def __init__(self, path: str):
-        directory, name = os.path.split(path)
-        self._path = path
-        self._partial = os.path.join(directory, f".{name}.partial-{uuid.uuid4().hex[:12]}")
-        self._file = open(self._partial, "wb")  # noqa: SIM115 (closed by close())
+        self._path, self._buffer = Path(path), io.BytesIO()
 
     def write(self, data: Any) -> int:
-        return self._file.write(data)
+        return self._buffer.write(data)
 
     def flush(self) -> None:
-        self._file.flush()
+        pass  # nothing reaches the disk before close
 
     @property
     def closed(self) -> bool:
-        return self._file.closed
+        return self._buffer.closed
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-            os.replace(self._partial, self._path)
+        if not self._buffer.closed:
+            atomic_write_bytes(self._path, self._buffer.getvalue())
+            self._buffer.close()
 
 
 class AtomicLocalFiles(pafs.FileSystemHandler):
@@ -144,7 +141,6 @@ def storage_filesystem(path: str | Path) -> tuple[Any, str]:
     if "://" in text:
         return pafs.FileSystem.from_uri(text)
     return pafs.PyFileSystem(AtomicLocalFiles()), str(Path(text).expanduser().resolve())
-
 
 
 def read_bytes(path: str | Path) -> bytes | None:
@@ -273,7 +269,7 @@ def trial_dir_name(trial_id: str) -> str:
 
 
 def trial_file(trial_dir: str, name: str) -> bytes | None:
-    """A file the trial left in its checkpoint (per_class.json, methods.json, predictions.npz)."""
+    """A file the trial left in its checkpoint (per_class.json, methods.json, predictions.npz, metrics.json)."""
     return read_bytes(f"{trial_dir}/checkpoint_000000/{name}")
 
 

@@ -317,11 +317,11 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     from vs2ray.results import trial_dir_name, trial_file
 
     trial_dir = f"{experiment}/{trial_dir_name(tune.get_context().get_trial_id())}"
-    saved = trial_file(trial_dir, METRICS_FILE)
-    if saved is not None and all(trial_file(trial_dir, name) is not None for name in CHECKPOINT_FILES):
+    saved = {name: trial_file(trial_dir, name) for name in CHECKPOINT_FILES}
+    if all(data is not None for data in saved.values()):
         # The driver died after this trial reported but before Tune saved its state, so Tune
         # runs it again; its checkpoint already holds the whole result.
-        tune.report(json.loads(saved))
+        tune.report(json.loads(saved[METRICS_FILE]))
         return
     started = time.perf_counter()
     config = config_with(validate_config(base_config, "sweep"), params)
