@@ -147,6 +147,13 @@ def test_sweep_shares_the_sae_cache_records_per_class_files_and_survives_a_faili
     assert table.loc["vs2", "delta"] == pytest.approx(100 * (best_vs2["test_top1_vs2"] - row["test_top1_zero_shot"]))
 
 
+def _json_or_none(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def _finished_trials(experiment: Path) -> dict[str, dict]:
     """trial dir name -> the metrics vs2ray reported (Tune's own bookkeeping keys left out)."""
     from ray.tune.result import AUTO_RESULT_KEYS
@@ -154,8 +161,8 @@ def _finished_trials(experiment: Path) -> dict[str, dict]:
     bookkeeping = {*AUTO_RESULT_KEYS, "trial_id", "done", "should_checkpoint"}
     finished = {}
     for result in experiment.glob("trial_*/result.json"):
-        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        complete = [line for line in lines if line.get("vs2ray_complete")]
+        lines = [_json_or_none(line) for line in result.read_text().splitlines() if line.strip()]
+        complete = [line for line in lines if line and line.get("vs2ray_complete")]  # the kill can cut a line
         if complete:
             finished[result.parent.name] = {k: v for k, v in complete[-1].items() if k not in bookkeeping}
     return finished

@@ -176,9 +176,17 @@ def list_dirs(path: str | Path) -> list[str]:
 # ---------------------------------------------------------------- trials
 
 
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def _last_complete_result(text: str | None) -> dict[str, Any] | None:
-    lines = [json.loads(line) for line in (text or "").splitlines() if line.strip()]
-    complete = [line for line in lines if line.get("vs2ray_complete")]
+    # a driver killed while Tune uploaded the file can leave its last line cut short
+    lines = [_json_or_none(line) for line in (text or "").splitlines() if line.strip()]
+    complete = [line for line in lines if isinstance(line, dict) and line.get("vs2ray_complete")]
     return complete[-1] if complete else None
 
 
@@ -199,7 +207,7 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
         params_text = read_text(f"{trial_dir}/params.json")
         if params_text is None:
             continue
-        params = json.loads(params_text)
+        params = _json_or_none(params_text) or {}  # cut short only for a trial that had just started
         started = modified(f"{trial_dir}/params.json")  # Tune writes params.json when the trial starts
         result = _last_complete_result(read_text(f"{trial_dir}/result.json"))
         error = read_text(f"{trial_dir}/error.txt")

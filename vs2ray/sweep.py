@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fnmatch
-import json
 import os
 import sys
 import time
@@ -136,25 +134,6 @@ def tune_filesystem(root: str) -> Any | None:
     return None if "://" in root else storage_filesystem(root)[0]
 
 
-def unreadable_experiment_state(experiment: str) -> str | None:
-    """The newest Tune experiment state file of `experiment` when it is not whole JSON, else None."""
-    import pyarrow.fs as pafs
-
-    from vs2ray.results import read_text, storage_filesystem
-
-    fs, where = storage_filesystem(experiment)
-    infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
-    states = [info.base_name for info in infos if fnmatch.fnmatch(info.base_name, "experiment_state-*.json")]
-    if not states:
-        return None  # Tune's restore names a missing state itself
-    newest = f"{experiment}/{max(states)}"  # Tune's own choice: the latest session's timestamp
-    try:
-        json.loads(read_text(newest) or "")
-    except ValueError:
-        return newest
-    return None
-
-
 def _trial_dirname(trial: Any) -> str:
     from vs2ray.results import trial_dir_name
 
@@ -251,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_text,
         write_text,
     )
+    from vs2ray.tune_state import DamagedState, keep_restorable_snapshots, prepare_resume
 
     config_path = args.config or str(DEFAULT_CONFIG)
     config = load_config(config_path, args.overrides)
@@ -264,11 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.overrides:
             print("note: --resume continues with the experiment's saved config; --set values are ignored")
         config = saved
-        damaged = unreadable_experiment_state(f"{root}/{name}")
-        if damaged:
+        try:
+            for change in prepare_resume(f"{root}/{name}"):
+                print(f"resume: {change}")
+        except DamagedState as error:
             print(
-                f"error: --resume: {damaged} is cut short (its driver was killed while writing it), so Tune cannot "
-                f"restore the sweep; its finished trials stay readable: python -m analysis.report {root}/{name}",
+                f"error: --resume: {error}, so Tune cannot restore the sweep; "
+                f"its finished trials stay readable: python -m analysis.report {root}/{name}",
                 file=sys.stderr,
             )
             return 1
@@ -291,8 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray import tune
 
-    # snapshot the experiment state at every step, so that a killed driver loses no finished trial
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    keep_restorable_snapshots()
+    if "://" not in root:  # save the experiment state at every step (cheap on a local or shared disk), so that
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # a killed driver loses no finished trial
     started = time.perf_counter()
     ray.init(address=args.address, include_dashboard=False if args.address is None else None, configure_logging=False)
 
