@@ -123,3 +123,23 @@ def test_a_result_line_cut_short_by_a_killed_upload_does_not_hide_the_trial_resu
         result.write('{"vs2ray_complete": true, "val_to')
     trials = load_results(tmp_path)
     assert trials.loc[0, "status"] == "TERMINATED" and trials.loc[0, "val_top1_vs2"] == 0.5
+
+
+class NoMoves(AtomicLocalFiles):
+    """Storage that cannot move (as object stores cannot move a directory)."""
+
+    def move(self, src, dest):
+        raise NotImplementedError("move")
+
+
+def test_setting_aside_copies_and_deletes_where_storage_cannot_move(tmp_path):
+    from vs2ray.tune_state import _set_aside
+
+    make_trial(tmp_path, "c")
+    (tmp_path / "experiment_state-x.json").write_text("{}")
+    fs = pafs.PyFileSystem(NoMoves())
+    _set_aside(fs, str(tmp_path), "trial_c")
+    _set_aside(fs, str(tmp_path), "experiment_state-x.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["orphaned"]
+    assert (tmp_path / "orphaned" / "trial_c" / "result.json").read_text().startswith('{"vs2ray_complete"')
+    assert (tmp_path / "orphaned" / "experiment_state-x.json").read_text() == "{}"

@@ -82,9 +82,13 @@ def keep_restorable_snapshots() -> None:
     writing, and then stores what that upload carried as SNAPSHOT_FILE. A save Tune
     waits for itself (the last one of a sweep) is stored right away.
     """
-    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as Manager
+    try:  # a private Tune class (Ray 2.60); a Ray without it runs the sweep as Tune alone would
+        from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as Manager
 
-    original = Manager.sync_up_experiment_state
+        original = Manager.sync_up_experiment_state
+    except (ImportError, AttributeError) as error:
+        logger.warning("this Ray has no %s; a killed sweep may not resume cleanly", error)
+        return
     if getattr(original, "vs2ray_snapshots", False):
         return
 
