@@ -125,17 +125,20 @@ def _set_aside(fs: Any, where: str, name: str) -> None:
             fs.delete_file(source)
 
 
-def _restore_snapshot(fs: Any, where: str, data: bytes) -> list[str]:
-    """Write the snapshot's state files over the experiment dir; returns the names written."""
-    restored = []
+def _restore_snapshot(experiment: str, data: bytes) -> tuple[list[str], list[str]]:
+    """Write the snapshot's state files over the experiment dir; returns (their names, those that differed)."""
+    fs, where = storage_filesystem(experiment)
+    names, changed = [], []
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for member in tar.getmembers():
             if member.isfile() and "/" not in member.name and is_state_file(member.name):
                 content = tar.extractfile(member).read()  # type: ignore[union-attr]
-                with fs.open_output_stream(f"{where}/{member.name}") as out:
-                    out.write(content)
-                restored.append(member.name)
-    return restored
+                names.append(member.name)
+                if read_bytes(f"{experiment}/{member.name}") != content:
+                    with fs.open_output_stream(f"{where}/{member.name}") as out:
+                        out.write(content)
+                    changed.append(member.name)
+    return names, changed
 
 
 def _newest_state(names: list[str]) -> str | None:
@@ -166,9 +169,9 @@ def prepare_resume(experiment: str) -> list[str]:
     fs, where = storage_filesystem(experiment)
     changes = []
     snapshot = read_bytes(f"{experiment}/{SNAPSHOT_FILE}")
-    restored = _restore_snapshot(fs, where, snapshot) if snapshot else []
-    if restored:
-        changes.append(f"restored the last uploaded Tune state ({', '.join(restored)})")
+    restored, changed = _restore_snapshot(experiment, snapshot) if snapshot else ([], [])
+    if changed:
+        changes.append(f"put back the last whole upload of {', '.join(changed)}")
     entries = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
     files = [entry.base_name for entry in entries if entry.type == pafs.FileType.File]
     for name in files:
