@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 import time
@@ -12,7 +11,7 @@ from types import SimpleNamespace
 import pyarrow.fs as pafs
 
 from vs2ray.results import AtomicLocalFiles, load_results
-from vs2ray.tune_state import SNAPSHOT_FILE, keep_restorable_snapshots, prepare_resume
+from vs2ray.tune_state import SNAPSHOT_FILE, keep_restorable_snapshots, prepare_resume, snapshot_bytes
 
 SESSION = "2026-11-22_08-50-53"
 
@@ -74,14 +73,6 @@ def test_every_save_waits_for_the_previous_upload_and_the_upload_is_kept_whole(t
     assert json.loads(snapshot[f"experiment_state-{SESSION}.json"]) == json.loads(experiment_state("a", "b", "c"))
 
 
-def snapshot_of(directory: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in sorted(directory.iterdir()):
-            tar.add(path, arcname=path.name)
-    return buffer.getvalue()
-
-
 def make_trial(experiment: Path, trial_id: str) -> None:
     trial = experiment / f"trial_{trial_id}"
     trial.mkdir()
@@ -94,7 +85,7 @@ def test_resume_puts_back_the_last_whole_upload_and_sets_aside_what_came_after(t
     uploaded.mkdir()
     experiment.mkdir()
     write_state(uploaded, SESSION, "a", "b")
-    (experiment / SNAPSHOT_FILE).write_bytes(snapshot_of(uploaded))
+    (experiment / SNAPSHOT_FILE).write_bytes(snapshot_bytes(uploaded))
     # a driver killed mid-upload: the trial list is one save ahead of the searcher's counter, and
     # a resumed driver was killed again before its first whole upload (a newer session)
     write_state(experiment, SESSION, "a", "b")

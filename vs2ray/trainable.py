@@ -318,7 +318,7 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
 
     trial_dir = f"{experiment}/{trial_dir_name(tune.get_context().get_trial_id())}"
     saved = {name: trial_file(trial_dir, name) for name in CHECKPOINT_FILES}
-    if all(data is not None for data in saved.values()):
+    if all(content is not None for content in saved.values()):
         # The driver died after this trial reported but before Tune saved its state, so Tune
         # runs it again; its checkpoint already holds the whole result.
         tune.report(json.loads(saved[METRICS_FILE]))
