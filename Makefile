@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= cpu,dev
 
-.PHONY: install test lint demo tiny-clip clean
+.PHONY: install test lint demo world world-card clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,9 +33,16 @@ demo: install
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m vs2ray.sweep --config sweeps/quickstart.yaml --name $$name && \
 	$(PY) -m analysis.report $${VS2RAY_EXPERIMENTS:-$${VS2RAY_ROOT:-$$HOME/vs2ray}/experiments}/$$name
 
-# Re-create the bundled vs2ray-tiny weights (about 5 minutes on 2 cores).
-tiny-clip: install
+# Re-create the bundled world's weights: vs2ray-tiny (about 4 minutes on 2 cores) and
+# vs2ray-tiny-retrieval (about 5 minutes), then measure the world card on the quickstart's stores.
+world: install
 	$(PY) scripts/train_tiny_clip.py
+	$(PY) scripts/train_retrieval_encoder.py
+	$(MAKE) world-card
+
+# The world card on the quickstart's stores (extracts them first when missing).
+world-card: install
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) scripts/world_card.py --config sweeps/quickstart.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

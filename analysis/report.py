@@ -140,7 +140,11 @@ def method_section(table: pd.DataFrame) -> str:
     return (
         "Each method at the trial (and, within it, the grid setting) with the best **validation** top-1; "
         "test top-1 (%) is reported there. † test-oracle best = the best test top-1 over every trial "
-        "and setting, the paper's way of choosing γ and λ: optimistic, not a result.\n\n" + _markdown(shown)
+        "and setting, the paper's way of choosing γ and λ: optimistic, not a result. `rule` is the VS2++ "
+        "positive rule the row used (`query`: S+ shares the query's label; `majority`: the neighbours' most "
+        "frequent label); the oracle's S+ shares the query's true label. Coverage: for the FVU gate the share "
+        "steered; for VS2++ and CLIP-space steering the share of queries with both S+ and S− non-empty (the "
+        "rest stay unsteered).\n\n" + _markdown(shown)
     )
 
 

@@ -1,4 +1,4 @@
-"""Train `vs2ray-tiny`, the bundled open_clip model, contrastively on `shapes` image–caption pairs.
+"""Train `vs2ray-tiny`, the bundled open_clip model, on `shapes` image–caption pairs.
 
     python scripts/train_tiny_clip.py                 # re-creates vs2ray/assets/vs2ray-tiny.safetensors
     python scripts/train_tiny_clip.py --out /tmp/tiny.safetensors --steps 200
@@ -8,11 +8,24 @@ The model trains on the `pretrain` split, which the experiments never use, so th
 `train` split stays in-domain unlabelled data the encoder has not seen, as CIFAR-100
 is for OpenAI's CLIP. At the end the saved fp16 weights are loaded back through
 `vs2ray.models.load_clip` and their zero-shot top-1 on the `test` split is printed.
+
+The world is built to have the structure of CLIP on CIFAR-100 (README: the world card):
+- **Noisy captions.** A caption names the block's other shape with probability
+  `--shape-swap` and the other colour with `--colour-swap`, as web captions name fine
+  distinctions unreliably: the text supervision knows less than the pixels show.
+- **An image-only objective.** A linear classifier on the final-block [CLS] token, trained
+  with the true pretrain labels (`--image-loss-weight`) and thrown away afterwards, makes the
+  image tower learn more than the text head uses (a linear probe beats zero-shot).
+- **The cone.** Every image embedding carries a fixed offset of length `--cone` along a seeded
+  random direction before normalisation (see `hold_cone`: one ln_post feature held constant,
+  its proj row the offset), so image embeddings share a common component as CLIP's do
+  (Liang et al. 2022, "Mind the gap": CLIP's embeddings occupy a narrow cone).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -26,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vs2ray.config import load_config
-from vs2ray.data.shapes import CAPTION_TEMPLATES, CLASS_NAMES, DEFAULT_SPLIT_SIZES, render_shape
+from vs2ray.data.shapes import BACKGROUNDS, CAPTION_TEMPLATES, CLASS_NAMES, DEFAULT_SPLIT_SIZES, render_shape
 from vs2ray.models import BUNDLED_WEIGHTS, register_bundled_model, zero_shot_evaluate
 
 OPENAI_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
@@ -40,13 +53,16 @@ def _render(args: tuple[int, int]) -> tuple[np.ndarray, int, str, str]:
     return sample.pixels, sample.label, size_word, sample.background
 
 
-def render_pretrain_pool(seed: int, count: int) -> tuple[torch.Tensor, list[tuple[int, str, str]]]:
-    """Render `count` pretrain images: normalised pixels (count, 3, 32, 32) and caption attributes."""
+def render_pretrain_pool(
+    seed: int, count: int, mean: torch.Tensor = OPENAI_MEAN, std: torch.Tensor = OPENAI_STD
+) -> tuple[torch.Tensor, list[tuple[int, str, str]]]:
+    """Render `count` pretrain images: pixels (count, 3, 32, 32) normalised by mean/std (1, 3, 1, 1),
+    and each image's (label, size word, background)."""
     with Pool(2) as pool:
         rendered = pool.map(_render, [(seed, i) for i in range(count)], chunksize=512)
     pixels = torch.from_numpy(np.stack([r[0] for r in rendered])).permute(0, 3, 1, 2).float() / 255.0
-    # same normalisation as open_clip's eval transform (resize/crop are no-ops at 32×32)
-    pixels = (pixels - OPENAI_MEAN) / OPENAI_STD
+    # same normalisation as the model's eval transform (resize/crop are no-ops at 32×32)
+    pixels = (pixels - mean) / std
     return pixels, [(r[1], r[2], r[3]) for r in rendered]
 
 
@@ -55,6 +71,60 @@ def lr_at(step: int, steps: int, base_lr: float, warmup: int) -> float:
     if step < warmup:
         return base_lr * (step + 1) / warmup
     return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def caption_table(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption a (class, size, background, template) can produce, tokenised once.
+
+    Returns tokens (n_captions, context) and an index (classes, 2 sizes, backgrounds, templates)
+    of caption rows.
+    """
+    sizes = ("small", "large")
+    keys = list(itertools.product(range(len(CLASS_NAMES)), sizes, BACKGROUNDS, CAPTION_TEMPLATES))
+    texts = [t.format(name=CLASS_NAMES[c], size=s, background=b) for c, s, b, t in keys]
+    unique = sorted(set(texts))
+    row = {text: i for i, text in enumerate(unique)}
+    table = torch.tensor([row[text] for text in texts]).reshape(
+        len(CLASS_NAMES), len(sizes), len(BACKGROUNDS), len(CAPTION_TEMPLATES)
+    )
+    return tokenizer(unique), table
+
+
+def named_classes(labels: torch.Tensor, shape_swap: float, colour_swap: float, generator) -> torch.Tensor:
+    """The class a noisy caption names: the block's other shape (label ^ 1) with probability
+    `shape_swap`, the other colour (label ^ 2) with probability `colour_swap`, independently.
+
+    Relies on shapes' class order: block b, colour i, shape j -> 4b + 2i + j.
+    """
+    flip_shape = (torch.rand(labels.shape, generator=generator) < shape_swap).long()
+    flip_colour = (torch.rand(labels.shape, generator=generator) < colour_swap).long()
+    return labels ^ flip_shape ^ (2 * flip_colour)
+
+
+CONE_DIM = 0  # the residual feature whose ln_post output is held constant to carry the cone's offset
+
+
+def cone_offset(seed: int, dim: int, length: float) -> torch.Tensor:
+    """A fixed (dim,) vector of norm `length` along a seeded random direction."""
+    direction = torch.randn(dim, generator=torch.Generator().manual_seed(seed + 7919))
+    return length * direction / direction.norm()
+
+
+@torch.no_grad()
+def hold_cone(model, offset: torch.Tensor) -> None:
+    """Make every image embedding carry `offset` (embed_dim,) before normalisation, in open_clip's own weights.
+
+    ln_post's output at CONE_DIM is the constant 1 (weight 0, bias 1) and proj's row there is
+    the offset, so ln_post(x) @ proj = offset + (the rest); the rest of proj is kept orthogonal
+    to the offset, so training cannot cancel it. Called after every optimiser step.
+    """
+    visual = model.visual
+    direction = offset / offset.norm()
+    visual.ln_post.weight[CONE_DIM] = 0.0
+    visual.ln_post.bias[CONE_DIM] = 1.0
+    rest = torch.arange(visual.proj.shape[0]) != CONE_DIM
+    visual.proj[rest] -= (visual.proj[rest] @ direction)[:, None] * direction
+    visual.proj[CONE_DIM] = offset
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_ids: torch.Tensor, scale: torch.Tensor):
@@ -77,27 +147,22 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     pixels, attributes = render_pretrain_pool(args.data_seed, args.pool_size)
     print(f"rendered {len(attributes)} pretrain images in {time.perf_counter() - started:.1f}s", flush=True)
 
-    # Every caption a (class, size, background, template) combination can produce, tokenised once.
-    captions = sorted(
-        {
-            t.format(name=n, size=s, background=b)
-            for t in CAPTION_TEMPLATES
-            for n in CLASS_NAMES
-            for s in ("small", "large")
-            for b in ("plain", "striped", "checkered", "noisy")
-        }
-    )
-    caption_index = {c: i for i, c in enumerate(captions)}
-    caption_tokens = tokenizer(captions)
-    choices = torch.tensor(
-        [
-            [caption_index[t.format(name=CLASS_NAMES[label], size=size, background=bg)] for t in CAPTION_TEMPLATES]
-            for label, size, bg in attributes
-        ]
+    caption_tokens, captions_of = caption_table(tokenizer)
+    labels = torch.tensor([label for label, _, _ in attributes])
+    size_ids = torch.tensor([int(size == "large") for _, size, _ in attributes])
+    background_ids = torch.tensor([BACKGROUNDS.index(bg) for _, _, bg in attributes])
+    offset = cone_offset(args.seed, model.visual.proj.shape[1], args.cone)
+    width = model.visual.proj.shape[0]
+    hold_cone(model, offset)
+    probe = torch.nn.Linear(width, len(CLASS_NAMES))  # the image-only objective's head, not shipped
+    final_cls: dict[str, torch.Tensor] = {}
+    model.visual.transformer.resblocks[-1].register_forward_hook(
+        lambda _m, _i, out: final_cls.__setitem__("x", out[:, 0] if model.visual.transformer.batch_first else out[0])
     )
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    named = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
@@ -112,22 +177,31 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         batch = torch.randint(len(attributes), (args.batch_size,), generator=generator)
         template = torch.randint(len(CAPTION_TEMPLATES), (args.batch_size,), generator=generator)
-        caption_ids = choices[batch, template]
+        named = named_classes(labels[batch], args.shape_swap, args.colour_swap, generator)
+        caption_ids = captions_of[named, size_ids[batch], background_ids[batch], template]
         images = pixels[batch]
         flip = torch.rand(args.batch_size, generator=generator) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
 
         image_emb = model.encode_image(images, normalize=True)
         text_emb = model.encode_text(caption_tokens[caption_ids], normalize=True)
-        loss = contrastive_loss(image_emb, text_emb, caption_ids, model.logit_scale.exp())
+        clip_loss = contrastive_loss(image_emb, text_emb, caption_ids, model.logit_scale.exp())
+        cls_tokens = F.layer_norm(final_cls["x"], (width,))
+        image_loss = F.cross_entropy(probe(cls_tokens), labels[batch])
+        loss = clip_loss + args.image_loss_weight * image_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        hold_cone(model, offset)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0 or step == args.steps - 1:
             rate = (step + 1) * args.batch_size / (time.perf_counter() - started)
-            print(f"step {step:5d}  loss {loss.item():.4f}  ({rate:.0f} pairs/s)", flush=True)
+            print(
+                f"step {step:5d}  contrastive {clip_loss.item():.4f}  image {image_loss.item():.4f}  "
+                f"({rate:.0f} pairs/s)",
+                flush=True,
+            )
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     out = Path(args.out)
@@ -157,6 +231,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--shape-swap", type=float, default=0.48, help="P(caption names the other shape)")
+    parser.add_argument("--colour-swap", type=float, default=0.25, help="P(caption names the other colour)")
+    parser.add_argument("--image-loss-weight", type=float, default=2.0, help="weight of the image-only objective")
+    parser.add_argument("--cone", type=float, default=10.0, help="length of the shared image-embedding offset")
     parser.add_argument("--pool-size", type=int, default=DEFAULT_SPLIT_SIZES["pretrain"])
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
     parser.add_argument("--data-seed", type=int, default=0, help="shapes generation seed")

@@ -162,3 +162,16 @@ def test_storage_defaults_come_from_the_environment(monkeypatch):
     config = load_config(None)
     assert config.storage.root == "/mnt/efs/vs2ray" and experiments_root(config) == "s3://bucket/experiments"
     assert load_config(None, ["storage.root=/elsewhere"]).storage.root == "/elsewhere"
+
+
+def test_positive_rule_takes_a_rule_a_grid_list_or_a_searched_choice(tmp_path):
+    assert load_config(None).retrieval.positive_rule == ("query", "majority")  # both gridded by default
+    assert load_config(None, ["retrieval.positive_rule=majority"]).retrieval.positive_rule == "majority"
+    searched = load_config(None, ["retrieval.positive_rule={choice: [query, majority]}"])
+    assert dict(search_space(searched))["retrieval.positive_rule"].values == ("query", "majority")
+    gridded = load_config(None, ["retrieval.positive_rule=[majority]"])
+    assert validate_config(yaml.safe_load(config_to_yaml(gridded))) == gridded  # a list survives the saved config
+    with pytest.raises(ConfigError, match=r"retrieval\.positive_rule: list entry got 'nearest'; expected 'query' or"):
+        load_config(None, ["retrieval.positive_rule=[query, nearest]"])
+    with pytest.raises(ConfigError, match=r"retrieval\.positive_rule: .*uniform"):
+        load_config(None, ["retrieval.positive_rule={uniform: [0, 1]}"])

@@ -106,7 +106,7 @@ def test_store_classifier_gives_the_model_paths_predictions(test_store, referenc
     stored_pred = logits_from_embeddings(torch.from_numpy(acts["embedding"]), stored_classifier).argmax(1)
     model_pred = logits_from_embeddings(independent, model_classifier).argmax(1)
     assert torch.equal(stored_pred, model_pred)
-    assert (stored_pred.numpy() == acts.labels).mean() > 0.5  # the bundled model's accuracy range
+    assert (stored_pred.numpy() == acts.labels).mean() > 0.4  # the bundled model: 50-70% on 5,000 (world card)
 
 
 def test_second_run_reuses_the_store(test_store):
@@ -253,6 +253,19 @@ def test_dinov2_retrieval_column_matches_an_independent_timm_forward(tmp_path, r
     )
     # the retrieval settings are part of the key: a CLIP-only store is a different one
     assert extract(small_config(tmp_path, "dataset.sizes.test=96"), "test").store_dir != result.store_dir
+
+
+def test_bundled_retrieval_weights_are_part_of_the_store_key(tmp_path, monkeypatch):
+    import vs2ray.extract as extract_module
+    from vs2ray.config import RetrievalConfig
+
+    bundled = RetrievalConfig(space="dinov2", encoder="vs2ray-tiny-retrieval", image_size=32)
+    shipped = extract_module._retrieval_inputs(bundled)
+    retrained = tmp_path / "retrained.safetensors"
+    retrained.write_bytes(b"other weights")
+    monkeypatch.setattr(extract_module, "BUNDLED_RETRIEVAL_WEIGHTS", retrained)
+    assert extract_module._retrieval_inputs(bundled)["weights"] != shipped["weights"]
+    assert shipped["encoder"] == "vs2ray-tiny-retrieval" and shipped["image_size"] == 32
 
 
 def test_dinov2_weights_offline_fail_before_any_work(tmp_path, monkeypatch):

@@ -23,8 +23,8 @@ from vs2ray.models import (
 from vs2ray.steering import logits_from_embeddings
 
 # The README documents the shipped model's zero-shot top-1 on shapes/test; the issue's
-# design target is 50-85%: far above chance (1/24 = 4.2%) yet leaving room for steering.
-DOCUMENTED_TOP1_RANGE = (0.50, 0.85)
+# world-card target is 50-70% (CLIP ViT-B/32 on CIFAR-100: 61-65%), far above chance (1/24 = 4.2%).
+DOCUMENTED_TOP1_RANGE = (0.50, 0.70)
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,52 @@ def test_cuda_device_without_gpu_is_a_clear_error():
     else:
         with pytest.raises(ModelUnavailable, match="no CUDA device"):
             models.resolve_device("cuda")
+
+
+def test_bundled_retrieval_encoder_is_a_small_timm_model_whose_neighbourhoods_beat_zero_shot(bundle, shapes_test):
+    import timm
+    import torch.nn.functional as F
+
+    from vs2ray.config import RetrievalConfig
+    from vs2ray.models import BUNDLED_RETRIEVAL_WEIGHTS, encode_retrieval, load_retrieval_encoder
+
+    assert BUNDLED_RETRIEVAL_WEIGHTS.stat().st_size < 2 * 2**20
+    encoder = load_retrieval_encoder(RetrievalConfig(encoder="vs2ray-tiny-retrieval", image_size=32))
+    assert isinstance(encoder.model, timm.models.VisionTransformer) and encoder.model.num_classes == 0
+    config, dataset = shapes_test
+
+    def load(split: str, count: int):
+        records = dataset.records(split)[:count]
+        images = [dataset.load_image(split, r.ref) for r in records]
+        vectors = encode_retrieval(encoder, torch.stack([encoder.preprocess(i) for i in images]))
+        clip = encode_images(bundle, torch.stack([bundle.preprocess(i) for i in images]))
+        return vectors, clip, torch.tensor([r.label for r in records])
+
+    pool, _, pool_labels = load("train", 3000)
+    queries, query_clip, labels = load("test", 600)
+    torch.testing.assert_close(queries.norm(dim=1), torch.ones(len(queries)))
+    neighbours = pool_labels[(queries @ pool.T).topk(50, dim=1).indices]
+    knn = (F.one_hot(neighbours, 24).sum(1).argmax(1) == labels).float().mean()
+    classifier = build_text_classifier(bundle, dataset.classes, prompt_templates_for(config.dataset, dataset))
+    zero_shot = (logits_from_embeddings(query_clip, classifier).argmax(1) == labels).float().mean()
+    # the property VS2++ relies on: an image-only space far better than the zero-shot head (world card: +15)
+    assert knn >= zero_shot + 0.10, (knn, zero_shot)
+
+
+def test_bundled_retrieval_encoder_errors_are_clear(tmp_path):
+    from vs2ray.config import RetrievalConfig
+    from vs2ray.models import load_retrieval_encoder
+
+    with pytest.raises(ModelUnavailable, match=r"retrieval.image_size: vs2ray-tiny-retrieval takes 32×32"):
+        load_retrieval_encoder(RetrievalConfig(encoder="vs2ray-tiny-retrieval", image_size=224))
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(ModelUnavailable, match=r"bundled retrieval weights .* are missing"):
+        load_retrieval_encoder(RetrievalConfig(encoder="vs2ray-tiny-retrieval", image_size=32), weights=missing)
+    with pytest.raises(ModelUnavailable, match="timm has no model 'no-such-net'"):
+        load_retrieval_encoder(RetrievalConfig(encoder="no-such-net"))
+    random = load_retrieval_encoder(
+        RetrievalConfig(encoder="vs2ray-tiny-retrieval", image_size=32, encoder_pretrained=False)
+    )
+    shipped = load_retrieval_encoder(RetrievalConfig(encoder="vs2ray-tiny-retrieval", image_size=32))
+    name = "patch_embed.proj.weight"
+    assert not random.model.state_dict()[name].equal(shipped.model.state_dict()[name])

@@ -45,11 +45,13 @@ STEERING_METHODS = (
     "vs2_gated",
     "vs2pp",
     "vs2pp_oracle",
+    "vs2pp_oracle_neighbours",
     "weighted_rag",
     "clip_steer",
     "centroid_shift",
 )
 BUNDLED_MODEL = "vs2ray-tiny"
+BUNDLED_RETRIEVAL_ENCODER = "vs2ray-tiny-retrieval"  # the bundled stand-in for DINOv2 (retrieval.encoder)
 
 
 class ConfigError(ValueError):
@@ -81,10 +83,11 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _searchable(scalar: Any, allowed: str, allow: tuple[str, ...] = DISTRIBUTION_KINDS) -> Any:
+def _searchable(scalar: Any, allowed: str, allow: tuple[str, ...] = DISTRIBUTION_KINDS, grid_list: bool = False) -> Any:
     """A field type taking a constant of type `scalar` or a distribution over such values.
 
-    `allowed` describes valid constants in words, for error messages.
+    `allowed` describes valid constants in words, for error messages. With `grid_list`, a
+    plain list of constants is accepted too (a tuple: every value evaluated inside each trial).
     """
     adapter = TypeAdapter(scalar)
     dist_help = " or a distribution " + " / ".join(f"{{{k}: ...}}" for k in allow)
@@ -101,6 +104,8 @@ def _searchable(scalar: Any, allowed: str, allow: tuple[str, ...] = DISTRIBUTION
         if isinstance(value, Distribution):
             return value
         if not isinstance(value, dict):
+            if isinstance(value, (list, tuple)) and grid_list and value:
+                return tuple(check_scalar(v, "list entry ") for v in value)
             if isinstance(value, (list, tuple)):
                 raise PydanticCustomError(
                     "search_value", f"got the list {_describe(value)}; write a choice as {{choice: [...]}}"
@@ -238,11 +243,17 @@ class SteeringConfig(Section):
 
 class RetrievalConfig(Section):
     space: Literal["clip", "dinov2"] = "clip"
-    encoder: str = Field("vit_base_patch14_dinov2.lvd142m", description="timm model extracted for space: dinov2")
+    encoder: str = Field(
+        "vit_base_patch14_dinov2.lvd142m",
+        description=f"timm model extracted for space: dinov2, or {BUNDLED_RETRIEVAL_ENCODER} (bundled, 32 px)",
+    )
     encoder_pretrained: bool = Field(True, description="false: seeded random weights (tests and benchmarks only)")
     image_size: int = Field(224, ge=14, description="input size of the retrieval encoder")
     n_neighbors: PositiveInt = 50
-    positive_rule: _searchable(Literal["query", "majority"], "'query' or 'majority'", ("choice",)) = "query"
+    positive_rule: _searchable(Literal["query", "majority"], "'query' or 'majority'", ("choice",), grid_list=True) = (
+        "query",
+        "majority",
+    )
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     num_shards: int = Field(1, ge=1)
     use_gpu: Literal["auto", "yes", "no"] = "auto"

@@ -24,7 +24,8 @@ from vs2ray import steering
 from vs2ray.sae import TopKSAE, per_sample_fvu
 
 Search = Callable[[np.ndarray, int, str], tuple[np.ndarray, np.ndarray]]
-NEIGHBOUR_METHODS = ("vs2pp", "vs2pp_oracle", "weighted_rag", "clip_steer")
+NEIGHBOUR_METHODS = ("vs2pp", "vs2pp_oracle", "vs2pp_oracle_neighbours", "weighted_rag", "clip_steer")
+VS2PP_METHODS = ("vs2pp", "vs2pp_oracle", "vs2pp_oracle_neighbours")
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Grid:
     gate_quantiles: Sequence[float] = (0.9, 0.95, 0.99, 0.995)
     rag_alphas: Sequence[float] = (0.25, 0.5, 0.75)
     n_neighbors: int = 50
-    positive_rule: str = "query"
+    positive_rules: Sequence[str] = ("query", "majority")
 
 
 @dataclass
@@ -117,7 +118,7 @@ class Evaluator:
             self.pool_pseudo = self._logits_of_embeddings(pool.embedding).argmax(dim=1)
         self._neighbours: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sae_pass: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._code_differences: dict[tuple, torch.Tensor] = {}
+        self._code_differences: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def _direction_and_fvu(self, split: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,37 +165,50 @@ class Evaluator:
                 steered, coverage = steering.gated(x, steered, fvu, threshold)
         elif method == "centroid_shift":
             steered = steering.centroid_shift(x, self.mean, setting["lambda"] * (setting["gamma"] - 1))
-        elif method in ("vs2pp", "vs2pp_oracle"):
-            steered = self._vs2pp(split, method == "vs2pp_oracle", setting)
+        elif method in VS2PP_METHODS:
+            steered, coverage = self._vs2pp(split, method, setting)
         else:
             raise ValueError(f"unknown token method {method!r}")
         return steering.classify(steered, self.head, self.classifier), coverage
 
-    def _positives(self, split: SplitData, rows: torch.Tensor, oracle: bool, rule: str) -> torch.Tensor:
-        """S+ of each query (n, N): from neighbours' pseudo-labels, or their true labels for the oracle."""
-        neighbour_labels = (self.pool.labels if oracle else self.pool_pseudo)[rows]
+    def _positives(self, split: SplitData, rows: torch.Tensor, method: str, rule: str) -> torch.Tensor:
+        """S+ of each query (n, N) for a neighbour method (METHOD.md §4).
+
+        vs2pp: neighbours' and query's zero-shot pseudo-labels under `rule`. vs2pp_oracle (the
+        paper's upper bound): neighbours whose true label is the query's true label.
+        vs2pp_oracle_neighbours: neighbours' true labels against the query's zero-shot label under
+        `rule` (with 'query' it can only reinforce the current prediction).
+        """
+        if method == "vs2pp_oracle":
+            return self.pool.labels[rows] == split.labels[:, None]
+        neighbour_labels = (self.pool.labels if method == "vs2pp_oracle_neighbours" else self.pool_pseudo)[rows]
         query_pseudo = self._logits_of_embeddings(split.embedding).argmax(dim=1)
         return steering.positive_mask(query_pseudo, neighbour_labels, rule, self.num_classes)
 
-    def _vs2pp(self, split: SplitData, oracle: bool, setting: dict[str, float]) -> torch.Tensor:
+    def _vs2pp(self, split: SplitData, method: str, setting: dict[str, Any]) -> tuple[torch.Tensor, float]:
+        """VS2++ tokens and coverage (share of queries with both S+ and S− non-empty, the rest unsteered)."""
         # v̄ = (γ − 1) W_dec Δ: W_dec Δ depends on neither γ nor λ, so it is computed once per grid
-        k, rule = int(setting["n_neighbors"]), str(setting["rule"])
-        key = (split.name, oracle, rule, k)
+        k, rule = int(setting["n_neighbors"]), str(setting.get("rule", ""))
+        key = (split.name, method, rule, k)
         if key not in self._code_differences:
             rows = self._neighbours_of(split, k)[1][:, :k]
-            positives = self._positives(split, rows, oracle, rule)
+            positives = self._positives(split, rows, method, rule)
             directions = []
             for start in range(0, len(rows), 256):  # (chunk, N, n_latents) dense codes stay small
                 chunk = rows[start : start + 256]
                 values, indices = self.sae.encode(self.pool.cls[chunk.reshape(-1)])
                 codes = self.sae.dense_codes(values, indices).reshape(*chunk.shape, -1)
                 directions.append(steering.vs2pp_direction(self.sae, codes, positives[start : start + 256], 2.0))
-            self._code_differences[key] = torch.cat(directions)
-        direction = (setting["gamma"] - 1) * self._code_differences[key]
-        return steering.vs2pp(split.cls, direction, setting["lambda"])
+            self._code_differences[key] = (torch.cat(directions), steering.has_both_groups(positives))
+        code_difference, steerable = self._code_differences[key]
+        steered = steering.vs2pp(split.cls, (setting["gamma"] - 1) * code_difference, setting["lambda"])
+        return steering.steer_where(split.cls, steered, steerable)
 
     @torch.no_grad()
-    def _embedding_method(self, split: SplitData, method: str, setting: dict[str, float]) -> torch.Tensor:
+    def _embedding_method(
+        self, split: SplitData, method: str, setting: dict[str, Any]
+    ) -> tuple[torch.Tensor, float | None]:
+        """Logits of a CLIP-space neighbour baseline, with clip_steer's coverage (queries with S+ and S−)."""
         k = int(setting["n_neighbors"])
         similarities, rows = self._neighbours_of(split, k)
         similarities, rows = similarities[:, :k], rows[:, :k]
@@ -203,15 +217,17 @@ class Evaluator:
             mixed = steering.weighted_rag(
                 split.embedding, neighbour_embeddings, similarities.clamp_min(0), setting["a"]
             )
-        else:
-            positives = self._positives(split, rows, False, str(setting["rule"]))
-            mixed = steering.clip_steer(split.embedding, neighbour_embeddings, positives, setting["lambda"])
-        return self._logits_of_embeddings(mixed)
+            return self._logits_of_embeddings(mixed), None
+        positives = self._positives(split, rows, "vs2pp", str(setting["rule"]))
+        moved = steering.clip_steer(split.embedding, neighbour_embeddings, positives, setting["lambda"])
+        mixed, coverage = steering.steer_where(split.embedding, moved, steering.has_both_groups(positives))
+        return self._logits_of_embeddings(mixed), coverage
 
     def settings_for(self, method: str, grid: Grid) -> list[dict[str, float]]:
         """The parameter settings a method is evaluated at."""
         pairs = [{"gamma": g, "lambda": lam} for g, lam in itertools.product(grid.gammas, grid.lambdas)]
-        neighbours = {"n_neighbors": grid.n_neighbors, "rule": grid.positive_rule}
+        neighbours = {"n_neighbors": grid.n_neighbors}
+        with_rules = [{**neighbours, "rule": rule} for rule in grid.positive_rules]
         return {
             "zero_shot": [{}],
             "sae_rec_final": [{}],
@@ -219,10 +235,11 @@ class Evaluator:
             "vs2": pairs,
             "centroid_shift": pairs,
             "vs2_gated": [{**p, "quantile": q} for p in pairs for q in grid.gate_quantiles],
-            "vs2pp": [{**p, **neighbours} for p in pairs],
-            "vs2pp_oracle": [{**p, **neighbours} for p in pairs],
+            "vs2pp": [{**p, **r} for r in with_rules for p in pairs],
+            "vs2pp_oracle": [{**p, **neighbours} for p in pairs],  # S+ from the query's true label: no rule
+            "vs2pp_oracle_neighbours": [{**p, **r} for r in with_rules for p in pairs],
             "weighted_rag": [{"a": a, **neighbours} for a in grid.rag_alphas],
-            "clip_steer": [{"lambda": lam, **neighbours} for lam in grid.lambdas],
+            "clip_steer": [{"lambda": lam, **r} for r in with_rules for lam in grid.lambdas],
         }[method]
 
     def evaluate(self, method: str, grid: Grid) -> MethodResult:
@@ -232,7 +249,7 @@ class Evaluator:
         for setting in settings:
             for split in (self.val, self.test):
                 if method in ("weighted_rag", "clip_steer"):
-                    logits, coverage = self._embedding_method(split, method, setting), None
+                    logits, coverage = self._embedding_method(split, method, setting)
                 else:
                     logits, coverage = self._token_method(split, method, setting)
                 top1, top5, per_class = accuracy(logits, split.labels, self.num_classes)
@@ -268,9 +285,10 @@ def grid_values(value: Any, points: int = 5) -> list[float]:
 def format_table(results: dict[str, MethodResult]) -> str:
     """One row per method: validation top-1, test top-1 at the validation-selected setting, test-oracle best."""
     zero = results["zero_shot"].summary()["test_top1_zero_shot"] if "zero_shot" in results else None
+    width = max(18, *(len(method) for method in results))
     lines = [
-        f"{'method':<18} {'val top-1':>9} {'test top-1':>10} {'Δ zero-shot':>11} {'test-oracle':>11}  selected",
-        "-" * 86,
+        f"{'method':<{width}} {'val top-1':>9} {'test top-1':>10} {'Δ zero-shot':>11} {'test-oracle':>11}  selected",
+        "-" * (width + 68),
     ]
     for method, result in results.items():
         i = result.selected
@@ -279,7 +297,7 @@ def format_table(results: dict[str, MethodResult]) -> str:
         if result.coverage[i] is not None:
             chosen += f", coverage={result.coverage[i]:.3f}"
         lines.append(
-            f"{method:<18} {100 * result.val_top1[i]:>9.2f} {100 * result.test_top1[i]:>10.2f} {delta:>11} "
+            f"{method:<{width}} {100 * result.val_top1[i]:>9.2f} {100 * result.test_top1[i]:>10.2f} {delta:>11} "
             f"{100 * max(result.test_top1):>11.2f}  {chosen}"
         )
     return "\n".join(lines)

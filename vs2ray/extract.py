@@ -33,9 +33,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from vs2ray import __version__
-from vs2ray.config import ExperimentConfig, load_config, run_cli
+from vs2ray.config import BUNDLED_RETRIEVAL_ENCODER, ExperimentConfig, RetrievalConfig, load_config, run_cli
 from vs2ray.data import ImageDataset, ImageRecord, get_dataset, prompt_templates_for
 from vs2ray.models import (
+    BUNDLED_RETRIEVAL_WEIGHTS,
     BUNDLED_WEIGHTS,
     build_text_classifier,
     load_clip,
@@ -101,12 +102,16 @@ def store_inputs(
         "split": split,
         "layers": layers,
         "preprocess": {name: [repr(p.pixels), p.mean, p.std] for name, p in preprocess.items()},
-        "retrieval": (
-            config.retrieval.model_dump(include={"space", "encoder", "encoder_pretrained", "image_size"})
-            if config.retrieval.space == "dinov2"
-            else None
-        ),
+        "retrieval": _retrieval_inputs(config.retrieval) if config.retrieval.space == "dinov2" else None,
     }
+
+
+def _retrieval_inputs(retrieval: RetrievalConfig) -> dict[str, Any]:
+    """The retrieval encoder's part of a store key; the bundled encoder's weights are fingerprinted too."""
+    inputs = retrieval.model_dump(include={"space", "encoder", "encoder_pretrained", "image_size"})
+    if retrieval.encoder == BUNDLED_RETRIEVAL_ENCODER and BUNDLED_RETRIEVAL_WEIGHTS.is_file():
+        inputs["weights"] = _file_fingerprint(BUNDLED_RETRIEVAL_WEIGHTS)
+    return inputs
 
 
 def store_dir_for(config: ExperimentConfig, split: str, inputs: dict[str, Any]) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,12 +22,22 @@ from typing import Any
 import open_clip
 import torch
 
-from vs2ray.config import BUNDLED_MODEL, ExperimentConfig, ModelConfig, RetrievalConfig, load_config, run_cli
+from vs2ray.config import (
+    BUNDLED_MODEL,
+    BUNDLED_RETRIEVAL_ENCODER,
+    ExperimentConfig,
+    ModelConfig,
+    RetrievalConfig,
+    load_config,
+    run_cli,
+)
 from vs2ray.steering import logits_from_embeddings
 
 ASSETS = resources.files("vs2ray") / "assets"
 BUNDLED_CONFIG = Path(str(ASSETS / f"{BUNDLED_MODEL}.json"))
 BUNDLED_WEIGHTS = Path(str(ASSETS / f"{BUNDLED_MODEL}.safetensors"))
+BUNDLED_RETRIEVAL = Path(str(ASSETS / f"{BUNDLED_RETRIEVAL_ENCODER}.json"))  # timm architecture + normalisation
+BUNDLED_RETRIEVAL_WEIGHTS = Path(str(ASSETS / f"{BUNDLED_RETRIEVAL_ENCODER}.safetensors"))
 
 
 class ModelUnavailable(RuntimeError):
@@ -171,20 +182,49 @@ class RetrievalEncoder:
     device: torch.device
 
 
-def load_retrieval_encoder(config: RetrievalConfig, device: torch.device | str = "cpu") -> RetrievalEncoder:
-    """Load `retrieval.encoder` from timm at `retrieval.image_size`, failing fast and clearly offline."""
+def _bundled_retrieval_model(config: RetrievalConfig, weights: Path | None) -> Any:
+    """The bundled `vs2ray-tiny-retrieval` through timm's own factory, its weights from the package (or `weights`)."""
     import timm
-    from timm.data import create_transform, resolve_data_config
+
+    spec = json.loads(BUNDLED_RETRIEVAL.read_text())
+    native = spec["model_args"]["img_size"]
+    if config.image_size != native:
+        raise ModelUnavailable(
+            f"retrieval.image_size: {BUNDLED_RETRIEVAL_ENCODER} takes {native}×{native} images; "
+            f"set retrieval.image_size: {native} (got {config.image_size})"
+        )
+    weights = weights or BUNDLED_RETRIEVAL_WEIGHTS
+    if config.encoder_pretrained and not weights.is_file():
+        raise ModelUnavailable(
+            f"the bundled retrieval weights {weights} are missing; re-create them with "
+            f"`python scripts/train_retrieval_encoder.py` or reinstall vs2ray"
+        )
+    overlay = {"file": str(weights), "mean": tuple(spec["mean"]), "std": tuple(spec["std"]), "num_classes": 0}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return timm.create_model(
+            spec["timm_model"],
+            pretrained=config.encoder_pretrained,
+            pretrained_cfg_overlay=overlay,
+            num_classes=0,
+            **spec["model_args"],
+        )
+
+
+def _timm_retrieval_model(config: RetrievalConfig) -> Any:
+    """`retrieval.encoder` from timm (DINOv2 by default) at `retrieval.image_size`, failing fast and clearly offline."""
+    import timm
 
     if not timm.is_model(config.encoder):
         raise ModelUnavailable(
-            f"retrieval.encoder: timm has no model {config.encoder!r} (e.g. vit_base_patch14_dinov2.lvd142m)"
+            f"retrieval.encoder: timm has no model {config.encoder!r} (e.g. vit_base_patch14_dinov2.lvd142m, "
+            f"or the bundled {BUNDLED_RETRIEVAL_ENCODER})"
         )
     offline = config.encoder_pretrained and not _hub_reachable()
     try:
         with _hub_cache_only() if offline else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = timm.create_model(
+            return timm.create_model(
                 config.encoder, pretrained=config.encoder_pretrained, num_classes=0, img_size=config.image_size
             )
     except Exception as error:  # huggingface_hub raises several kinds of error offline
@@ -193,8 +233,20 @@ def load_retrieval_encoder(config: RetrievalConfig, device: torch.device | str =
         reason = "the Hugging Face Hub is unreachable and they are not in the cache" if offline else str(error)
         raise ModelUnavailable(
             f"could not load pretrained {config.encoder} weights ({reason}). Set HF_HOME to a cache that holds "
-            f"them, or use retrieval.space: clip."
+            f"them, or use retrieval.space: clip, or retrieval.encoder: {BUNDLED_RETRIEVAL_ENCODER} offline."
         ) from None
+
+
+def load_retrieval_encoder(
+    config: RetrievalConfig, device: torch.device | str = "cpu", weights: Path | None = None
+) -> RetrievalEncoder:
+    """Load `retrieval.encoder` (a timm model, or the bundled one; `weights` overrides its file) in eval mode."""
+    from timm.data import create_transform, resolve_data_config
+
+    if config.encoder == BUNDLED_RETRIEVAL_ENCODER:
+        model = _bundled_retrieval_model(config, weights)
+    else:
+        model = _timm_retrieval_model(config)
     size = config.image_size
     data_config = resolve_data_config({"input_size": (3, size, size), "crop_pct": 1.0}, model=model)
     return RetrievalEncoder(

@@ -119,10 +119,14 @@ def gate_threshold(calibration_fvu: torch.Tensor, quantile: float) -> float:
     return torch.quantile(calibration_fvu.double(), quantile).item()
 
 
+def steer_where(x: torch.Tensor, steered: torch.Tensor, steer: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Rows of `steered` where `steer` (n,) holds and of x elsewhere; returns them and the coverage (share steered)."""
+    return torch.where(steer[:, None], steered, x), steer.float().mean().item()
+
+
 def gated(x: torch.Tensor, steered: torch.Tensor, fvu: torch.Tensor, threshold: float) -> tuple[torch.Tensor, float]:
     """Keep `steered` where FVU(x) <= τ and x elsewhere; returns the tokens and the coverage (share steered)."""
-    steer = fvu <= threshold
-    return torch.where(steer[:, None], steered, x), steer.float().mean().item()
+    return steer_where(x, steered, fvu <= threshold)
 
 
 # ---------------------------------------------------------------- VS2++ and the retrieval baselines
@@ -144,6 +148,15 @@ def positive_mask(
     else:
         raise ValueError(f"retrieval.positive_rule must be 'query' or 'majority', got {rule!r}")
     return neighbour_labels == reference[:, None]
+
+
+def has_both_groups(positives: torch.Tensor) -> torch.Tensor:
+    """(n, N) bool -> (n,): whether a query has at least one positive and one negative neighbour.
+
+    A query without one of the groups is left unsteered: a mean over an empty group would
+    push it away from (or toward) its whole neighbourhood.
+    """
+    return positives.any(dim=1) & (~positives).any(dim=1)
 
 
 def group_mean_difference(features: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:

@@ -255,8 +255,15 @@ def steering_grid(
         gate_quantiles=config.steering.gate_quantiles,
         rag_alphas=grid_values(config.steering.rag_alpha, 3),
         n_neighbors=int(_first(config.retrieval.n_neighbors)),
-        positive_rule=_first(config.retrieval.positive_rule),
+        positive_rules=_all_values(config.retrieval.positive_rule),
     )
+
+
+def _all_values(value: Any) -> list[Any]:
+    # a list is a grid inside every trial; a choice outside a trial (the evaluate CLI) is gridded too
+    if isinstance(value, Distribution):
+        return list(value.values)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _first(value: Any) -> Any:
