@@ -1,0 +1,190 @@
+"""The one registry of steering methods: name, table label, kind, grid parameters and function.
+
+Everything that lists, labels, dispatches or grids the methods reads `METHODS`: the config's
+allowed values, the Evaluator, the result tables. A method's function maps one evaluation
+split to steered [CLS] tokens (kind "token", classified through the head) or to CLIP
+embeddings (kind "embedding"), plus its coverage (the share of rows it steered, or None).
+It reads what it needs from a `Context` (the Evaluator), which shares the expensive parts
+between settings: one SAE pass per split, neighbours per (split, N), VS2++'s W_dec Δ per
+(split, method, rule, N).
+
+Adding a method: write its maths in `steering.py`, then one `Method(...)` entry below whose
+function calls it (see the README's developer section).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+
+from vs2ray import steering
+from vs2ray.sae import TopKSAE
+
+Setting = dict[str, Any]
+Steered = tuple[torch.Tensor, float | None]  # (tokens or embeddings (n, ·), coverage)
+GRID_PARAMS = ("rule", "gamma", "lambda", "quantile", "a", "n_neighbors")  # the order settings are listed in
+
+
+class Split(Protocol):
+    """One evaluation split (evaluate.SplitData)."""
+
+    name: str
+    cls: torch.Tensor  # (n, width)
+    embedding: torch.Tensor  # (n, embed)
+    labels: torch.Tensor  # (n,)
+
+
+class Context(Protocol):
+    """What method functions may ask of the Evaluator (shared, memoised computations)."""
+
+    sae: TopKSAE
+    pool: Split
+    num_classes: int
+
+    def sae_pass(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_dec c (n, d), per-sample FVU (n,)) of a split."""
+
+    def gate_threshold(self, quantile: float) -> float:
+        """τ: the quantile of per-sample FVU on the calibration (pool) rows."""
+
+    def neighbours(self, split: Split, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cosine similarities, pool row positions), each (n, k)."""
+
+    def zero_shot_labels(self, split: Split) -> torch.Tensor:
+        """Zero-shot predictions (n,) of a split (the pool's are the neighbours' pseudo-labels)."""
+
+    def code_difference(
+        self, split: Split, k: int, key: tuple, positives_of: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_dec (mean S+ codes − mean S− codes) (n, d), steerable (n,)), memoised per (split, k, key)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One steering method."""
+
+    name: str
+    label: str  # its name in tables (the paper's)
+    kind: Literal["token", "embedding"]
+    params: tuple[str, ...]  # grid parameters, a subset of GRID_PARAMS
+    steer: Callable[[Context, Split, Setting], Steered] | None  # None: not available yet
+    uses_sae: bool = True  # False: its result does not depend on the SAE
+    unavailable: str = ""  # why `steer` is None
+
+    @property
+    def uses_neighbours(self) -> bool:
+        return "n_neighbors" in self.params
+
+
+# ---------------------------------------------------------------- method functions
+
+
+def _zero_shot(ctx: Context, split: Split, s: Setting) -> Steered:
+    return split.cls, None
+
+
+def _sae_rec_final(ctx: Context, split: Split, s: Setting) -> Steered:
+    return steering.sae_rec_final(ctx.sae, split.cls), None
+
+
+def _sae_rec_amplified(ctx: Context, split: Split, s: Setting) -> Steered:
+    return steering.sae_rec_amplified(ctx.sae, split.cls, s["gamma"]), None
+
+
+def _vs2(ctx: Context, split: Split, s: Setting) -> Steered:
+    direction, _ = ctx.sae_pass(split)  # one SAE pass serves the whole (γ, λ) grid
+    return steering.vs2_from_direction(split.cls, direction, s["gamma"], s["lambda"]), None
+
+
+def _vs2_gated(ctx: Context, split: Split, s: Setting) -> Steered:
+    direction, fvu = ctx.sae_pass(split)
+    steered = steering.vs2_from_direction(split.cls, direction, s["gamma"], s["lambda"])
+    return steering.gated(split.cls, steered, fvu, ctx.gate_threshold(s["quantile"]))
+
+
+def _centroid_shift(ctx: Context, split: Split, s: Setting) -> Steered:
+    return steering.centroid_shift(split.cls, ctx.sae.b_pre, s["lambda"] * (s["gamma"] - 1)), None
+
+
+def _pseudo_positives(ctx: Context, split: Split, rows: torch.Tensor, s: Setting) -> torch.Tensor:
+    """S+ by `rule` over zero-shot labels of the query and of its neighbours (deployable)."""
+    neighbour_labels = ctx.zero_shot_labels(ctx.pool)[rows]
+    return steering.positive_mask(ctx.zero_shot_labels(split), neighbour_labels, s["rule"], ctx.num_classes)
+
+
+def _oracle_positives(ctx: Context, split: Split, rows: torch.Tensor, s: Setting) -> torch.Tensor:
+    """S+ = neighbours whose true label is the query's true label (the paper's upper bound)."""
+    return ctx.pool.labels[rows] == split.labels[:, None]
+
+
+def _true_neighbour_positives(ctx: Context, split: Split, rows: torch.Tensor, s: Setting) -> torch.Tensor:
+    """S+ by `rule` over the neighbours' true labels against the query's zero-shot label."""
+    return steering.positive_mask(ctx.zero_shot_labels(split), ctx.pool.labels[rows], s["rule"], ctx.num_classes)
+
+
+def _vs2pp_with(positives: Callable[[Context, Split, torch.Tensor, Setting], torch.Tensor]):
+    """A VS2++ method whose S+ comes from `positives`; a query lacking S+ or S− stays unsteered."""
+
+    def steer(ctx: Context, split: Split, s: Setting) -> Steered:
+        key = (positives.__name__, s.get("rule"))
+        difference, steerable = ctx.code_difference(
+            split, int(s["n_neighbors"]), key, lambda rows: positives(ctx, split, rows, s)
+        )
+        moved = steering.vs2pp(split.cls, (s["gamma"] - 1) * difference, s["lambda"])
+        return steering.steer_where(split.cls, moved, steerable)
+
+    return steer
+
+
+def _weighted_rag(ctx: Context, split: Split, s: Setting) -> Steered:
+    similarities, rows = ctx.neighbours(split, int(s["n_neighbors"]))
+    return steering.weighted_rag(split.embedding, ctx.pool.embedding[rows], similarities, s["a"]), None
+
+
+def _clip_steer(ctx: Context, split: Split, s: Setting) -> Steered:
+    _, rows = ctx.neighbours(split, int(s["n_neighbors"]))
+    positives = _pseudo_positives(ctx, split, rows, s)
+    moved = steering.clip_steer(split.embedding, ctx.pool.embedding[rows], positives, s["lambda"])
+    return steering.steer_where(split.embedding, moved, steering.has_both_groups(positives))
+
+
+_VS2PP = ("rule", "gamma", "lambda", "n_neighbors")
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("zero_shot", "zero-shot CLIP", "token", (), _zero_shot, uses_sae=False),
+        Method("sae_rec_final", "SAE_REC^F", "token", (), _sae_rec_final),
+        Method(
+            "sae_rec_all",
+            "SAE_REC^A",
+            "token",
+            (),
+            None,
+            unavailable="it needs one SAE per block and steering inside the encoder, which vs2ray does not have yet",
+        ),
+        Method("sae_rec_amplified", "SAE_REC^{F+γ}", "token", ("gamma",), _sae_rec_amplified),
+        Method("vs2", "VS2", "token", ("gamma", "lambda"), _vs2),
+        Method("vs2_gated", "VS2 + FVU gate", "token", ("gamma", "lambda", "quantile"), _vs2_gated),
+        Method("vs2pp", "VS2++ (pseudo-labels)", "token", _VS2PP, _vs2pp_with(_pseudo_positives)),
+        Method(
+            "vs2pp_oracle",
+            "VS2++ (oracle: query's true label)",
+            "token",
+            ("gamma", "lambda", "n_neighbors"),
+            _vs2pp_with(_oracle_positives),
+        ),
+        Method(
+            "vs2pp_oracle_neighbours",
+            "VS2++ (true neighbour labels, zero-shot query)",
+            "token",
+            _VS2PP,
+            _vs2pp_with(_true_neighbour_positives),
+        ),
+        Method("weighted_rag", "weighted RAG", "embedding", ("a", "n_neighbors"), _weighted_rag, uses_sae=False),
+        Method("clip_steer", "CLIP-space steering", "embedding", ("rule", "lambda", "n_neighbors"), _clip_steer, uses_sae=False),
+        Method("centroid_shift", "centroid shift (ours)", "token", ("gamma", "lambda"), _centroid_shift),
+    )
+}
