@@ -21,11 +21,13 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # The bundled world end to end: extraction, the quickstart sweep (8 trials), then its report.
 demo: install

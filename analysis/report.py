@@ -27,8 +27,11 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
+from vs2ray.files import is_uri
 from vs2ray.results import (
     METHOD_LABELS,
+    METHODS_FILE,
+    PER_CLASS_FILE,
     STATUS_DONE,
     STATUS_ERROR,
     best_trials,
@@ -49,7 +52,7 @@ def per_class_deltas(trial_dir: str, method: str) -> pd.DataFrame:
     `corrected_from` is the class zero-shot most often predicted for this class's images
     that `method` then got right, with `corrected` the number of such images.
     """
-    per_class = json.loads(trial_file(trial_dir, "per_class.json"))
+    per_class = json.loads(trial_file(trial_dir, PER_CLASS_FILE))
     classes, accuracy = per_class["classes"], per_class["per_class_top1"]
     predictions = trial_predictions(trial_dir)
     labels, zero, steered = predictions["labels"], predictions["zero_shot"], predictions[method]
@@ -220,7 +223,7 @@ def write_report(experiment: str, out: Path) -> Path:
             )
         )
     if "vs2_gated" in selected:
-        methods = json.loads(trial_file(trial_dirs[selected["vs2_gated"]], "methods.json"))
+        methods = json.loads(trial_file(trial_dirs[selected["vs2_gated"]], METHODS_FILE))
         zero = done["test_top1_zero_shot"].iloc[0] if "test_top1_zero_shot" in done else None
         ungated = methods.get("vs2", {}).get("test_top1", [])
         ungated = ungated[0] if len(ungated) == 1 else None  # plain VS2 at the same γ, λ
@@ -254,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     experiment = args.experiment.rstrip("/")
     if args.out:
         out = Path(args.out)
-    elif "://" in experiment:
+    elif is_uri(experiment):
         out = Path(f"report-{experiment.rsplit('/', 1)[-1]}")
     else:
         experiment = str(Path(experiment).expanduser().resolve())

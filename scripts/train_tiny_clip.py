@@ -40,7 +40,8 @@ from safetensors.torch import save_file
 
 from vs2ray.config import load_config
 from vs2ray.data.shapes import BACKGROUNDS, CAPTION_TEMPLATES, CLASS_NAMES, DEFAULT_SPLIT_SIZES, render_shape
-from vs2ray.models import BUNDLED_WEIGHTS, register_bundled_model, zero_shot_evaluate
+from vs2ray.models import BUNDLED_WEIGHTS, register_bundled_model
+from vs2ray.stages import zero_shot_evaluate
 
 OPENAI_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)

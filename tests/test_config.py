@@ -175,3 +175,19 @@ def test_positive_rule_takes_a_rule_a_grid_list_or_a_searched_choice(tmp_path):
         load_config(None, ["retrieval.positive_rule=[query, nearest]"])
     with pytest.raises(ConfigError, match=r"retrieval\.positive_rule: .*uniform"):
         load_config(None, ["retrieval.positive_rule={uniform: [0, 1]}"])
+
+
+def test_selecting_on_test_needs_an_explicit_yes():
+    with pytest.raises(ConfigError, match=r"search\.metric: \['test_top1_vs2'\] would make Optuna select on the test"):
+        load_config(None, ["search.metric=test_top1_vs2"])
+    config = load_config(None, ["search.metric=test_top1_vs2", "search.allow_test_selection=true"])
+    assert config.search.metrics == ["test_top1_vs2"]
+    with pytest.raises(ConfigError, match=r"search\.allow_test_selection"):
+        load_config(None, ["search.metric=[val_top1_vs2, test_top1_vs2]", "search.mode=[max, max]"])
+
+
+def test_a_method_that_does_not_exist_yet_is_refused_with_the_reason():
+    with pytest.raises(
+        ConfigError, match=r"steering\.methods: got .*; sae_rec_all is not available yet: it needs one SAE"
+    ):
+        load_config(None, ["steering.methods=[vs2, sae_rec_all]"])

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vs2ray.evaluate import Evaluator, Grid, SplitData, accuracy, format_table, grid_values
+from vs2ray.evaluate import Evaluator, Grid, SplitData, accuracy, format_table
 from vs2ray.retrieval import IndexShard
 from vs2ray.sae import SAETrainParams, train_sae
+from vs2ray.stages import grid_values
 
 WIDTH, EMBED, CLASSES = 16, 8, 4
 
@@ -214,3 +215,29 @@ def test_queries_without_a_positive_or_a_negative_neighbour_stay_unsteered(ray_s
     unsteered = ~both.numpy()
     np.testing.assert_array_equal(result.test_predictions[0][unsteered], zero_predictions[unsteered])
     assert result.summary()["coverage_vs2pp_oracle"] == coverage
+
+
+def test_neighbours_are_memoised_per_split_and_count(evaluator):
+    few = evaluator.neighbours(evaluator.test, 5)
+    many = evaluator.neighbours(evaluator.test, 12)  # not the 5 memoised above, cut or padded
+    assert few[1].shape == (len(evaluator.test.labels), 5) and many[1].shape == (len(evaluator.test.labels), 12)
+    torch.testing.assert_close(many[1][:, :5], few[1])
+
+
+def test_centroid_shift_is_vs2_minus_the_sae_error_term(evaluator):
+    from vs2ray import steering
+
+    x, sae = evaluator.test.cls, evaluator.sae
+    setting = {"gamma": 2.0, "lambda": 0.7}
+    logits, _ = evaluator.logits("centroid_shift", evaluator.test, setting)
+    expected = steering.centroid_shift(x, sae.b_pre, 0.7)  # METHOD.md's closed form: the SAE's centroid b_pre
+    torch.testing.assert_close(logits, steering.classify(expected, evaluator.head, evaluator.classifier))
+    # VS2's unnormalised shift minus the centroid shift's is exactly α·ε(x), the SAE's error term
+    alpha, epsilon = 0.7, sae(x).reconstruction - x
+    vs2_shift = alpha * steering.code_direction(sae, x)
+    torch.testing.assert_close(vs2_shift - alpha * (x - sae.b_pre), alpha * epsilon, atol=1e-5, rtol=1e-5)
+
+
+def test_a_method_that_is_not_available_is_refused_by_name(evaluator):
+    with pytest.raises(ValueError, match="sae_rec_all is not available: it needs one SAE per block"):
+        evaluator.logits("sae_rec_all", evaluator.test, {})

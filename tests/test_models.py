@@ -18,8 +18,8 @@ from vs2ray.models import (
     encode_images,
     load_clip,
     topk_accuracy,
-    zero_shot_evaluate,
 )
+from vs2ray.stages import zero_shot_evaluate
 from vs2ray.steering import logits_from_embeddings
 
 # The README documents the shipped model's zero-shot top-1 on shapes/test; the issue's

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,8 +165,10 @@ def test_auxk_revives_latents_that_top_k_alone_leaves_dead():
 
 
 def test_checkpoint_round_trip_and_clear_errors(tmp_path):
-    from vs2ray.sae import sae_from_state, state_tensors
-    from vs2ray.store import CheckpointError, load_sae_files, sae_dir_for, save_sae
+    import json
+
+    from vs2ray.sae import CheckpointError, SAECheckpoint, SAEOutput
+    from vs2ray.store import sae_dir_for
 
     x, _, _ = planted(n=1000)
     params = SAETrainParams(k=4, expansion=2, steps=20, batch_size=128, warmup_steps=5)
@@ -175,26 +176,19 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     directory = sae_dir_for(tmp_path, "acts-key", params.as_dict())
     assert directory != sae_dir_for(tmp_path, "acts-key", {**params.as_dict(), "lr": 1e-3})
     assert directory == sae_dir_for(tmp_path, "acts-key", dict(reversed(params.as_dict().items())))
-    config = {**params.as_dict(), "d": 32, "n_latents": 64, "activation_key": "acts-key"}
-    save_sae(directory, state_tensors(result.sae), config, result.metrics)
-    tensors, loaded_config, metrics = load_sae_files(directory, expected_d=32)
-    restored = sae_from_state(tensors, loaded_config["k"], loaded_config["topk"])
-    torch.testing.assert_close(restored(x[:50])[0], result.sae(x[:50])[0])
-    assert metrics["fvu"] == pytest.approx(result.metrics["fvu"])
+    result.sae.save(directory, {**params.as_dict(), "activation_key": "acts-key"}, result.metrics)
+    loaded = TopKSAE.load(directory, expected_d=32)
+    assert isinstance(loaded, SAECheckpoint) and loaded.config["format"] == 1 and loaded.config["n_latents"] == 64
+    output = loaded.sae(x[:50])
+    assert isinstance(output, SAEOutput) and output.values.shape == (50, 4)
+    torch.testing.assert_close(output.reconstruction, result.sae(x[:50]).reconstruction)
+    assert loaded.metrics["fvu"] == pytest.approx(result.metrics["fvu"])
     with pytest.raises(CheckpointError, match="trained on d=32 activations, not d=768"):
-        load_sae_files(directory, expected_d=768)
+        TopKSAE.load(directory, expected_d=768)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "format": 0}))  # written by another version
+    with pytest.raises(CheckpointError, match="has format 0; this vs2ray reads format 1"):
+        TopKSAE.load(directory)
     (directory / "metrics.json").unlink()  # as if training had been interrupted before the end
     with pytest.raises(CheckpointError, match=r"incomplete: missing metrics\.json"):
-        load_sae_files(directory)
-
-
-def test_validation_split_is_deterministic_and_disjoint():
-    from vs2ray.store import train_val_split
-
-    ids = np.arange(1000)
-    train, val = train_val_split(ids, 0.1, seed=0)
-    assert val.sum() == 100 and not (train & val).any() and (train | val).all()
-    shuffled = np.random.default_rng(5).permutation(ids)
-    _, val_shuffled = train_val_split(shuffled, 0.1, seed=0)
-    assert set(shuffled[val_shuffled]) == set(ids[val])  # depends on the ids, not their order
-    assert set(ids[train_val_split(ids, 0.1, seed=1)[1]]) != set(ids[val])
+        TopKSAE.load(directory)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vs2ray.sae import SAETrainParams, train_sae
+from vs2ray.sae import SAETrainParams, TopKSAE, train_sae
+from vs2ray.sae import per_sample_fvu as fvu_of_reconstruction
 from vs2ray.steering import (
     centroid_shift,
     classify,
@@ -15,18 +16,21 @@ from vs2ray.steering import (
     gated,
     group_mean_difference,
     norm_preserving,
-    per_sample_fvu,
     positive_mask,
     sae_rec_amplified,
     sae_rec_final,
     vs2,
-    vs2_grid_logits,
+    vs2_from_direction,
     vs2pp,
     vs2pp_direction,
     weighted_rag,
 )
 
 D, EMBED, CLASSES = 24, 8, 5
+
+
+def per_sample_fvu(sae: TopKSAE, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    return fvu_of_reconstruction(x, sae(x).reconstruction, mu)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +82,12 @@ def test_gamma_one_or_lambda_zero_is_zero_shot_and_norm_is_kept(world):
     assert not torch.allclose(steered, x)
 
 
-def test_grid_over_alpha_matches_one_call_per_setting(world):
-    sae, x, head, classifier = world
+def test_one_code_direction_serves_the_whole_grid(world):
+    sae, x, _, _ = world
     x = x[:200]
-    settings = [(1.5, 2.1), (2.0, 1.0), (3.0, 0.5), (1.0, 4.0)]
-    grid = vs2_grid_logits(x, code_direction(sae, x), [lam * (g - 1) for g, lam in settings], head, classifier)
-    for row, (gamma, lam) in zip(grid, settings, strict=True):
-        torch.testing.assert_close(row, classify(vs2(sae, x, gamma, lam), head, classifier), atol=1e-9, rtol=0)
+    direction = code_direction(sae, x)
+    for gamma, lam in [(1.5, 2.1), (2.0, 1.0), (3.0, 0.5), (1.0, 4.0)]:
+        torch.testing.assert_close(vs2_from_direction(x, direction, gamma, lam), vs2(sae, x, gamma, lam))
 
 
 def test_reconstruction_baselines(world):
@@ -169,3 +172,15 @@ def test_weighted_rag_weights_by_similarity():
     expected = F.normalize(0.5 * q + 0.5 * torch.tensor([[0.25, 0.75]]), dim=1)
     torch.testing.assert_close(mixed, expected)
     torch.testing.assert_close(weighted_rag(q, neighbours, similarities, a=1.0), q)
+
+
+def test_weighted_rag_with_no_positive_similarity_weighs_neighbours_equally():
+    q = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), dim=1)
+    neighbours = torch.tensor([[[0.0, 1.0], [1.0, 1.0]], [[0.0, 1.0], [1.0, 1.0]]])
+    mixed = weighted_rag(q, neighbours, torch.tensor([[-0.2, -0.5], [0.0, -1.0]]), a=0.5)
+    assert torch.isfinite(mixed).all()
+    expected = F.normalize(0.5 * q + 0.5 * neighbours.mean(dim=1), dim=1)  # equal weights, not 0/0
+    torch.testing.assert_close(mixed, expected)
+    # a negative similarity counts as 0 beside a positive one
+    one_positive = weighted_rag(q[:1], neighbours[:1], torch.tensor([[-0.3, 0.6]]), a=0.0)
+    torch.testing.assert_close(one_positive, F.normalize(neighbours[:1, 1], dim=1))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -215,31 +214,6 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
     assert saved["search"]["num_samples"] == 6
 
 
-def test_a_file_written_to_local_storage_replaces_the_old_one_only_when_complete(tmp_path):
-    import pyarrow.fs as pafs
-
-    from vs2ray.results import storage_filesystem
-
-    fs, root = storage_filesystem(tmp_path)
-    state = tmp_path / "experiment_state-x.json"
-    state.write_text('{"trials": 1}')
-    stream = fs.open_output_stream(f"{root}/{state.name}")
-    stream.write(b'{"trials": 2, "cut here')  # a driver killed now has written part of the new state
-    stream.flush()
-    assert state.read_text() == '{"trials": 1}'
-    stream.close()
-    assert state.read_text() == '{"trials": 2, "cut here'
-
-    # Tune uploads with pyarrow's copy_files; it goes through the same streams
-    staging = tmp_path / "staging"
-    (staging / "trial_a").mkdir(parents=True)
-    (staging / "trial_a" / "result.json").write_text("{}\n" * 1000)
-    pafs.copy_files(str(staging), f"{root}/experiment", destination_filesystem=fs)
-    assert (tmp_path / "experiment" / "trial_a" / "result.json").read_text() == "{}\n" * 1000
-    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # atomic_write_bytes' temp files
-    assert leftovers == []
-
-
 def test_resume_refuses_an_experiment_whose_state_was_cut_short(tmp_path):
     from vs2ray.config import config_to_yaml
 
@@ -253,41 +227,6 @@ def test_resume_refuses_an_experiment_whose_state_was_cut_short(tmp_path):
     assert output.returncode == 1
     assert "experiment_state-2026-11-22_07-31-07.json is cut short" in output.stderr
     assert f"python -m analysis.report {experiment}" in output.stderr
-
-
-class Recomputed(Exception):
-    pass
-
-
-def test_a_rerun_trial_whose_checkpoint_holds_its_result_reports_it_instead_of_recomputing(tmp_path, monkeypatch):
-    """The kill above lands between a report and Tune's state save only by chance; here Tune's session is faked."""
-    from ray import tune
-
-    from vs2ray import trainable
-
-    def recompute(*args, **kwargs):
-        raise Recomputed
-
-    reported = []
-    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "abc123"))
-    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reported.append((metrics, checkpoint)))
-    monkeypatch.setattr(trainable, "get_or_train_sae", recompute)
-    monkeypatch.setattr(trainable, "build_evaluator", recompute)
-    base_config = load_config().model_dump(mode="json", by_alias=True)  # defaults: every value fixed
-    data = SimpleNamespace(split=None)  # never read: both paths stop before the data is used
-    checkpoint = tmp_path / "trial_abc123" / "checkpoint_000000"
-    checkpoint.mkdir(parents=True)
-
-    with pytest.raises(Recomputed):  # a checkpoint without the saved result: the trial runs
-        trainable.run_trial({}, base_config, data, experiment=str(tmp_path))
-    saved = {"val_top1_vs2": 0.75, "eval_seconds": 0.0311, "vs2ray_complete": True}
-    (checkpoint / trainable.METRICS_FILE).write_text(json.dumps(saved))
-    with pytest.raises(Recomputed):  # the result without the per-class files (an upload cut short): it runs
-        trainable.run_trial({}, base_config, data, experiment=str(tmp_path))
-    for name in trainable.CHECKPOINT_FILES[:-1]:
-        (checkpoint / name).write_bytes(b"written")
-    trainable.run_trial({}, base_config, data, experiment=str(tmp_path))
-    assert reported == [(saved, None)]
 
 
 def test_trials_take_their_gpu_share_on_the_worker_node_and_find_the_retrieval_actor(storage, ray_session):
@@ -381,11 +320,3 @@ def test_report_writes_valid_figures_and_a_row_per_method_of_the_sweep(cache_swe
     best = trials.loc[trials["val_top1_vs2"].idxmax()]
     assert rows["VS2"][3].strip() == f"{100 * best['test_top1_vs2']:.2f}"
     assert "## Failed trials" in report and "sae.k must be in" in report
-
-
-def test_pareto_front_keeps_the_points_nothing_beats():
-    from analysis.plots import pareto_front
-
-    # (fvu, accuracy): (0.3, 70) is beaten by (0.2, 71); (0.5, 69) by everything better
-    points = np.array([[0.1, 68.0], [0.2, 71.0], [0.3, 70.0], [0.4, 72.0], [0.5, 69.0]])
-    assert sorted(pareto_front(points).tolist()) == [0, 1, 3]

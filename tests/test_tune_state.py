@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 
-from vs2ray.results import AtomicLocalFiles, load_results
+from vs2ray.files import AtomicLocalFiles
+from vs2ray.results import load_results
 from vs2ray.tune_state import SNAPSHOT_FILE, keep_restorable_snapshots, prepare_resume, snapshot_bytes
 
 SESSION = "2026-11-22_08-50-53"

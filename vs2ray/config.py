@@ -17,8 +17,7 @@ the key path, the offending value and what is allowed.
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,26 +29,16 @@ from pydantic import (
     PlainValidator,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from vs2ray.methods import METHODS
+
 DISTRIBUTION_KINDS = ("choice", "uniform", "loguniform", "int")
-STEERING_METHODS = (
-    "zero_shot",
-    "sae_rec_final",
-    "sae_rec_all",
-    "sae_rec_amplified",
-    "vs2",
-    "vs2_gated",
-    "vs2pp",
-    "vs2pp_oracle",
-    "vs2pp_oracle_neighbours",
-    "weighted_rag",
-    "clip_steer",
-    "centroid_shift",
-)
+STEERING_METHODS = tuple(METHODS)  # the registry's names (vs2ray.methods)
 BUNDLED_MODEL = "vs2ray-tiny"
 BUNDLED_RETRIEVAL_ENCODER = "vs2ray-tiny-retrieval"  # the bundled stand-in for DINOv2 (retrieval.encoder)
 
@@ -235,6 +224,17 @@ class SteeringConfig(Section):
     methods: list[Literal[STEERING_METHODS]] = Field(  # type: ignore[valid-type]
         ["zero_shot", "sae_rec_final", "sae_rec_amplified", "vs2"], min_length=1
     )
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_are_available(cls, methods: list[str]) -> list[str]:
+        for name in methods:
+            if METHODS[name].steer is None:
+                raise PydanticCustomError(
+                    "method_unavailable", f"{name} is not available yet: {METHODS[name].unavailable}"
+                )
+        return methods
+
     gamma: AtLeastOneFloat = 1.5
     lambda_: NonNegativeFloat = Field(2.1, alias="lambda")
     gate_quantiles: list[Annotated[float, Field(gt=0, le=1)]] = [0.9, 0.95, 0.99, 0.995]
@@ -273,6 +273,9 @@ class SearchConfig(Section):
         default_factory=list, description="first trials, e.g. the paper's defaults: {sae.k: 64, ...}"
     )
     max_failures: int = Field(1, ge=0, description="times a failed trial is retried before it counts as failed")
+    allow_test_selection: bool = Field(
+        False, description="let search.metric name a test_* metric (Optuna then selects on test: optimistic)"
+    )
 
     @property
     def metrics(self) -> list[str]:
@@ -289,6 +292,14 @@ class SearchConfig(Section):
             raise PydanticCustomError(
                 "search_metric",
                 f"metric and mode need one entry each per objective, got {self.metrics} and {self.modes}",
+            )
+        on_test = [m for m in self.metrics if m.startswith("test_")]
+        if on_test and not self.allow_test_selection:
+            raise PydanticCustomError(
+                "search_metric",
+                f"search.metric: {on_test} would make Optuna select on the test split, so the reported test "
+                f"accuracy is no longer held out; use the val_* metric, or set search.allow_test_selection: true "
+                f"to reproduce the paper's test-selected figures knowingly",
             )
         return self
 
@@ -431,16 +442,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for assignment in overrides:
         apply_override(raw, assignment)
     return validate_config(raw, source)
-
-
-def run_cli(main: Callable[[], int | None]) -> None:
-    """Run a CLI entry point, printing a ConfigError's problems instead of a traceback (exit 2)."""
-    try:
-        code = main()
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    raise SystemExit(code or 0)
 
 
 def config_to_yaml(config: ExperimentConfig) -> str:

@@ -17,10 +17,8 @@ manifest says `complete: true` is returned at once.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,8 +31,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from vs2ray import __version__
-from vs2ray.config import BUNDLED_RETRIEVAL_ENCODER, ExperimentConfig, RetrievalConfig, load_config, run_cli
+from vs2ray.config import BUNDLED_RETRIEVAL_ENCODER, ExperimentConfig, RetrievalConfig
 from vs2ray.data import ImageDataset, ImageRecord, get_dataset, prompt_templates_for
+from vs2ray.files import is_uri
 from vs2ray.models import (
     BUNDLED_RETRIEVAL_WEIGHTS,
     BUNDLED_WEIGHTS,
@@ -117,7 +116,7 @@ def _retrieval_inputs(retrieval: RetrievalConfig) -> dict[str, Any]:
 def store_dir_for(config: ExperimentConfig, split: str, inputs: dict[str, Any]) -> Path:
     """`<storage.root>/activations/<dataset>-<split>-<arch>-<hash>`."""
     root = config.storage.root
-    if "://" in root:
+    if is_uri(root):
         raise ValueError(f"storage.root: {root!r}: remote stores are not supported by extraction yet; use a path")
     name = f"{config.dataset.name}-{split}-{config.model.arch}-{content_key(inputs)}"
     return Path(root).expanduser() / "activations" / name
@@ -438,52 +437,7 @@ def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = l
     return ExtractionResult(split, store_dir, rows, failed, reused=False, seconds=seconds, workers=workers)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vs2ray.extract", description="Extract CLIP activations into the Parquet activation store."
-    )
-    parser.add_argument("--config", help="experiment YAML (default: built-in defaults = the bundled world)")
-    parser.add_argument("--split", default="all", help="a split name, or 'all' for dataset.train_split and test_split")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    splits = [config.dataset.train_split, config.dataset.test_split] if args.split == "all" else [args.split]
+if __name__ == "__main__":  # `python -m vs2ray.extract` = `python -m vs2ray extract`
+    from vs2ray.cli import shim
 
-    from vs2ray.data import DatasetUnavailable
-    from vs2ray.models import ModelUnavailable
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    for split in splits:
-        try:
-            if args.address and not _ray_initialized():
-                import ray
-
-                ray.init(address=args.address, include_dashboard=False, configure_logging=False)
-            result = extract(config, split, log)
-        except (DatasetUnavailable, ModelUnavailable, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        state = "reused" if result.reused else f"written in {result.seconds:.1f}s"
-        print(f"{split}: {result.rows} rows -> {result.store_dir} ({state})")
-        if result.failed:
-            print(f"{split}: {len(result.failed)} image(s) could not be read and were skipped:")
-            for entry in result.failed:
-                print(f"  id {entry['id']}  {entry['ref']}  ({entry['error']})")
-    return 0
-
-
-def _ray_initialized() -> bool:
-    import ray
-
-    return ray.is_initialized()
-
-
-if __name__ == "__main__":
-    # Run the importable module's `main`, not this `__main__` copy: Ray pickles the pipeline's
-    # functions by module name, and workers can import `vs2ray.extract` but not `__main__`.
-    from vs2ray.extract import main as _main
-
-    run_cli(_main)
+    shim("extract")

@@ -62,6 +62,17 @@ class Context(Protocol):
         """(W_dec (mean S+ codes − mean S− codes) (n, d), steerable (n,)), memoised per (split, k, key)."""
 
 
+def metric_name(kind: str, method: str) -> str:
+    """A method's reported metric, e.g. ('val_top1', 'vs2') -> 'val_top1_vs2' (also 'selected_gamma', 'coverage')."""
+    return f"{kind}_{method}"
+
+
+def method_of(column: str, kind: str) -> str | None:
+    """The method a metric column belongs to (the inverse of `metric_name`), or None if it is not a `kind` column."""
+    prefix = f"{kind}_"
+    return column.removeprefix(prefix) if column.startswith(prefix) else None
+
+
 @dataclass(frozen=True)
 class Method:
     """One steering method."""
@@ -184,7 +195,14 @@ METHODS: dict[str, Method] = {
             _vs2pp_with(_true_neighbour_positives),
         ),
         Method("weighted_rag", "weighted RAG", "embedding", ("a", "n_neighbors"), _weighted_rag, uses_sae=False),
-        Method("clip_steer", "CLIP-space steering", "embedding", ("rule", "lambda", "n_neighbors"), _clip_steer, uses_sae=False),
+        Method(
+            "clip_steer",
+            "CLIP-space steering",
+            "embedding",
+            ("rule", "lambda", "n_neighbors"),
+            _clip_steer,
+            uses_sae=False,
+        ),
         Method("centroid_shift", "centroid shift (ours)", "token", ("gamma", "lambda"), _centroid_shift),
     )
 }

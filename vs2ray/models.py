@@ -8,11 +8,9 @@ are open_clip's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import socket
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -22,16 +20,7 @@ from typing import Any
 import open_clip
 import torch
 
-from vs2ray.config import (
-    BUNDLED_MODEL,
-    BUNDLED_RETRIEVAL_ENCODER,
-    ExperimentConfig,
-    ModelConfig,
-    RetrievalConfig,
-    load_config,
-    run_cli,
-)
-from vs2ray.steering import logits_from_embeddings
+from vs2ray.config import BUNDLED_MODEL, BUNDLED_RETRIEVAL_ENCODER, ModelConfig, RetrievalConfig
 
 ASSETS = resources.files("vs2ray") / "assets"
 BUNDLED_CONFIG = Path(str(ASSETS / f"{BUNDLED_MODEL}.json"))
@@ -347,79 +336,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
-def zero_shot_evaluate(
-    config: ExperimentConfig,
-    split: str,
-    limit: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Zero-shot top-1/top-5 of the configured model on `split` of the configured dataset.
+if __name__ == "__main__":  # `python -m vs2ray.models` = `python -m vs2ray zero-shot`
+    from vs2ray.cli import shim
 
-    Runs in-process (no Ray); meant for checks and the demo, not for large datasets.
-    `progress(done, total)` is called after every batch.
-    """
-    from vs2ray.data import get_dataset, prompt_templates_for
-
-    dataset = get_dataset(config.dataset)
-    bundle = load_clip(config.model)
-    classifier = build_text_classifier(bundle, dataset.classes, prompt_templates_for(config.dataset, dataset))
-    records = dataset.records(split)[:limit]
-    logits, labels = [], []
-    started = time.perf_counter()
-    batch = config.extraction.batch_size
-    for start in range(0, len(records), batch):
-        chunk = records[start : start + batch]
-        pixels = torch.stack([bundle.preprocess(dataset.load_image(split, r.ref)) for r in chunk])
-        logits.append(logits_from_embeddings(encode_images(bundle, pixels), classifier).cpu())
-        labels.extend(r.label for r in chunk)
-        if progress is not None:
-            progress(len(labels), len(records))
-    accuracy = topk_accuracy(torch.cat(logits), torch.tensor(labels))
-    return {
-        "model": f"{bundle.arch}/{bundle.pretrained}",
-        "dataset": dataset.name,
-        "split": split,
-        "images": len(records),
-        "classes": len(dataset.classes),
-        "top1": accuracy[1],
-        "top5": accuracy[5],
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vs2ray.models", description="Zero-shot accuracy of the configured CLIP model."
-    )
-    parser.add_argument("--config", help="experiment YAML (default: built-in defaults = the bundled world)")
-    parser.add_argument("--split", default=None, help="dataset split (default: dataset.test_split)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    started = time.perf_counter()
-
-    next_report = [0]
-
-    def report(done: int, total: int) -> None:
-        if done >= next_report[0] or done == total:  # about ten lines, whatever the size
-            rate = done / (time.perf_counter() - started)
-            print(f"  {done}/{total} images ({rate:.0f} images/s)", flush=True)
-            next_report[0] = done + max(1, total // 10)
-
-    try:
-        result = zero_shot_evaluate(config, args.split or config.dataset.test_split, args.limit, report)
-    except (ModelUnavailable, RuntimeError, ValueError) as error:
-        print(f"error: {error}")
-        return 1
-    print(
-        f"{result['model']} zero-shot on {result['dataset']}/{result['split']} "
-        f"({result['images']} images, {result['classes']} classes): "
-        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
-        f"({result['images'] / result['seconds']:.0f} images/s)"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)
+    shim("zero-shot")

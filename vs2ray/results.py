@@ -20,158 +20,24 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.fs as pafs
 
-from vs2ray.store import atomic_write_bytes
+from vs2ray.files import list_dirs, modified, read_bytes, read_text
+from vs2ray.methods import METHODS, method_of, metric_name
 
-# row label of each method in tables (the paper's names; centroid_shift is our ablation)
-METHOD_LABELS = {
-    "zero_shot": "zero-shot CLIP",
-    "sae_rec_final": "SAE_REC^F",
-    "sae_rec_amplified": "SAE_REC^{F+γ}",
-    "vs2": "VS2",
-    "vs2_pass": "VS2 + PASS",
-    "vs2_gated": "VS2 + FVU gate",
-    "vs2pp": "VS2++ (pseudo-labels)",
-    "vs2pp_oracle": "VS2++ (oracle: query's true label)",
-    "vs2pp_oracle_neighbours": "VS2++ (true neighbour labels, zero-shot query)",
-    "weighted_rag": "weighted RAG",
-    "clip_steer": "CLIP-space steering",
-    "centroid_shift": "centroid shift (ours)",
-}
+# row label of each method in tables, in registry order; "vs2_pass" is VS2 on the PASS-trained SAEs
+METHOD_LABELS: dict[str, str] = {}
+for _name, _method in METHODS.items():
+    if _method.steer is not None:
+        METHOD_LABELS[_name] = _method.label
+    if _name == "vs2":
+        METHOD_LABELS["vs2_pass"] = "VS2 + PASS"
 STATUS_DONE, STATUS_ERROR, STATUS_INCOMPLETE = "TERMINATED", "ERROR", "INCOMPLETE"
+# the files a trial leaves in its checkpoint (vs2ray.trainable writes them)
+PER_CLASS_FILE, METHODS_FILE, PREDICTIONS_FILE = "per_class.json", "methods.json", "predictions.npz"
+METRICS_FILE = "metrics.json"  # the reported result, kept so that a restarted trial need not rerun
+CHECKPOINT_FILES = (PER_CLASS_FILE, METHODS_FILE, PREDICTIONS_FILE, METRICS_FILE)
 SWEEP_CONFIG_FILE = "vs2ray_config.yaml"  # the sweep's config, saved in the experiment dir for --resume and analysis
 TRIAL_DIR_PREFIX = "trial_"
-
-
-# ---------------------------------------------------------------- local paths and URIs alike
-
-
-class _ReplaceOnClose:
-    """A file stream kept in memory and written to its path atomically when closed (store.atomic_write_bytes)."""
-
-    def __init__(self, path: str):
-        self._path, self._buffer = Path(path), io.BytesIO()
-
-    def write(self, data: Any) -> int:
-        return self._buffer.write(data)
-
-    def flush(self) -> None:
-        pass  # nothing reaches the disk before close
-
-    @property
-    def closed(self) -> bool:
-        return self._buffer.closed
-
-    def close(self) -> None:
-        if not self._buffer.closed:
-            atomic_write_bytes(self._path, self._buffer.getvalue())
-            self._buffer.close()
-
-
-class AtomicLocalFiles(pafs.FileSystemHandler):
-    """The local filesystem, except that a file being written never replaces the old one until it is complete.
-
-    Tune copies its experiment state (trial list, searcher state) and every trial's
-    results to the storage path again and again; on a plain local filesystem a driver
-    killed mid-copy leaves a truncated `experiment_state-*.json` that `--resume` cannot
-    read. Behind this handler a reader sees the previous file or the new one. (Object
-    stores write whole objects already; they do not need it.)
-    """
-
-    def __init__(self) -> None:
-        self._local = pafs.LocalFileSystem()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AtomicLocalFiles)
-
-    def __hash__(self) -> int:
-        return hash(AtomicLocalFiles)
-
-    def get_type_name(self) -> str:
-        return "vs2ray-atomic-local"
-
-    def normalize_path(self, path: str) -> str:
-        return self._local.normalize_path(path)
-
-    def get_file_info(self, paths: list[str]) -> list[Any]:
-        return self._local.get_file_info(paths)
-
-    def get_file_info_selector(self, selector: Any) -> list[Any]:
-        return self._local.get_file_info(selector)
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        self._local.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path: str) -> None:
-        self._local.delete_dir(path)
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self._local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self) -> None:
-        self._local.delete_dir_contents("/", accept_root_dir=True)
-
-    def delete_file(self, path: str) -> None:
-        self._local.delete_file(path)
-
-    def move(self, src: str, dest: str) -> None:
-        self._local.move(src, dest)
-
-    def copy_file(self, src: str, dest: str) -> None:
-        with self._local.open_input_stream(src) as source, self.open_output_stream(dest, None) as target:
-            target.write(source.read())
-
-    def open_input_stream(self, path: str) -> Any:
-        return self._local.open_input_stream(path)
-
-    def open_input_file(self, path: str) -> Any:
-        return self._local.open_input_file(path)
-
-    def open_output_stream(self, path: str, metadata: Any) -> Any:
-        return pa.PythonFile(_ReplaceOnClose(path), mode="w")
-
-    def open_append_stream(self, path: str, metadata: Any) -> Any:
-        return self._local.open_append_stream(path)
-
-
-def storage_filesystem(path: str | Path) -> tuple[Any, str]:
-    """(pyarrow filesystem, path inside it) for a local path or an s3:// / gs:// URI; local writes are atomic."""
-    text = str(path)
-    if "://" in text:
-        return pafs.FileSystem.from_uri(text)
-    return pafs.PyFileSystem(AtomicLocalFiles()), str(Path(text).expanduser().resolve())
-
-
-def read_bytes(path: str | Path) -> bytes | None:
-    """A file's bytes, or None when it does not exist."""
-    fs, where = storage_filesystem(path)
-    if fs.get_file_info(where).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(where) as stream:
-        return stream.read()
-
-
-def read_text(path: str | Path) -> str | None:
-    data = read_bytes(path)
-    return None if data is None else data.decode()
-
-
-def write_text(path: str | Path, text: str) -> None:
-    fs, where = storage_filesystem(path)
-    fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(where) as stream:
-        stream.write(text.encode())
-
-
-def list_dirs(path: str | Path) -> list[str]:
-    """Names of the directories directly under `path` (none if it does not exist)."""
-    fs, where = storage_filesystem(path)
-    if fs.get_file_info(where).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(where))
-    return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
 
 
 # ---------------------------------------------------------------- trials
@@ -228,15 +94,6 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
     return trials.sort_values("started", kind="stable").reset_index(drop=True) if rows else trials
 
 
-def modified(path: str | Path) -> pd.Timestamp:
-    """A file's modification time; FileNotFoundError when it does not exist."""
-    fs, where = storage_filesystem(path)
-    info = fs.get_file_info(where)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(path)
-    return pd.Timestamp(info.mtime)
-
-
 def load_sweep_config(experiment: str) -> Any | None:
     """The ExperimentConfig the sweep saved in `experiment`, or None when there is none."""
     import yaml
@@ -268,7 +125,7 @@ def searched_keys(trials: pd.DataFrame) -> list[str]:
 
 def methods_in(trials: pd.DataFrame) -> list[str]:
     """Methods that some trial reported, in the order of METHOD_LABELS."""
-    reported = {c.removeprefix("val_top1_") for c in trials.columns if c.startswith("val_top1_")}
+    reported = {method_of(c, "val_top1") for c in trials.columns}
     return [m for m in METHOD_LABELS if m in reported]
 
 
@@ -284,7 +141,7 @@ def trial_file(trial_dir: str, name: str) -> bytes | None:
 
 def trial_predictions(trial_dir: str) -> dict[str, np.ndarray]:
     """Test labels and each method's test predictions at its selected setting: name -> (n_test,) int32."""
-    data = trial_file(trial_dir, "predictions.npz")
+    data = trial_file(trial_dir, PREDICTIONS_FILE)
     if data is None:
         raise FileNotFoundError(f"{trial_dir} has no checkpoint_000000/predictions.npz")
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
@@ -311,10 +168,10 @@ def method_table(trials: pd.DataFrame) -> pd.DataFrame:
         if method == "vs2":
             subsets = [("vs2", done[w_aux == 0]), ("vs2_pass", done[w_aux > 0])]
         for key, subset in subsets:
-            subset = subset.dropna(subset=[f"val_top1_{method}"])
+            subset = subset.dropna(subset=[metric_name("val_top1", method)])
             if subset.empty:
                 continue
-            best = subset.loc[subset[f"val_top1_{method}"].idxmax()]
+            best = subset.loc[subset[metric_name("val_top1", method)].idxmax()]
             chosen = {k: best[k] for k in _relevant_keys(subset, method) if pd.notna(best[k])}
             for column in _selected(best, method):  # the setting chosen within the trial (γ, λ, q, a, N)
                 chosen[column.removeprefix("selected_").removesuffix(f"_{method}")] = best[column]
@@ -322,10 +179,10 @@ def method_table(trials: pd.DataFrame) -> pd.DataFrame:
                 {
                     "key": key,
                     "method": METHOD_LABELS[key],
-                    "val_top1": 100 * best[f"val_top1_{method}"],
-                    "test_top1": 100 * best[f"test_top1_{method}"],
-                    "test_oracle_top1": 100 * subset[f"test_oracle_top1_{method}"].max(),
-                    "coverage": best.get(f"coverage_{method}", np.nan),
+                    "val_top1": 100 * best[metric_name("val_top1", method)],
+                    "test_top1": 100 * best[metric_name("test_top1", method)],
+                    "test_oracle_top1": 100 * subset[metric_name("test_oracle_top1", method)].max(),
+                    "coverage": best.get(metric_name("coverage", method), np.nan),
                     "trial_id": best["trial_id"],
                     "selected": ", ".join(f"{k}={_short(v)}" for k, v in chosen.items()),
                 }
@@ -337,12 +194,9 @@ def method_table(trials: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-SAE_FREE_METHODS = ("zero_shot", "centroid_shift", "weighted_rag", "clip_steer")  # results do not depend on the SAE
-
-
 def _relevant_keys(trials: pd.DataFrame, method: str) -> list[str]:
     """The sampled SAE keys that shape `method`'s result (steering values are in its selected_* columns)."""
-    if method in SAE_FREE_METHODS:
+    if not METHODS[method].uses_sae:
         return []
     return [k for k in searched_keys(trials) if k.startswith(("sae.", "pass."))]
 

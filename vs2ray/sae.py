@@ -19,16 +19,51 @@ z̄_class is a running mean of each class's codes, updated every step and detach
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vs2ray.store import write_json, write_tensors
+
 TopKMode = Literal["relu", "abs"]
+SAE_FORMAT = 1  # checkpoint layout version, in config.json; a checkpoint of another version is refused
+SAE_FILES = ("sae.safetensors", "config.json", "metrics.json")  # metrics.json is written last
+
+
+class CheckpointError(RuntimeError):
+    """An SAE checkpoint is missing a file, is of another format version, or does not fit the activations."""
+
+
+class SparseCode(NamedTuple):
+    """A batch's top-k code: the k kept values and their latent indices, each (batch, k)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+class SAEOutput(NamedTuple):
+    """What `TopKSAE.forward` returns."""
+
+    reconstruction: torch.Tensor  # (batch, d)
+    values: torch.Tensor  # (batch, k)
+    indices: torch.Tensor  # (batch, k)
+
+
+class SAECheckpoint(NamedTuple):
+    """A loaded checkpoint: the SAE, its config.json (training parameters, d, activation key) and metrics.json."""
+
+    sae: TopKSAE
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+
 DENSE_FIRING_RATE = 0.1  # a latent firing on more than this share of samples counts as dense
 
 
@@ -65,16 +100,16 @@ class TopKSAE(nn.Module):
         """W_enc (x − b_pre): (batch, d) -> (batch, n_latents)."""
         return (x - self.b_pre) @ self.W_enc.T
 
-    def select(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, pre: torch.Tensor, k: int | None = None) -> SparseCode:
         """TopK of pre-activations (batch, n) -> values, indices (batch, k)."""
         k = self.k if k is None else k
         if self.topk == "relu":  # largest values, then ReLU (Gao et al., sparsify)
             values, indices = pre.topk(k, dim=-1, sorted=False)
-            return F.relu(values), indices
+            return SparseCode(F.relu(values), indices)
         indices = pre.abs().topk(k, dim=-1, sorted=False).indices  # largest |value| (the paper)
-        return pre.gather(-1, indices), indices
+        return SparseCode(pre.gather(-1, indices), indices)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> SparseCode:
         """Sparse codes of x (batch, d): values and latent indices, each (batch, k)."""
         return self.select(self.pre_activations(x))
 
@@ -95,10 +130,46 @@ class TopKSAE(nn.Module):
             -1, indices, values
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> SAEOutput:
         """Reconstruction (batch, d) and the sparse code (values, indices)."""
         values, indices = self.encode(x)
-        return self.decode(values, indices), values, indices
+        return SAEOutput(self.decode(values, indices), values, indices)
+
+    def save(self, directory: Path, config: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """Write a checkpoint: sae.safetensors (W_enc, W_dec, b_pre), config.json (with the format version,
+        k, topk, d, n_latents added), then metrics.json, the completion mark."""
+        directory.mkdir(parents=True, exist_ok=True)
+        shape = {"format": SAE_FORMAT, "d": self.d, "n_latents": self.n_latents, "k": self.k, "topk": self.topk}
+        tensors = {"W_enc": self.W_enc.detach(), "W_dec": self.W_dec.detach(), "b_pre": self.b_pre.detach()}
+        write_tensors(directory / "sae.safetensors", tensors, {k: str(v) for k, v in shape.items()})
+        write_json(directory / "config.json", {**config, **shape})
+        write_json(directory / "metrics.json", metrics)
+
+    @classmethod
+    def load(cls, directory: str | Path, expected_d: int | None = None) -> SAECheckpoint:
+        """Read a checkpoint written by `save`; a missing file, another format version or a different `d`
+        is a CheckpointError that says which."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory).expanduser()
+        missing = [name for name in SAE_FILES if not (directory / name).is_file()]
+        if missing:
+            raise CheckpointError(f"SAE checkpoint {directory} is incomplete: missing {', '.join(missing)}")
+        config = json.loads((directory / "config.json").read_text())
+        if config.get("format") != SAE_FORMAT:
+            raise CheckpointError(
+                f"SAE checkpoint {directory} has format {config.get('format')!r}; this vs2ray reads format "
+                f"{SAE_FORMAT}. Delete the directory to retrain it, or use the vs2ray version that wrote it."
+            )
+        if expected_d is not None and config["d"] != expected_d:
+            raise CheckpointError(
+                f"SAE checkpoint {directory} was trained on d={config['d']} activations, not d={expected_d} "
+                f"(activations {config.get('activation_key')!r})"
+            )
+        tensors = load_file(directory / "sae.safetensors")
+        sae = cls(config["d"], config["n_latents"], config["k"], config["topk"])
+        sae.load_state_dict({name: tensors[name].float() for name in ("W_enc", "W_dec", "b_pre")})
+        return SAECheckpoint(sae, config, json.loads((directory / "metrics.json").read_text()))
 
 
 @dataclass
@@ -350,43 +421,7 @@ def evaluate_sae(
     return metrics
 
 
-def state_tensors(sae: TopKSAE) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores: W_enc, W_dec (n_latents, d) and b_pre (d,)."""
-    return {"W_enc": sae.W_enc.detach(), "W_dec": sae.W_dec.detach(), "b_pre": sae.b_pre.detach()}
+if __name__ == "__main__":  # `python -m vs2ray.sae` = `python -m vs2ray train-sae`
+    from vs2ray.cli import shim
 
-
-def sae_from_state(tensors: dict[str, torch.Tensor], k: int, topk: TopKMode) -> TopKSAE:
-    """Rebuild a TopKSAE from `state_tensors` output."""
-    n_latents, d = tensors["W_dec"].shape
-    sae = TopKSAE(d, n_latents, k, topk)
-    sae.load_state_dict({name: tensors[name].float() for name in ("W_enc", "W_dec", "b_pre")})
-    return sae
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vs2ray.sae`: train (or reuse) the SAE of a config on its train split, minus validation."""
-    import argparse
-
-    from vs2ray.config import load_config
-    from vs2ray.trainable import get_or_train_sae, load_train_split, sae_params
-
-    parser = argparse.ArgumentParser(prog="python -m vs2ray.sae", description="Train the configured top-k SAE.")
-    parser.add_argument("--config", help="experiment YAML (default: built-in defaults = the bundled world)")
-    parser.add_argument("--layer", type=int, default=-1, help="which extracted block's [CLS] token (default: last)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    params = sae_params(config)
-    split = load_train_split(config, args.layer, lambda line: print(line, flush=True))
-    trained = get_or_train_sae(config, params, split, lambda line: print(line, flush=True))
-    print(f"{'reused' if trained.cache_hit else 'saved'} {trained.directory}")
-    shown = ("fvu", "val_fvu", "l0", "dead_fraction", "dense_fraction", "samples_per_second", "train_seconds")
-    print("  ".join(f"{name} {trained.metrics[name]:.4g}" for name in shown if name in trained.metrics))
-    return 0
-
-
-if __name__ == "__main__":
-    from vs2ray.config import run_cli
-    from vs2ray.sae import main as _main
-
-    run_cli(_main)
+    shim("train-sae")

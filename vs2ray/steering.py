@@ -16,14 +16,12 @@ evaluated by computing W_dec c once and one normalisation per distinct α.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from vs2ray.sae import TopKSAE
-from vs2ray.sae import per_sample_fvu as fvu_of_reconstruction
 
 PositiveRule = Literal["query", "majority"]
 
@@ -79,39 +77,29 @@ def code_direction(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
     return sae.decode_without_bias(values, indices)
 
 
+def vs2_from_direction(x: torch.Tensor, direction: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """VS2 given u = `code_direction(sae, x)`: x + λ(γ − 1) u, rescaled to ‖x‖. (n, d), (n, d) -> (n, d).
+
+    A (γ, λ) grid computes u once and calls this per setting.
+    """
+    return norm_preserving(x, lam * (gamma - 1) * direction)
+
+
 def vs2(sae: TopKSAE, x: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """VS2: x + λ(γ − 1) W_dec c, rescaled to ‖x‖. (n, d) -> (n, d)."""
-    return norm_preserving(x, lam * (gamma - 1) * code_direction(sae, x))
+    return vs2_from_direction(x, code_direction(sae, x), gamma, lam)
 
 
-def vs2_grid_logits(
-    x: torch.Tensor,
-    direction: torch.Tensor,
-    alphas: Sequence[float],
-    head: dict[str, torch.Tensor],
-    text_classifier: torch.Tensor,
-) -> torch.Tensor:
-    """Logits of VS2 for every α = λ(γ − 1) at once: (len(alphas), n, classes).
+def centroid_shift(x: torch.Tensor, centroid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Our ablation: x + α(x − b_pre) rescaled to ‖x‖, with the SAE's centroid b_pre (d,) and no sparse code.
 
-    `direction` is `code_direction(sae, x)`; one normalisation per α, no SAE pass.
+    It is VS2's closed form (METHOD.md §3, Proposition 3.1) without the SAE's error term α·ε(x):
+    VS2's unnormalised shift minus this one is exactly α·(D(c) − x).
     """
-    return torch.stack([classify(norm_preserving(x, alpha * direction), head, text_classifier) for alpha in alphas])
-
-
-def centroid_shift(x: torch.Tensor, mean: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Our ablation: x + α(x − μ) rescaled to ‖x‖, with the empirical mean μ and no SAE.
-
-    It is the closed form of METHOD.md §3 without the SAE's error term α·ε(x).
-    """
-    return norm_preserving(x, alpha * (x - mean))
+    return norm_preserving(x, alpha * (x - centroid))
 
 
 # ---------------------------------------------------------------- FVU gate
-
-
-def per_sample_fvu(sae: TopKSAE, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """FVU(x) = ‖D(c) − x‖² / ‖x − μ‖² per row: (n, d) -> (n,)."""
-    return fvu_of_reconstruction(x, sae(x)[0], mean)
 
 
 def gate_threshold(calibration_fvu: torch.Tensor, quantile: float) -> float:
@@ -181,8 +169,14 @@ def vs2pp(x: torch.Tensor, direction: torch.Tensor, lam: float) -> torch.Tensor:
 def weighted_rag(
     query_embeddings: torch.Tensor, neighbour_embeddings: torch.Tensor, similarities: torch.Tensor, a: float
 ) -> torch.Tensor:
-    """E = a·q + (1 − a) Σ_j w_j r_j with w_j = s_j / Σ s, renormalised: (n, e), (n, N, e), (n, N) -> (n, e)."""
-    weights = similarities / similarities.sum(dim=1, keepdim=True)
+    """E = a·q + (1 − a) Σ_j w_j r_j with w_j = s_j / Σ s, renormalised: (n, e), (n, N, e), (n, N) -> (n, e).
+
+    Negative similarities count as 0; a query whose similarities are all ≤ 0 weighs its neighbours equally
+    (instead of dividing by a zero sum).
+    """
+    similarities = similarities.clamp_min(0)
+    total = similarities.sum(dim=1, keepdim=True)
+    weights = torch.where(total > 0, similarities / total.clamp_min(1e-12), 1.0 / similarities.shape[1])
     mixed = a * query_embeddings + (1 - a) * (weights[..., None] * neighbour_embeddings).sum(1)
     return mixed / mixed.norm(dim=-1, keepdim=True)
 

@@ -174,44 +174,11 @@ def load_activations(
 
 # ---------------------------------------------------------------- SAE checkpoints
 
-SAE_FILES = ("sae.safetensors", "config.json", "metrics.json")  # metrics.json is written last
-
-
-class CheckpointError(RuntimeError):
-    """An SAE checkpoint is missing a file or does not fit the activations it is used with."""
-
 
 def sae_dir_for(root: str | Path, activation_key: str, training: dict[str, Any]) -> Path:
     """`<storage.root>/saes/<activation key>-<hash of every training parameter>/`."""
     key = content_key({"activations": activation_key, "training": training})
     return Path(root).expanduser() / "saes" / f"{activation_key}-{key}"
-
-
-def save_sae(directory: Path, tensors: dict[str, Any], config: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Write an SAE checkpoint: weights, then config.json, then metrics.json (the completion mark)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    metadata = {k: str(config[k]) for k in ("d", "n_latents", "k", "topk")}
-    write_tensors(directory / "sae.safetensors", tensors, metadata)
-    write_json(directory / "config.json", config)
-    write_json(directory / "metrics.json", metrics)
-
-
-def load_sae_files(directory: str | Path, expected_d: int | None = None) -> tuple[dict, dict, dict]:
-    """Read a checkpoint's tensors, config and metrics; a missing file or a different `d` is a CheckpointError."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory).expanduser()
-    missing = [name for name in SAE_FILES if not (directory / name).is_file()]
-    if missing:
-        raise CheckpointError(f"SAE checkpoint {directory} is incomplete: missing {', '.join(missing)}")
-    config = json.loads((directory / "config.json").read_text())
-    if expected_d is not None and config["d"] != expected_d:
-        raise CheckpointError(
-            f"SAE checkpoint {directory} was trained on d={config['d']} activations, not d={expected_d} "
-            f"(activations {config.get('activation_key')!r})"
-        )
-    metrics = json.loads((directory / "metrics.json").read_text())
-    return load_file(directory / "sae.safetensors"), config, metrics
 
 
 def train_val_split(ids: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,12 +10,7 @@ the best trials and each method at its validation-selected trial.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
-import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +18,11 @@ from vs2ray.config import (
     ConfigError,
     Distribution,
     ExperimentConfig,
-    config_to_yaml,
     config_with,
-    load_config,
     search_space,
 )
+from vs2ray.files import is_uri, list_dirs, modified, storage_filesystem
+from vs2ray.methods import metric_name
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 METHOD_METRICS = ("val_top1", "val_top5", "test_top1", "test_top5", "test_oracle_top1")
@@ -64,18 +59,16 @@ class SearchSpace:
 
 def allowed_metrics(config: ExperimentConfig) -> list[str]:
     """Every metric a trial of `config` reports that the search may optimise."""
-    from vs2ray.trainable import SAE_METRICS
+    from vs2ray.stages import SAE_METRICS
 
-    methods = [m for m in config.steering.methods if m != "sae_rec_all"]
-    return [f"{prefix}_{m}" for m in methods for prefix in METHOD_METRICS] + [*SAE_METRICS, "trial_seconds"]
+    methods = config.steering.methods
+    return [metric_name(kind, m) for m in methods for kind in METHOD_METRICS] + [*SAE_METRICS, "trial_seconds"]
 
 
 def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
     """The search space, after checking what pydantic cannot: metric names and points_to_evaluate (ConfigError)."""
     space = list(search_space(config))
     problems = []
-    if "sae_rec_all" in config.steering.methods:
-        problems.append("steering.methods: sae_rec_all needs one SAE per layer; the sweep does not evaluate it")
     allowed = allowed_metrics(config)
     for metric in config.search.metrics:
         if metric not in allowed:
@@ -119,7 +112,7 @@ def _within(dist: Distribution, value: Any) -> bool:
 def experiments_root(config: ExperimentConfig) -> str:
     """Where Tune writes experiments: storage.experiments, else <storage.root>/experiments (URIs kept as given)."""
     root = config.storage.experiments or f"{config.storage.root.rstrip('/')}/experiments"
-    return root if "://" in root else str(Path(root).expanduser().resolve())
+    return root if is_uri(root) else str(Path(root).expanduser().resolve())
 
 
 def tune_filesystem(root: str) -> Any | None:
@@ -129,9 +122,7 @@ def tune_filesystem(root: str) -> Any | None:
     while Tune copies its experiment state leaves the previous state whole; object
     stores keep Ray's own filesystem (None).
     """
-    from vs2ray.results import storage_filesystem
-
-    return None if "://" in root else storage_filesystem(root)[0]
+    return None if is_uri(root) else storage_filesystem(root)[0]
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -199,9 +190,9 @@ def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]],
     )
 
 
-def _latest_experiment(root: str, prefix: str) -> str | None:
+def latest_experiment(root: str, prefix: str) -> str | None:
     """The most recently started vs2ray experiment under `root` whose name starts with `prefix`-."""
-    from vs2ray.results import SWEEP_CONFIG_FILE, list_dirs, modified
+    from vs2ray.results import SWEEP_CONFIG_FILE
 
     started = {}
     for name in list_dirs(root):
@@ -211,107 +202,8 @@ def _latest_experiment(root: str, prefix: str) -> str | None:
     return max(started, key=started.get) if started else None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run (or --resume) a sweep; print the best trials, each method's selected trial and the experiment path."""
-    parser = argparse.ArgumentParser(prog="python -m vs2ray.sweep", description=main.__doc__)
-    parser.add_argument("--config", help=f"sweep YAML (default: {DEFAULT_CONFIG.name}, the bundled world)")
-    parser.add_argument("--name", help="experiment name (default: <config name>-<date>-<time>; with --resume: latest)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: a local instance")
-    args = parser.parse_args(argv)
+if __name__ == "__main__":  # `python -m vs2ray.sweep` = `python -m vs2ray sweep`
+    # Tune pickles the search space by module: run the importable vs2ray.sweep, not this __main__ copy
+    from vs2ray.cli import shim
 
-    from vs2ray.results import (
-        STATUS_DONE,
-        SWEEP_CONFIG_FILE,
-        format_summary,
-        load_results,
-        load_sweep_config,
-        read_text,
-        write_text,
-    )
-    from vs2ray.tune_state import DamagedState, keep_restorable_snapshots, prepare_resume
-
-    config_path = args.config or str(DEFAULT_CONFIG)
-    config = load_config(config_path, args.overrides)
-    space = check_sweep(config)  # a bad sweep fails here, before Ray starts
-    root = experiments_root(config)
-    if args.resume:
-        name = args.name or _latest_experiment(root, config.name)
-        saved = load_sweep_config(f"{root}/{name}") if name else None
-        if saved is None:
-            raise ConfigError([f"--resume: no experiment {name or config.name + '-*'} under {root}"], "sweep")
-        if args.overrides:
-            print("note: --resume continues with the experiment's saved config; --set values are ignored")
-        config = saved
-        try:
-            for change in prepare_resume(f"{root}/{name}"):
-                print(f"resume: {change}")
-        except DamagedState as error:
-            print(
-                f"error: --resume: {error}, so Tune cannot restore the sweep; "
-                f"its finished trials stay readable: python -m analysis.report {root}/{name}",
-                file=sys.stderr,
-            )
-            return 1
-    else:
-        name = args.name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if read_text(f"{root}/{name}/{SWEEP_CONFIG_FILE}") is not None:
-            problem = f"--name: experiment {root}/{name} exists; add --resume or choose another name"
-            raise ConfigError([problem], "sweep")
-    path = f"{root}/{name}"
-
-    from vs2ray.data import DatasetUnavailable, get_dataset
-    from vs2ray.models import ModelUnavailable
-
-    try:
-        get_dataset(config.dataset)  # a missing dataset root fails here, before Ray starts
-    except DatasetUnavailable as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-
-    import ray
-    from ray import tune
-
-    keep_restorable_snapshots()
-    if "://" not in root:  # save the experiment state at every step (cheap on a local or shared disk), so that
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # a killed driver loses no finished trial
-    started = time.perf_counter()
-    ray.init(address=args.address, include_dashboard=False if args.address is None else None, configure_logging=False)
-
-    from vs2ray.trainable import needs_retrieval, prepare_data, start_retrieval
-
-    try:
-        data = prepare_data(config, lambda line: print(line, flush=True))
-    except (DatasetUnavailable, ModelUnavailable) as error:  # offline, or files not where the config says
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    index = None  # the FAISS actors live as long as this handle
-    if needs_retrieval(config):
-        index = start_retrieval(config, data, config.retrieval.gpus_per_shard)
-        print(f"retrieval: {data.retrieval_index} ({sum(index.sizes)} vectors in {len(index.sizes)} shard(s))")
-    trainable = build_trainable(config, data, path)
-    if args.resume:
-        print(f"resuming {path}")
-        tuner = tune.Tuner.restore(
-            path, trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=tune_filesystem(root)
-        )
-    else:
-        write_text(f"{path}/{SWEEP_CONFIG_FILE}", config_to_yaml(config))
-        tuner = build_tuner(config, space, trainable, name)
-    tuner.fit()
-    del index
-    results = load_results(path)
-    print()
-    print(format_summary(results, config))
-    print(f"\n{len(results)} trials in {time.perf_counter() - started:.0f} s; experiment: {path}")
-    print(f"report: python -m analysis.report {path}")
-    finished = int((results["status"] == STATUS_DONE).sum()) if len(results) else 0
-    return 0 if finished else 1  # a sweep in which no trial finished is a failed command
-
-
-if __name__ == "__main__":
-    from vs2ray.config import run_cli
-    from vs2ray.sweep import main as _main  # Tune pickles SearchSpace by module; keep it vs2ray.sweep's
-
-    run_cli(_main)
+    shim("sweep")

@@ -30,7 +30,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from vs2ray.results import TRIAL_DIR_PREFIX, read_bytes, storage_filesystem, trial_dir_name
+from vs2ray.files import read_bytes, storage_filesystem
+from vs2ray.results import TRIAL_DIR_PREFIX, trial_dir_name
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,291 @@
+"""`python -m vs2ray <command>`: every command-line tool of vs2ray, with its arguments, printing and exit codes.
+
+    python -m vs2ray extract    [--config YAML] [--split S|all] [--set K=V ...] [--address ADDR]
+    python -m vs2ray zero-shot  [--config YAML] [--split S] [--limit N] [--set K=V ...]
+    python -m vs2ray train-sae  [--config YAML] [--layer L] [--set K=V ...]
+    python -m vs2ray evaluate   [--config YAML] [--set K=V ...] [--gammas G,..] [--lambdas L,..] [--address ADDR]
+    python -m vs2ray sweep      [--config YAML] [--name NAME] [--set K=V ...] [--resume] [--address ADDR]
+    python -m vs2ray report     EXPERIMENT_DIR [--out DIR]
+
+`python -m vs2ray.extract`, `.models`, `.sae`, `.evaluate` and `.sweep` are shims for the same
+commands. This is the only module that prints; an invalid config exits 2 with one line per
+problem, a missing dataset or model exits 1 with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from vs2ray.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+
+
+def _config(args: argparse.Namespace, default: str | None = None) -> ExperimentConfig:
+    return load_config(args.config or default, args.overrides)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def extract_command(args: argparse.Namespace) -> int:
+    """Extract CLIP activations into the Parquet activation store."""
+    from vs2ray.data import DatasetUnavailable
+    from vs2ray.extract import extract
+    from vs2ray.models import ModelUnavailable
+
+    config = _config(args)
+    splits = [config.dataset.train_split, config.dataset.test_split] if args.split == "all" else [args.split]
+    for split in splits:
+        try:
+            if args.address:
+                _ray_init(args.address)
+            result = extract(config, split, _say)
+        except (DatasetUnavailable, ModelUnavailable, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        state = "reused" if result.reused else f"written in {result.seconds:.1f}s"
+        print(f"{split}: {result.rows} rows -> {result.store_dir} ({state})")
+        if result.failed:
+            print(f"{split}: {len(result.failed)} image(s) could not be read and were skipped:")
+            for entry in result.failed:
+                print(f"  id {entry['id']}  {entry['ref']}  ({entry['error']})")
+    return 0
+
+
+def zero_shot_command(args: argparse.Namespace) -> int:
+    """Zero-shot accuracy of the configured CLIP model (in-process, no Ray)."""
+    from vs2ray.models import ModelUnavailable
+    from vs2ray.stages import zero_shot_evaluate
+
+    config = _config(args)
+    started = time.perf_counter()
+    next_report = [0]
+
+    def report(done: int, total: int) -> None:
+        if done >= next_report[0] or done == total:  # about ten lines, whatever the size
+            print(f"  {done}/{total} images ({done / (time.perf_counter() - started):.0f} images/s)", flush=True)
+            next_report[0] = done + max(1, total // 10)
+
+    try:
+        result = zero_shot_evaluate(config, args.split or config.dataset.test_split, args.limit, report)
+    except (ModelUnavailable, RuntimeError, ValueError) as error:
+        print(f"error: {error}")
+        return 1
+    print(
+        f"{result['model']} zero-shot on {result['dataset']}/{result['split']} "
+        f"({result['images']} images, {result['classes']} classes): "
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+        f"({result['images'] / result['seconds']:.0f} images/s)"
+    )
+    return 0
+
+
+def train_sae_command(args: argparse.Namespace) -> int:
+    """Train (or reuse) the configured top-k SAE on the train split, minus the validation rows."""
+    from vs2ray.stages import get_or_train_sae, load_train_split, sae_params
+
+    config = _config(args)
+    params = sae_params(config)
+    trained = get_or_train_sae(config, params, load_train_split(config, args.layer, _say), _say)
+    print(f"{'reused' if trained.cache_hit else 'saved'} {trained.directory}")
+    shown = ("fvu", "val_fvu", "l0", "dead_fraction", "dense_fraction", "samples_per_second", "train_seconds")
+    print("  ".join(f"{name} {trained.metrics[name]:.4g}" for name in shown if name in trained.metrics))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Every configured method for one SAE (trained or reused), over its grid, selected on validation."""
+    from vs2ray.evaluate import format_table
+    from vs2ray.stages import (
+        build_evaluator,
+        get_or_train_sae,
+        needs_retrieval,
+        prepare_data,
+        sae_params,
+        start_retrieval,
+        steering_grid,
+    )
+
+    config = _config(args)
+    data = prepare_data(config, _say)
+    trained = get_or_train_sae(config, sae_params(config), data.split, _say)
+    _say(f"SAE {trained.directory} ({'reused' if trained.cache_hit else 'trained'}): FVU {trained.metrics['fvu']:.4f}")
+    index = None  # the FAISS actors live as long as this handle
+    if needs_retrieval(config):
+        _ray_init(args.address)
+        index = start_retrieval(config, data)
+    grid = steering_grid(
+        config,
+        gammas=[float(v) for v in args.gammas.split(",")] if args.gammas else None,
+        lambdas=[float(v) for v in args.lambdas.split(",")] if args.lambdas else None,
+    )
+    evaluator = build_evaluator(data, trained.sae)
+    results = evaluator.evaluate_all(config.steering.methods, grid)
+    print(f"{len(evaluator.val.labels)} validation rows (carved from train), {len(evaluator.test.labels)} test rows")
+    print(format_table(results))
+    del index
+    return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """Run (or --resume) a sweep; print the best trials, each method's selected trial and the experiment path."""
+    from vs2ray import sweep
+    from vs2ray.data import DatasetUnavailable, get_dataset
+    from vs2ray.files import is_uri, read_text, write_text
+    from vs2ray.models import ModelUnavailable
+    from vs2ray.results import STATUS_DONE, SWEEP_CONFIG_FILE, format_summary, load_results, load_sweep_config
+    from vs2ray.stages import needs_retrieval, prepare_data, start_retrieval
+    from vs2ray.tune_state import DamagedState, keep_restorable_snapshots, prepare_resume
+
+    config = _config(args, str(sweep.DEFAULT_CONFIG))
+    space = sweep.check_sweep(config)  # a bad sweep fails here, before Ray starts
+    root = sweep.experiments_root(config)
+    if args.resume:
+        name = args.name or sweep.latest_experiment(root, config.name)
+        saved = load_sweep_config(f"{root}/{name}") if name else None
+        if saved is None:
+            raise ConfigError([f"--resume: no experiment {name or config.name + '-*'} under {root}"], "sweep")
+        if args.overrides:
+            print("note: --resume continues with the experiment's saved config; --set values are ignored")
+        config = saved
+        try:
+            for change in prepare_resume(f"{root}/{name}"):
+                print(f"resume: {change}")
+        except DamagedState as error:
+            print(
+                f"error: --resume: {error}, so Tune cannot restore the sweep; "
+                f"its finished trials stay readable: python -m analysis.report {root}/{name}",
+                file=sys.stderr,
+            )
+            return 1
+    else:
+        name = args.name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if read_text(f"{root}/{name}/{SWEEP_CONFIG_FILE}") is not None:
+            problem = f"--name: experiment {root}/{name} exists; add --resume or choose another name"
+            raise ConfigError([problem], "sweep")
+    path = f"{root}/{name}"
+    try:
+        get_dataset(config.dataset)  # a missing dataset root fails here, before Ray starts
+    except DatasetUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+    import ray
+    from ray import tune
+
+    keep_restorable_snapshots()
+    if not is_uri(root):  # save the experiment state at every step (cheap on a local or shared disk), so that
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # a killed driver loses no finished trial
+    started = time.perf_counter()
+    ray.init(address=args.address, include_dashboard=False if args.address is None else None, configure_logging=False)
+    try:
+        data = prepare_data(config, _say)
+    except (DatasetUnavailable, ModelUnavailable) as error:  # offline, or files not where the config says
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    index = None  # the FAISS actors live as long as this handle
+    if needs_retrieval(config):
+        index = start_retrieval(config, data, config.retrieval.gpus_per_shard)
+        print(f"retrieval: {data.retrieval_index} ({sum(index.sizes)} vectors in {len(index.sizes)} shard(s))")
+    trainable = sweep.build_trainable(config, data, path)
+    if args.resume:
+        print(f"resuming {path}")
+        filesystem = sweep.tune_filesystem(root)
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=filesystem
+        )
+    else:
+        write_text(f"{path}/{SWEEP_CONFIG_FILE}", config_to_yaml(config))
+        tuner = sweep.build_tuner(config, space, trainable, name)
+    tuner.fit()
+    del index
+    results = load_results(path)
+    print()
+    print(format_summary(results, config))
+    print(f"\n{len(results)} trials in {time.perf_counter() - started:.0f} s; experiment: {path}")
+    print(f"report: python -m analysis.report {path}")
+    finished = int((results["status"] == STATUS_DONE).sum()) if len(results) else 0
+    return 0 if finished else 1  # a sweep in which no trial finished is a failed command
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """report.md and PNG figures for a finished (or interrupted) sweep; no Ray needed."""
+    from analysis.report import main as report_main
+
+    return report_main([args.experiment, *(["--out", args.out] if args.out else [])])
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def _with_config(parser: argparse.ArgumentParser, default: str = "built-in defaults = the bundled world") -> None:
+    parser.add_argument("--config", help=f"experiment YAML (default: {default})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m vs2ray` parser: one sub-command per stage."""
+    parser = argparse.ArgumentParser(prog="python -m vs2ray", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def command(name: str, run: Command) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=run.__doc__, description=run.__doc__)
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command("extract", extract_command)
+    _with_config(sub)
+    sub.add_argument("--split", default="all", help="a split name, or 'all' for dataset.train_split and test_split")
+    sub.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    sub = command("zero-shot", zero_shot_command)
+    _with_config(sub)
+    sub.add_argument("--split", default=None, help="dataset split (default: dataset.test_split)")
+    sub.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    sub = command("train-sae", train_sae_command)
+    _with_config(sub)
+    sub.add_argument("--layer", type=int, default=-1, help="which extracted block's [CLS] token (default: last)")
+    sub = command("evaluate", evaluate_command)
+    _with_config(sub)
+    sub.add_argument("--gammas", help="comma-separated γ grid (default: from steering.gamma)")
+    sub.add_argument("--lambdas", help="comma-separated λ grid (default: from steering.lambda)")
+    sub.add_argument("--address", default=None, help="Ray cluster address for the retrieval actors")
+    sub = command("sweep", sweep_command)
+    _with_config(sub, "sweeps/quickstart.yaml, the bundled world")
+    sub.add_argument("--name", help="experiment name (default: <config name>-<date>-<time>; with --resume: latest)")
+    sub.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    sub.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: a local instance")
+    sub = command("report", report_command)
+    sub.add_argument("experiment", help="the sweep's experiment dir (local path or s3:// / gs:// URI)")
+    sub.add_argument("--out", help="where to write (default: <experiment>/report, or ./report-<name> for a URI)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` and run the command; a ConfigError prints its problems and returns 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def shim(command: str) -> None:
+    """`python -m vs2ray.<module>`: the same as `python -m vs2ray <command>` with the remaining arguments."""
+    raise SystemExit(main([command, *sys.argv[1:]]))
