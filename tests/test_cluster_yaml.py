@@ -58,3 +58,103 @@ def test_every_node_has_an_explicit_ami_and_installs_vs2ray_with_gpu_and_aws_ext
     assert "export VS2RAY_EXPERIMENTS=s3://" in setup and "export VS2RAY_ROOT=" in setup
     assert any("ray start --head" in c for c in raw["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in raw["worker_start_ray_commands"])
+
+
+def test_every_node_starts_ray_with_token_authentication_and_a_private_dashboard(raw):
+    starts = {"head": raw["head_start_ray_commands"], "worker": raw["worker_start_ray_commands"]}
+    for role, commands in starts.items():
+        ray_starts = [c for c in commands if "ray start" in c]
+        assert ray_starts, role
+        assert all("RAY_AUTH_MODE=token ray start" in c for c in ray_starts), role
+    head_start = next(c for c in raw["head_start_ray_commands"] if "ray start --head" in c)
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    # drivers (ray exec, the sweep) use the token too
+    assert any("export RAY_AUTH_MODE=token" in c for c in raw["setup_commands"])
+
+
+def test_the_token_travels_from_outside_the_repository_and_never_in_clear(raw):
+    mounts = raw["file_mounts"]
+    assert mounts["~/.ray/auth_token"] == "~/.ray/auth_token"  # Ray's default token path on each machine
+    repo = CLUSTER_YAML.parents[1]
+    for remote, local in mounts.items():
+        if remote != "~/vs2ray-src":
+            assert local.startswith("~/") or Path(local).is_absolute(), local
+            assert not Path(local).expanduser().resolve().is_relative_to(repo), local
+    commands = "\n".join(str(c) for key in raw if key.endswith("commands") for c in (raw[key] or []))
+    assert "RAY_AUTH_TOKEN=" not in commands and "get-auth-token" not in commands  # no token on a command line
+    assert "auth_token" in (repo / ".gitignore").read_text()  # a token copied into the tree is never committed
+
+
+def test_ssh_is_the_only_way_in_and_only_from_the_operators_cidr(raw):
+    import json
+
+    for name, node in raw["available_node_types"].items():
+        assert node["node_config"]["SecurityGroupIds"] == ["sg-0123456789abcdef0"], name  # CHANGE-ME
+    template = json.loads((CLUSTER_YAML.parent / "security-group.json").read_text())
+    group = template["Resources"]["ClusterGroup"]["Properties"]
+    assert group["SecurityGroupIngress"] == [
+        {
+            "IpProtocol": "tcp",
+            "FromPort": 22,
+            "ToPort": 22,
+            "CidrIp": {"Ref": "SshCidr"},
+            "Description": "SSH from the operator",
+        }
+    ]
+    assert template["Parameters"]["SshCidr"]["Default"] == "CHANGE-ME"
+    internal = template["Resources"]["IntraClusterIngress"]["Properties"]
+    assert internal["SourceSecurityGroupId"] == internal["GroupId"] == {"Fn::GetAtt": ["ClusterGroup", "GroupId"]}
+
+
+def _change_me_values(raw: dict) -> dict[str, str]:
+    """The account, region, bucket, prefix, EFS id and roles the YAML names (its CHANGE-ME values)."""
+    import re
+
+    text = CLUSTER_YAML.read_text()
+    experiments = re.search(r"VS2RAY_EXPERIMENTS=s3://([^/]+)/(\S+?)'", text)
+    efs = re.search(r"(fs-[0-9a-f]+)\.efs\.([a-z0-9-]+)\.amazonaws\.com", text)
+    arns = {n["node_config"]["IamInstanceProfile"]["Arn"] for n in raw["available_node_types"].values()}
+    accounts = {arn.split(":")[4] for arn in arns}
+    assert len(accounts) == 1
+    return {
+        "account": accounts.pop(),
+        "region": raw["provider"]["region"],
+        "bucket": experiments.group(1),
+        "prefix": experiments.group(2),
+        "efs": efs.group(1),
+        "efs_region": efs.group(2),
+        "cluster": raw["cluster_name"],
+    }
+
+
+def test_iam_policies_parse_and_name_only_the_yamls_resources(raw):
+    import json
+
+    values = _change_me_values(raw)
+    assert values["efs_region"] == values["region"]
+    allowed = {
+        f"arn:aws:s3:::{values['bucket']}",
+        f"arn:aws:s3:::{values['bucket']}/{values['prefix']}/*",
+        f"arn:aws:elasticfilesystem:{values['region']}:{values['account']}:file-system/{values['efs']}",
+        f"arn:aws:ec2:{values['region']}:{values['account']}:instance/*",
+        f"arn:aws:iam::{values['account']}:role/vs2ray-node",
+        "*",  # EC2 Describe* and RunInstances accept no narrower resource; RunInstances is held to the region
+    }
+    for name in ("iam-policy.json", "iam-policy-head.json"):
+        policy = json.loads((CLUSTER_YAML.parent / name).read_text())
+        assert policy["Version"] == "2012-10-17"
+        for statement in policy["Statement"]:
+            resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+            assert set(resources) <= allowed, (name, statement["Sid"])
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            assert not any(a.endswith("*") or a == "*" for a in actions), (name, statement["Sid"])  # no wildcards
+            if resources == ["*"]:
+                assert all(a.startswith("ec2:") for a in actions), (name, statement["Sid"])
+    node = json.loads((CLUSTER_YAML.parent / "iam-policy.json").read_text())
+    assert {a for s in node["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} <= {
+        "s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+        "elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite",
+    }  # fmt: skip
+    head = json.loads((CLUSTER_YAML.parent / "iam-policy-head.json").read_text())
+    stop = next(s for s in head["Statement"] if "ec2:TerminateInstances" in s["Action"])
+    assert stop["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == values["cluster"]
