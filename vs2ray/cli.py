@@ -9,16 +9,19 @@
 
 `python -m vs2ray.extract`, `.models`, `.sae`, `.evaluate` and `.sweep` are shims for the same
 commands. This is the only module that prints; an invalid config exits 2 with one line per
-problem, a missing dataset or model exits 1 with the reason.
+problem, a missing dataset or model exits 1 with the reason, and so does a Ray cluster that
+refuses this machine's authentication token (checked before any work starts).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from vs2ray.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
 
@@ -29,11 +32,53 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _ray_init(address: str | None) -> None:
+class ClusterRefused(RuntimeError):
+    """The Ray cluster at an address refused this machine's authentication token."""
+
+
+def join_ray(address: str | None, **options: Any) -> None:
+    """`ray.init` (a local instance when `address` is None), after checking that a cluster at `address`
+    accepts this machine's token: Ray itself would retry for 20 s and then report only "Failed to connect"."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    if ray.is_initialized():
+        return
+    if address is not None:
+        check_token(address)
+    ray.init(address=address, **{"include_dashboard": False, "configure_logging": False, **options})
+
+
+def check_token(address: str) -> None:
+    """Raise ClusterRefused, naming the cause, when the GCS at `address` rejects this machine's token."""
+    from ray.exceptions import AuthenticationError
+
+    try:  # Ray's own GCS client and address resolution ("auto" included)
+        from ray._private.services import canonicalize_bootstrap_address
+        from ray._raylet import GcsClient
+    except ImportError:  # a Ray without them: ray.init reports what goes wrong
+        return
+
+    def ask_the_gcs() -> None:
+        gcs_address = canonicalize_bootstrap_address(address)
+        if gcs_address is not None:
+            GcsClient(address=gcs_address).internal_kv_get(b"vs2ray-token-check", None, timeout=10)
+
+    # a GCS that answers refuses a wrong token at once; an unreachable one is left to ray.init after 15 s
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(ask_the_gcs).result(timeout=15)
+    except AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        raise ClusterRefused(
+            f"the Ray cluster at {address} refused this machine's authentication token, so nothing was started "
+            f"(here RAY_AUTH_MODE={mode}; the token is read from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, "
+            f"else ~/.ray/auth_token). Use the token the cluster was started with: on a `ray up` cluster the "
+            f"~/.ray/auth_token that cluster/aws.yaml copies to every node, with RAY_AUTH_MODE=token."
+        ) from None
+    except Exception:  # unreachable, slow, or no GCS there: ray.init says so
+        return
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _config(args: argparse.Namespace, default: str | None = None) -> ExperimentConfig:
@@ -54,7 +99,7 @@ def extract_command(args: argparse.Namespace) -> int:
     for split in splits:
         try:
             if args.address:
-                _ray_init(args.address)
+                join_ray(args.address, log_to_driver=False)
             result = extract(config, split, _say)
         except (DatasetUnavailable, ModelUnavailable, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
@@ -128,7 +173,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     _say(f"SAE {trained.directory} ({'reused' if trained.cache_hit else 'trained'}): FVU {trained.metrics['fvu']:.4f}")
     index = None  # the FAISS actors live as long as this handle
     if needs_retrieval(config):
-        _ray_init(args.address)
+        join_ray(args.address, log_to_driver=False)
         index = start_retrieval(config, data)
     grid = steering_grid(
         config,
@@ -186,14 +231,13 @@ def sweep_command(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
-    import ray
     from ray import tune
 
     keep_restorable_snapshots()
     if not is_uri(root):  # save the experiment state at every step (cheap on a local or shared disk), so that
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # a killed driver loses no finished trial
     started = time.perf_counter()
-    ray.init(address=args.address, include_dashboard=False if args.address is None else None, configure_logging=False)
+    join_ray(args.address, include_dashboard=False if args.address is None else None)
     try:
         data = prepare_data(config, _say)
     except (DatasetUnavailable, ModelUnavailable) as error:  # offline, or files not where the config says
@@ -284,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ClusterRefused as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 def shim(command: str) -> None:
