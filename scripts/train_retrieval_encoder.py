@@ -27,11 +27,10 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from train_tiny_clip import lr_at, render_pretrain_pool
+from train_tiny_clip import add_training_arguments, lr_at, render_pretrain_pool, save_fp16
 
 from vs2ray.config import RetrievalConfig
-from vs2ray.data.shapes import CLASS_NAMES, DEFAULT_SPLIT_SIZES, ShapesDataset
+from vs2ray.data.shapes import CLASS_NAMES, ShapesDataset
 from vs2ray.models import BUNDLED_RETRIEVAL, BUNDLED_RETRIEVAL_WEIGHTS, encode_retrieval, load_retrieval_encoder
 
 
@@ -69,15 +68,8 @@ def train(args: argparse.Namespace) -> Path:
             print(f"step {step:5d}  loss {loss.item():.4f}  ({rate:.0f} images/s)", flush=True)
 
     model.reset_classifier(0)  # the backbone only: pooled features are the retrieval embedding
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        k: str(v) for k, v in vars(args).items() if k not in ("out", "knn_pool", "knn_queries", "evaluate_only")
-    }
-    save_file(state, str(out), metadata=metadata)
-    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB) after {time.perf_counter() - started:.0f}s of training")
-    return out
+    print(f"trained in {time.perf_counter() - started:.0f}s")
+    return save_fp16(model, args, ("knn_pool", "knn_queries"))
 
 
 @torch.no_grad()
@@ -102,19 +94,9 @@ def knn_accuracy(weights: Path, pool: int, queries: int, k: int = 50) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(BUNDLED_RETRIEVAL_WEIGHTS), help="where to write the fp16 safetensors")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--pool-size", type=int, default=DEFAULT_SPLIT_SIZES["pretrain"])
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
-    parser.add_argument("--data-seed", type=int, default=0, help="shapes generation seed")
-    parser.add_argument("--threads", type=int, default=2)
+    add_training_arguments(parser, BUNDLED_RETRIEVAL_WEIGHTS, steps=1000, lr=2e-3, decay=0.05)
     parser.add_argument("--knn-pool", type=int, default=5000, help="train images searched by the closing kNN check")
     parser.add_argument("--knn-queries", type=int, default=2000, help="test images the closing kNN check queries")
-    parser.add_argument("--evaluate-only", action="store_true", help="only report the kNN accuracy of --out")
     args = parser.parse_args()
     weights = Path(args.out) if args.evaluate_only else train(args)
     accuracy = knn_accuracy(weights, args.knn_pool, args.knn_queries)

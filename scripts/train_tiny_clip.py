@@ -67,6 +67,32 @@ def render_pretrain_pool(
     return pixels, [(r[1], r[2], r[3]) for r in rendered]
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, out: Path, steps: int, lr: float, decay: float) -> None:
+    """The arguments both bundled-world trainers take (this script and train_retrieval_encoder.py)."""
+    parser.add_argument("--out", default=str(out), help="where to write the fp16 safetensors")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--weight-decay", type=float, default=decay)
+    parser.add_argument("--pool-size", type=int, default=DEFAULT_SPLIT_SIZES["pretrain"])
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
+    parser.add_argument("--data-seed", type=int, default=0, help="shapes generation seed")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--evaluate-only", action="store_true", help="only evaluate --out")
+
+
+def save_fp16(model: torch.nn.Module, args: argparse.Namespace, not_recorded: tuple[str, ...]) -> Path:
+    """Write the model's state as fp16 safetensors at args.out, with the training arguments as metadata."""
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    skipped = ("out", "evaluate_only", *not_recorded)
+    save_file(state, str(out), metadata={k: str(v) for k, v in vars(args).items() if k not in skipped})
+    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB)", flush=True)
+    return out
+
+
 def lr_at(step: int, steps: int, base_lr: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 0."""
     if step < warmup:
@@ -204,12 +230,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                 flush=True,
             )
 
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {k: str(v) for k, v in vars(args).items() if k not in ("out", "eval_limit", "evaluate_only")}
-    save_file(state, str(out), metadata=metadata)
-    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB) after {time.perf_counter() - started:.0f}s of training")
+    print(f"trained in {time.perf_counter() - started:.0f}s")
+    out = save_fp16(model, args, ("eval_limit",))
     return evaluate(out, args.eval_limit)
 
 
@@ -226,22 +248,12 @@ def evaluate(weights: Path, limit: int | None = None) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(BUNDLED_WEIGHTS), help="where to write the fp16 safetensors")
-    parser.add_argument("--steps", type=int, default=700)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
+    add_training_arguments(parser, BUNDLED_WEIGHTS, steps=700, lr=1e-3, decay=0.1)
     parser.add_argument("--shape-swap", type=float, default=0.48, help="P(caption names the other shape)")
     parser.add_argument("--colour-swap", type=float, default=0.25, help="P(caption names the other colour)")
     parser.add_argument("--image-loss-weight", type=float, default=2.0, help="weight of the image-only objective")
     parser.add_argument("--cone", type=float, default=10.0, help="length of the shared image-embedding offset")
-    parser.add_argument("--pool-size", type=int, default=DEFAULT_SPLIT_SIZES["pretrain"])
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
-    parser.add_argument("--data-seed", type=int, default=0, help="shapes generation seed")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
-    parser.add_argument("--evaluate-only", action="store_true", help="only report the zero-shot accuracy of --out")
     args = parser.parse_args()
     result = evaluate(Path(args.out), args.eval_limit) if args.evaluate_only else train(args)
     print(json.dumps({"top1": round(result["top1"], 4), "top5": round(result["top5"], 4)}))

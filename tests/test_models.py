@@ -11,13 +11,13 @@ import vs2ray.models as models
 from vs2ray.config import ModelConfig, load_config
 from vs2ray.data import get_dataset, prompt_templates_for
 from vs2ray.data.shapes import CLASS_BLOCKS, PROMPT_TEMPLATES
+from vs2ray.evaluate import accuracy
 from vs2ray.models import (
     BUNDLED_WEIGHTS,
     ModelUnavailable,
     build_text_classifier,
     encode_images,
     load_clip,
-    topk_accuracy,
 )
 from vs2ray.stages import zero_shot_evaluate
 from vs2ray.steering import logits_from_embeddings
@@ -86,14 +86,15 @@ def test_class_order_mix_up_is_caught(bundle, shapes_test):
     embeddings = encode_images(bundle, pixels)
     templates = prompt_templates_for(config.dataset, dataset)
     right_classifier = build_text_classifier(bundle, dataset.classes, templates)
-    right = topk_accuracy(logits_from_embeddings(embeddings, right_classifier), labels)
+    right = accuracy(logits_from_embeddings(embeddings, right_classifier), labels, len(dataset.classes))
     # swap the two colours inside every block: the names stay plausible, the order is wrong
     swapped = list(dataset.classes)
     for block in range(len(CLASS_BLOCKS)):
         i = 4 * block
         swapped[i : i + 4] = swapped[i + 2 : i + 4] + swapped[i : i + 2]
-    wrong = topk_accuracy(logits_from_embeddings(embeddings, build_text_classifier(bundle, swapped, templates)), labels)
-    assert wrong[1] < right[1] / 2, (right, wrong)
+    swapped_classifier = build_text_classifier(bundle, swapped, templates)
+    wrong = accuracy(logits_from_embeddings(embeddings, swapped_classifier), labels, len(dataset.classes))
+    assert wrong[0] < right[0] / 2, (right[:2], wrong[:2])
 
 
 def test_unknown_arch_tag_or_file_is_a_clear_error(tmp_path):

@@ -329,13 +329,6 @@ def vision_head(bundle: ClipBundle) -> dict[str, torch.Tensor]:
     }
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Fraction of rows whose label is among the k highest logits, for each k."""
-    ranked = logits.topk(max(ks), dim=1).indices
-    hits = ranked == labels[:, None]
-    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
-
-
 if __name__ == "__main__":  # `python -m vs2ray.models` = `python -m vs2ray zero-shot`
     from vs2ray.cli import shim
 

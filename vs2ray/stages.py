@@ -24,9 +24,9 @@ import torch
 from vs2ray import steering
 from vs2ray.config import ConfigError, Distribution, ExperimentConfig
 from vs2ray.data import get_dataset, prompt_templates_for
-from vs2ray.evaluate import Evaluator, Grid, SplitData
+from vs2ray.evaluate import Evaluator, Grid, SplitData, accuracy
 from vs2ray.methods import METHODS
-from vs2ray.models import build_text_classifier, encode_images, load_clip, topk_accuracy
+from vs2ray.models import build_text_classifier, encode_images, load_clip
 from vs2ray.sae import SAETrainParams, TopKSAE, evaluate_sae, train_sae
 from vs2ray.store import (
     Activations,
@@ -315,14 +315,14 @@ def zero_shot_evaluate(
         labels.extend(r.label for r in chunk)
         if progress is not None:
             progress(len(labels), len(records))
-    accuracy = topk_accuracy(torch.cat(logits), torch.tensor(labels))
+    top1, top5, _ = accuracy(torch.cat(logits), torch.tensor(labels), len(dataset.classes))
     return {
         "model": f"{bundle.arch}/{bundle.pretrained}",
         "dataset": dataset.name,
         "split": split,
         "images": len(records),
         "classes": len(dataset.classes),
-        "top1": accuracy[1],
-        "top5": accuracy[5],
+        "top1": top1,
+        "top5": top5,
         "seconds": time.perf_counter() - started,
     }
