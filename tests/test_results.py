@@ -1,0 +1,73 @@
+"""results.py on a hand-made experiment dir: statuses, start order, and each method at its validation-selected
+trial, with the registry's labels and VS2 split by PASS."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from vs2ray.methods import METHODS
+from vs2ray.results import load_results, method_table
+
+
+def write_trial(experiment: Path, trial_id: str, started: float, params: dict, result: dict | None, error: str = ""):
+    trial = experiment / f"trial_{trial_id}"
+    trial.mkdir(parents=True)
+    (trial / "params.json").write_text(json.dumps(params))
+    os.utime(trial / "params.json", (started, started))
+    if result is not None:
+        (trial / "result.json").write_text(json.dumps({**result, "vs2ray_complete": True}) + "\n")
+    if error:
+        (trial / "error.txt").write_text(error)
+
+
+def metrics(method: str, val: float, test: float, best_test: float, **selected) -> dict:
+    out = {f"val_top1_{method}": val, f"test_top1_{method}": test, f"test_oracle_top1_{method}": best_test}
+    return {**out, **{f"selected_{k}_{method}": v for k, v in selected.items()}}
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    zero = metrics("zero_shot", 0.50, 0.52, 0.52)
+    write_trial(
+        tmp_path, "b", 200.0, {"sae.k": 32, "pass.w_aux": 0.8},
+        {**zero, **metrics("vs2", 0.61, 0.55, 0.58, gamma=1.5), **metrics("vs2pp", 0.60, 0.59, 0.60, rule="majority")},
+    )  # fmt: skip
+    write_trial(
+        tmp_path, "a", 100.0, {"sae.k": 16, "pass.w_aux": 0.0},
+        {**zero, **metrics("vs2", 0.60, 0.57, 0.57, gamma=2.0), **metrics("vs2pp", 0.62, 0.58, 0.61, rule="query")},
+    )  # fmt: skip
+    write_trial(
+        tmp_path, "c", 300.0, {"sae.k": 100000, "pass.w_aux": 0.0}, None, "Traceback ...\nValueError: k too big"
+    )
+    write_trial(tmp_path, "d", 400.0, {"sae.k": 64, "pass.w_aux": 0.0}, None)
+    return tmp_path
+
+
+def test_trials_in_start_order_with_their_status(experiment):
+    trials = load_results(experiment)
+    assert list(trials["trial_id"]) == ["a", "b", "c", "d"]
+    assert list(trials["status"]) == ["TERMINATED", "TERMINATED", "ERROR", "INCOMPLETE"]
+    assert trials.loc[2, "error"] == "ValueError: k too big"
+    assert trials.loc[0, "sae.k"] == 16 and trials.loc[1, "val_top1_vs2"] == 0.61
+
+
+def test_method_table_selects_each_method_on_validation_and_splits_vs2_by_pass(experiment):
+    table = method_table(load_results(experiment)).set_index("key")
+    assert list(table.index) == ["zero_shot", "vs2", "vs2_pass", "vs2pp"]  # registry order, PASS after VS2
+    assert table.loc["vs2", "trial_id"] == "a" and table.loc["vs2_pass", "trial_id"] == "b"  # w_aux 0 vs > 0
+    assert table.loc["vs2pp", "trial_id"] == "a"  # the best validation top-1, not the best test
+    assert table.loc["vs2pp", "test_top1"] == pytest.approx(58.0)
+    assert table.loc["vs2pp", "test_oracle_top1"] == pytest.approx(61.0)  # best test over every trial
+    assert table.loc["vs2pp", "delta"] == pytest.approx(6.0)
+    assert "rule=query" in table.loc["vs2pp", "selected"] and "gamma=2" in table.loc["vs2", "selected"]
+    assert table.loc["vs2pp", "method"] == METHODS["vs2pp"].label
+    assert table.loc["zero_shot", "selected"] == ""  # zero-shot depends on no sampled SAE value
+
+
+def test_a_dir_that_is_no_experiment_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a vs2ray experiment dir"):
+        load_results(tmp_path)
