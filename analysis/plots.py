@@ -16,7 +16,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from vs2ray.methods import metric_name
 from vs2ray.results import METHOD_LABELS
+
+ZERO_SHOT_TEST = metric_name("test_top1", "zero_shot")
 
 DPI = 130
 
@@ -30,7 +33,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def steering_heatmap(trials: pd.DataFrame, out: Path, method: str = "vs2", bins: int = 6) -> Path | None:
     """Mean validation top-1 of `method` over (γ, λ) cells, with every trial as a dot (paper Figure 3 / 5)."""
-    column = f"val_top1_{method}"
+    column = metric_name("val_top1", method)
     needed = {"steering.gamma", "steering.lambda", column}
     if not needed <= set(trials) or trials[column].notna().sum() < 2:
         return None
@@ -76,7 +79,7 @@ def pareto_front(points: np.ndarray) -> np.ndarray:
 
 def fvu_vs_accuracy(trials: pd.DataFrame, out: Path, method: str = "vs2") -> Path | None:
     """Test top-1 of `method` against SAE FVU, coloured by PASS w_aux, with the Pareto front (paper Table 12)."""
-    column = f"test_top1_{method}"
+    column = metric_name("test_top1", method)
     if not {"fvu", column} <= set(trials):
         return None
     data = trials.dropna(subset=["fvu", column])
@@ -90,8 +93,8 @@ def fvu_vs_accuracy(trials: pd.DataFrame, out: Path, method: str = "vs2") -> Pat
         ax.scatter(points[mask, 0], points[mask, 1], s=30, label=f"w_aux = {value:g}")
     front = pareto_front(points)
     ax.plot(points[front, 0], points[front, 1], "k--", lw=1, label="Pareto front")
-    if "test_top1_zero_shot" in data:
-        ax.axhline(100 * data["test_top1_zero_shot"].iloc[0], color="gray", lw=1, ls=":", label="zero-shot")
+    if ZERO_SHOT_TEST in data:
+        ax.axhline(100 * data[ZERO_SHOT_TEST].iloc[0], color="gray", lw=1, ls=":", label="zero-shot")
     ax.set_xlabel("SAE FVU (training rows; lower = better reconstruction)")
     ax.set_ylabel(f"{_label(method)} test top-1 (%)")
     ax.set_title(f"Reconstruction vs accuracy ({_label(method)}), one dot per trial")
@@ -101,7 +104,7 @@ def fvu_vs_accuracy(trials: pd.DataFrame, out: Path, method: str = "vs2") -> Pat
 
 def accuracy_by_capacity(trials: pd.DataFrame, out: Path, method: str = "vs2") -> Path | None:
     """Best validation-selected test top-1 of `method` per (k, expansion): one line per expansion."""
-    column, val = f"test_top1_{method}", f"val_top1_{method}"
+    column, val = metric_name("test_top1", method), metric_name("val_top1", method)
     if not {"sae.k", "sae.expansion", column, val} <= set(trials):
         return None
     data = trials.dropna(subset=[column, val])
@@ -112,8 +115,8 @@ def accuracy_by_capacity(trials: pd.DataFrame, out: Path, method: str = "vs2") -
     for expansion, group in best.groupby("sae.expansion"):
         group = group.sort_values("sae.k")
         ax.plot(group["sae.k"], 100 * group[column], "o-", label=f"expansion {expansion}")
-    if "test_top1_zero_shot" in data:
-        ax.axhline(100 * data["test_top1_zero_shot"].iloc[0], color="gray", lw=1, ls=":", label="zero-shot")
+    if ZERO_SHOT_TEST in data:
+        ax.axhline(100 * data[ZERO_SHOT_TEST].iloc[0], color="gray", lw=1, ls=":", label="zero-shot")
     ax.set_xscale("log", base=2)
     ks = sorted(best["sae.k"].unique())
     ax.set_xticks(ks, [str(k) for k in ks])

@@ -224,7 +224,7 @@ def write_report(experiment: str, out: Path) -> Path:
         )
     if "vs2_gated" in selected:
         methods = json.loads(trial_file(trial_dirs[selected["vs2_gated"]], METHODS_FILE))
-        zero = done["test_top1_zero_shot"].iloc[0] if "test_top1_zero_shot" in done else None
+        zero = done[plots.ZERO_SHOT_TEST].iloc[0] if plots.ZERO_SHOT_TEST in done else None
         ungated = methods.get("vs2", {}).get("test_top1", [])
         ungated = ungated[0] if len(ungated) == 1 else None  # plain VS2 at the same γ, λ
         figures.append(
