@@ -28,6 +28,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from train_tiny_clip import add_training_arguments, lr_at, render_pretrain_pool, save_fp16
+from world_card import knn_majority
 
 from vs2ray.config import RetrievalConfig
 from vs2ray.data.shapes import CLASS_NAMES, ShapesDataset
@@ -85,8 +86,7 @@ def knn_accuracy(weights: Path, pool: int, queries: int, k: int = 50) -> float:
 
     pool_vectors, pool_labels = embed("train", pool)
     query_vectors, query_labels = embed("test", queries)
-    neighbours = pool_labels[(query_vectors @ pool_vectors.T).topk(k, dim=1).indices]
-    majority = F.one_hot(neighbours, len(CLASS_NAMES)).sum(dim=1).argmax(dim=1)
+    majority = knn_majority(pool_vectors, pool_labels, query_vectors, k)
     accuracy = (majority == query_labels).float().mean().item()
     print(f"kNN-{k} majority on shapes/test ({queries} queries, {pool} train images): {100 * accuracy:.2f}%")
     return accuracy

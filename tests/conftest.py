@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +30,26 @@ def cli_command(module: str, *args: str, assignments: Sequence[str] = ()) -> lis
     for assignment in assignments:
         command += ["--set", assignment]
     return command
+
+
+def train_with_three_seeds(script: Path, tmp_path: Path, *extra: str) -> tuple[dict[str, float], list[dict]]:
+    """Run a bundled-world training script (3 steps on 256 images) with seeds 0, 0 and 1.
+
+    Returns the first run's closing JSON line and the three runs' fp16 tensors, after checking what
+    both trainers promise: the same seed gives the same weights, another seed other weights, all fp16.
+    """
+    from safetensors.torch import load_file
+
+    outputs, scores = [], None
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = tmp_path / f"{name}.safetensors"
+        command = [sys.executable, str(script), "--out", str(out), "--steps", "3", "--pool-size", "256"]
+        command += ["--batch-size", "32", "--seed", str(seed), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+        scores = scores or json.loads(result.stdout.strip().splitlines()[-1])
+        outputs.append(load_file(out))
+    a, b, c = outputs
+    assert a.keys() == b.keys() and all(t.dtype.is_floating_point and t.itemsize == 2 for t in a.values())
+    assert all(a[name].equal(b[name]) for name in a)
+    assert not all(a[name].equal(c[name]) for name in a)
+    return scores, outputs
