@@ -127,6 +127,40 @@ def accuracy_by_capacity(trials: pd.DataFrame, out: Path, method: str = "vs2") -
     return _save(fig, out)
 
 
+def by_block(table: pd.DataFrame, out: Path) -> Path | None:
+    """Test top-1 of each method, SAE FVU and L0 against the block, one line style per token set.
+
+    `table` is `vs2ray.results.block_table`; None when the sweep used a single block and token set.
+    """
+    if len(table) < 2:
+        return None
+    methods = [m for m in METHOD_LABELS if m in table]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    styles = {"cls": "o-", "all": "s--"}
+    for tokens, group in table.groupby("tokens"):
+        group = group.sort_values("block")
+        for i, method in enumerate(methods):
+            axes[0].plot(
+                group["block"],
+                group[method],
+                styles.get(tokens, "^:"),
+                color=f"C{i}",
+                label=f"{_label(method)} ({tokens})",
+            )
+        for ax, column in ((axes[1], "fvu"), (axes[2], "l0")):
+            if column in group:
+                ax.plot(
+                    group["block"], group[column], styles.get(tokens, "^:"), color="black", label=f"{tokens} tokens"
+                )
+    axes[0].set(xlabel="block", ylabel="test top-1 (%)", title="Accuracy when steering at each block")
+    axes[1].set(xlabel="block", ylabel="FVU (train)", title="SAE reconstruction by block")
+    axes[2].set(xlabel="block", ylabel="L0 (active latents)", title="SAE sparsity by block")
+    for ax in axes:
+        ax.set_xticks(sorted(table["block"].unique()))
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
 def per_class_changes(deltas: pd.DataFrame, out: Path, method: str, top: int = 5) -> Path | None:
     """Horizontal bars: the `top` classes `method` helped most and hurt most (test top-1 points vs zero-shot)."""
     if deltas.empty:

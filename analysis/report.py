@@ -6,6 +6,7 @@ Needs no running Ray: it reads the experiment dir through `vs2ray.results`. Writ
     heatmap_gamma_lambda.png  validation top-1 of VS2 over (γ, λ)
     fvu_vs_accuracy.png       test top-1 against SAE FVU by PASS w_aux, with the Pareto front
     accuracy_by_capacity.png  test top-1 against k, one line per expansion
+    by_block.png              accuracy, FVU and L0 by SAE block ([CLS] and all-token SAEs side by side)
     per_class_<method>.png    largest per-class gains and losses against zero-shot (VS2, VS2++)
     gate_coverage.png         accuracy against coverage for each FVU-gate quantile
     optuna_history.png        Optuna's optimisation history
@@ -35,6 +36,7 @@ from vs2ray.results import (
     STATUS_DONE,
     STATUS_ERROR,
     best_trials,
+    block_table,
     load_results,
     load_sweep_config,
     method_table,
@@ -151,6 +153,18 @@ def method_section(table: pd.DataFrame) -> str:
     )
 
 
+def block_section(blocks: pd.DataFrame) -> str:
+    """The by-block table: per block and token set, SAE quality and each method's test top-1."""
+    shown = blocks.rename(columns={m: METHOD_LABELS[m] for m in METHOD_LABELS if m in blocks})
+    shown = shown.rename(columns={"fvu": "FVU", "val_fvu": "val FVU", "l0": "L0"})
+    return (
+        "Steering at block L changes block L's tokens and runs blocks L+1 … end of the real encoder. Per block "
+        "and token set the SAE read ([CLS] or every token): FVU, validation FVU and L0 averaged over the "
+        "block's SAEs, then each method's test top-1 (%) at the block's trial with the best validation top-1 "
+        "for that method.\n\n" + _markdown(shown, "{:.4g}")
+    )
+
+
 def write_report(experiment: str, out: Path) -> Path:
     """Write report.md and the figures for `experiment` into `out`; return the report's path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -202,6 +216,10 @@ def write_report(experiment: str, out: Path) -> Path:
     figures.append(
         ("Accuracy by SAE k and expansion", plots.accuracy_by_capacity(done, out / "accuracy_by_capacity.png"))
     )
+    blocks = block_table(trials) if len(done) else pd.DataFrame()
+    if len(blocks) > 1:
+        lines += ["## By block (steering inside the encoder)", "", block_section(blocks), ""]
+        figures.append(("Accuracy, FVU and L0 by block", plots.by_block(blocks, out / "by_block.png")))
 
     selected = dict(zip(table["key"], table["trial_id"], strict=True)) if not table.empty else {}
     trial_dirs = dict(zip(trials["trial_id"], trials["trial_dir"], strict=True)) if len(trials) else {}

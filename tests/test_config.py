@@ -186,8 +186,12 @@ def test_selecting_on_test_needs_an_explicit_yes():
         load_config(None, ["search.metric=[val_top1_vs2, test_top1_vs2]", "search.mode=[max, max]"])
 
 
-def test_a_method_that_does_not_exist_yet_is_refused_with_the_reason():
-    with pytest.raises(
-        ConfigError, match=r"steering\.methods: got .*; sae_rec_all is not available yet: it needs one SAE"
-    ):
+def test_layer_keys_are_checked_against_what_extraction_stores():
+    with pytest.raises(ConfigError, match=r"sae_rec_all needs extraction.tokens: all and every block"):
         load_config(None, ["steering.methods=[vs2, sae_rec_all]"])
+    with pytest.raises(ConfigError, match=r"sae.tokens: all needs extraction.tokens: all"):
+        load_config(None, ["sae.tokens=all"])
+    with pytest.raises(ConfigError, match=r"sae.layer: got the list \[0, 1\]; write a choice as \{choice"):
+        load_config(None, ["sae.layer=[0, 1]"])
+    config = load_config(None, ["extraction.layers=[0, -1]", "extraction.tokens=all", "sae.layer={choice: [0, -1]}"])
+    assert config.sae.layer.values == (0, -1)

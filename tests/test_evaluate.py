@@ -238,6 +238,6 @@ def test_centroid_shift_is_vs2_minus_the_sae_error_term(evaluator):
     torch.testing.assert_close(vs2_shift - alpha * (x - sae.b_pre), alpha * epsilon, atol=1e-5, rtol=1e-5)
 
 
-def test_a_method_that_is_not_available_is_refused_by_name(evaluator):
-    with pytest.raises(ValueError, match="sae_rec_all is not available: it needs one SAE per block"):
+def test_sae_rec_all_without_the_encoder_and_one_sae_per_block_is_refused(evaluator):
+    with pytest.raises(ValueError, match="sae_rec_all needs the encoder and one SAE per block"):
         evaluator.logits("sae_rec_all", evaluator.test, {})

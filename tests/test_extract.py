@@ -40,9 +40,9 @@ def small_config(root: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def test_store(ray_session, tmp_path_factory):
-    """One extraction of shapes/test (600 images, 5 chunks) with the first and the last block."""
+    """One extraction of shapes/test (600 images, 5 chunks) with every token of the first and the last block."""
     root = tmp_path_factory.mktemp("store")
-    config = small_config(root, "extraction.layers=[0, -1]")
+    config = small_config(root, "extraction.layers=[0, -1]", "extraction.tokens=all")
     return config, extract(config, "test")
 
 
@@ -68,7 +68,13 @@ def test_rows_and_ids_match_the_split(test_store, reference):
     assert len(list(result.store_dir.glob("part-*.parquet"))) == 5
     manifest = read_manifest(result.store_dir)
     assert manifest["complete"] is True and list(manifest)[-1] == "complete"
-    assert manifest["columns"] == {"cls_0": [128], "cls_3": [128], "embedding": [64]}
+    assert manifest["columns"] == {
+        "cls_0": [128],
+        "cls_3": [128],
+        "tokens_0": [17, 128],  # [CLS] + 4×4 patches of 8 px
+        "tokens_3": [17, 128],
+        "embedding": [64],
+    }
     assert manifest["classes"] == get_dataset(load_config(None).dataset).classes
 
 
@@ -93,6 +99,23 @@ def test_first_block_hook_matches_a_manual_forward(test_store, reference):
         expected = visual.transformer.resblocks[0](tokens)[:, 0]
     stored = load_activations(result.store_dir, layers=[0], embedding=False)["cls_0"][:64]
     torch.testing.assert_close(torch.from_numpy(stored), expected, atol=1e-5, rtol=0)
+
+
+def test_stored_tokens_are_the_models_own_block_outputs(test_store, reference):
+    _, result = test_store
+    bundle, _, _, pixels, _ = reference
+    visual = bundle.model.visual
+    with torch.no_grad():  # open_clip's own forward, block by block, without the extraction's hooks
+        tokens = visual._embeds(pixels[:64])
+        outputs = []
+        for block in visual.transformer.resblocks:
+            tokens = block(tokens)
+            outputs.append(tokens)
+    acts = load_activations(result.store_dir, layers=[0, -1], embedding=False, token_layers=[0, -1])
+    for layer in (0, 3):
+        stored = torch.from_numpy(acts[f"tokens_{layer}"][:64])
+        torch.testing.assert_close(stored, outputs[layer], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(acts[f"cls_{layer}"], acts[f"tokens_{layer}"][:, 0])
 
 
 def test_store_classifier_gives_the_model_paths_predictions(test_store, reference):
@@ -210,6 +233,7 @@ def test_encoders_run_on_the_fake_gpu_node_of_a_two_node_cluster(tmp_path, test_
             f"dataset.sizes.test={TEST_ROWS}",
             "extraction.batch_size=128",
             "extraction.layers=[0, -1]",
+            "extraction.tokens=all",
             "extraction.gpus_per_worker=0.5",
             "extraction.num_workers=2",
         )

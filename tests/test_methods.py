@@ -14,7 +14,7 @@ from vs2ray.results import METHOD_LABELS
 def test_every_entry_is_consistent_and_read_by_config_and_tables():
     assert tuple(METHODS) == STEERING_METHODS
     for name, method in METHODS.items():
-        assert method.name == name and method.kind in ("token", "embedding")
+        assert method.name == name and method.kind in ("token", "final", "embedding")
         assert set(method.params) <= set(GRID_PARAMS), name
         assert (method.steer is None) == bool(method.unavailable), name
         if method.steer is not None:

@@ -5,24 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from vs2ray.config import load_config
-from vs2ray.stages import TrainSplit, get_or_train_sae, sae_params, steering_grid
+from vs2ray.config import ConfigError, load_config
+from vs2ray.stages import TrainSplit, blocks_to_load, get_or_train_sae, sae_params, steering_grid
 from vs2ray.store import Activations, train_val_split
+
+MANIFEST = {"classes": ["a", "b", "c"], "model": {"num_layers": 4}, "columns": {"cls_3": [16], "tokens_3": [5, 16]}}
 
 
 def small_split(tmp_path: Path, val_fraction: float, seed: int = 0) -> TrainSplit:
-    """A train split of 600 planted activations with its validation rows carved as the stages carve them."""
+    """A train split of 600 planted activations (5 tokens each) with its validation rows carved as the stages do."""
     rng = np.random.default_rng(0)
     ids = np.arange(600)
+    tokens = rng.normal(size=(600, 5, 16)).astype(np.float32)
     acts = Activations(
         ids=ids,
         labels=rng.integers(3, size=600).astype(np.int32),
-        columns={"cls_3": rng.normal(size=(600, 16)).astype(np.float32)},
-        manifest={"classes": ["a", "b", "c"]},
+        columns={"cls_3": tokens[:, 0], "tokens_3": tokens},
+        manifest=MANIFEST,
     )
     train, val = train_val_split(ids, val_fraction, seed)
-    return TrainSplit(tmp_path / "activations" / "store-key", acts, "cls_3", train, val)
+    return TrainSplit(tmp_path / "activations" / "store-key", acts, train, val)
 
 
 def test_sae_cache_key_holds_the_validation_share(tmp_path):
@@ -36,6 +40,41 @@ def test_sae_cache_key_holds_the_validation_share(tmp_path):
     other = get_or_train_sae(other_config, sae_params(other_config), small_split(tmp_path, 0.3), lambda _: None)
     assert not other.cache_hit and other.directory != first.directory
     assert other.sae.load(other.directory).config["val_fraction"] == 0.3
+
+
+def test_an_all_token_sae_trains_on_every_token_of_the_training_images_only(tmp_path):
+    common = [f"storage.root={tmp_path}", "sae.k=4", "sae.expansion=2", "sae.steps=5", "sae.batch_size=64"]
+    tokens_config = load_config(None, [*common, "extraction.tokens=all", "sae.tokens=all"])
+    split = small_split(tmp_path, 0.1)
+    logs: list[str] = []
+    trained = get_or_train_sae(tokens_config, sae_params(tokens_config), split, logs.append)
+    assert "tokens_3: 2700 of 3000 rows (300 held out)" in logs[0]  # 540 training images × 5 tokens
+    cls_config = load_config(None, common)
+    cls_trained = get_or_train_sae(cls_config, sae_params(cls_config), split, lambda _: None)
+    assert trained.directory != cls_trained.directory and not cls_trained.cache_hit
+    assert trained.sae.load(trained.directory).config["column"] == "tokens_3"
+
+
+def test_blocks_to_load_follow_the_layers_searched_and_refuse_a_store_that_cannot_serve_them():
+    manifest = {"model": {"num_layers": 4}}
+    last_only = load_config(None, [])
+    assert blocks_to_load(last_only, manifest) == ([3], [])
+    layers = ["extraction.layers=[0, 1, -1]", "extraction.tokens=all", "sae.layer={choice: [1, -1]}"]
+    assert blocks_to_load(load_config(None, layers), manifest) == ([1, 3], [1])  # the last block needs no tokens
+    every = load_config(None, [*layers, "steering.methods=[vs2, sae_rec_all]"])
+    with pytest.raises(ConfigError, match=r"sae.layer / sae_rec_all: block 2 is not in extraction.layers"):
+        blocks_to_load(every, manifest)
+    with pytest.raises(ConfigError, match=r"sae.layer / sae_rec_all: block 2 is not in extraction.layers"):
+        blocks_to_load(load_config(None, [*layers, "sae.layer=-2"]), manifest)
+    every = load_config(
+        None, ["extraction.layers=[0, 1, 2, 3]", "extraction.tokens=all", "steering.methods=[sae_rec_all]"]
+    )
+    assert blocks_to_load(every, manifest) == ([0, 1, 2, 3], [0])
+    without_tokens = load_config(None, ["extraction.layers=[1, -1]", "sae.layer=1"])
+    with pytest.raises(
+        ConfigError, match=r"steering at block\(s\) \[1\] before the last \(3\) .* extraction.tokens: all"
+    ):
+        blocks_to_load(without_tokens, manifest)
 
 
 def test_steering_grid_grids_both_rules_and_spreads_distributions():

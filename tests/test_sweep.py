@@ -320,3 +320,51 @@ def test_report_writes_valid_figures_and_a_row_per_method_of_the_sweep(cache_swe
     best = trials.loc[trials["val_top1_vs2"].idxmax()]
     assert rows["VS2"][3].strip() == f"{100 * best['test_top1_vs2']:.2f}"
     assert "## Failed trials" in report and "sae.k must be in" in report
+
+
+def test_a_two_block_sweep_shares_each_blocks_sae_and_reports_by_block(storage, ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    paper = {"steering.gamma": 1.5, "steering.lambda": 2.1}
+    points = [{"sae.layer": 1, **paper}, {"sae.layer": -1, **paper}, {"sae.layer": 1, **paper, "steering.gamma": 2.5}]
+    output = run_sweep(
+        storage,
+        address,
+        "layers",
+        "extraction.layers=[1, -1]",
+        "extraction.tokens=all",
+        "sae.layer={choice: [1, -1]}",
+        "sae.k=16",
+        "sae.expansion=2",
+        "pass.w_aux=0.0",
+        "steering.methods=[zero_shot, sae_rec_final, vs2]",
+        "search.num_samples=3",
+        f"search.points_to_evaluate={json.dumps(points)}",
+    )
+    assert output.returncode == 0, output.stderr[-3000:]
+    experiment = storage / "experiments" / "layers"
+    trials = load_results(experiment)
+    assert (trials["status"] == "TERMINATED").all() and sorted(trials["sae_block"]) == [1, 1, 3]
+    by_block = trials.groupby("sae_block")
+    assert by_block["sae_dir"].nunique().to_dict() == {1: 1, 3: 1}  # one SAE per block, shared by its trials
+    assert trials["sae_dir"].nunique() == 2 and trials["sae_cache_hit"].sum() == 1
+    # zero-shot through blocks 2-3 of the model agrees with the cached path (a float tie may flip one image)
+    assert trials["test_top1_zero_shot"].max() - trials["test_top1_zero_shot"].min() <= 1 / 500
+    block_1, block_3 = trials[trials["sae_block"] == 1], trials[trials["sae_block"] == 3]
+    assert block_1["fvu"].nunique() == 1 and block_1["fvu"].iloc[0] != block_3["fvu"].iloc[0]
+
+    report = subprocess.run(
+        [sys.executable, "-m", "analysis.report", str(experiment), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (tmp_path / "report.md").read_text()
+    section = text.split("## By block")[1].split("\n## ")[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    header, body = [cell.strip() for cell in rows[0]], rows[1:]
+    assert header[:6] == ["block", "tokens", "trials", "FVU", "val FVU", "L0"] and "VS2" in header
+    assert [(row[0].strip(), row[1].strip(), row[2].strip()) for row in body] == [("1", "cls", "2"), ("3", "cls", "1")]
+    selected = block_1.loc[block_1["val_top1_vs2"].idxmax()]
+    assert body[0][header.index("VS2")].strip() == f"{100 * selected['test_top1_vs2']:.4g}"
+    assert (tmp_path / "by_block.png").read_bytes().startswith(b"\x89PNG")

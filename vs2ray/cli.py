@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vs2ray.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
+from vs2ray.config import ConfigError, ExperimentConfig, config_to_yaml, config_with, load_config
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -146,8 +146,10 @@ def train_sae_command(args: argparse.Namespace) -> int:
     from vs2ray.stages import get_or_train_sae, load_train_split, sae_params
 
     config = _config(args)
+    if args.layer is not None:
+        config = config_with(config, {"sae.layer": args.layer}, "--layer")
     params = sae_params(config)
-    trained = get_or_train_sae(config, params, load_train_split(config, args.layer, _say), _say)
+    trained = get_or_train_sae(config, params, load_train_split(config, _say), _say)
     print(f"{'reused' if trained.cache_hit else 'saved'} {trained.directory}")
     shown = ("fvu", "val_fvu", "l0", "dead_fraction", "dense_fraction", "samples_per_second", "train_seconds")
     print("  ".join(f"{name} {trained.metrics[name]:.4g}" for name in shown if name in trained.metrics))
@@ -158,6 +160,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     """Every configured method for one SAE (trained or reused), over its grid, selected on validation."""
     from vs2ray.evaluate import format_table
     from vs2ray.stages import (
+        block_saes,
         build_evaluator,
         get_or_train_sae,
         needs_retrieval,
@@ -169,7 +172,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     config = _config(args)
     data = prepare_data(config, _say)
-    trained = get_or_train_sae(config, sae_params(config), data.split, _say)
+    params = sae_params(config)
+    trained = get_or_train_sae(config, params, data.split, _say)
+    every_block = block_saes(config, params, data.split, _say) if "sae_rec_all" in config.steering.methods else None
     _say(f"SAE {trained.directory} ({'reused' if trained.cache_hit else 'trained'}): FVU {trained.metrics['fvu']:.4f}")
     index = None  # the FAISS actors live as long as this handle
     if needs_retrieval(config):
@@ -180,7 +185,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         gammas=[float(v) for v in args.gammas.split(",")] if args.gammas else None,
         lambdas=[float(v) for v in args.lambdas.split(",")] if args.lambdas else None,
     )
-    evaluator = build_evaluator(data, trained.sae)
+    evaluator = build_evaluator(config, data, trained.sae, saes_by_block=every_block)
     results = evaluator.evaluate_all(config.steering.methods, grid)
     print(f"{len(evaluator.val.labels)} validation rows (carved from train), {len(evaluator.test.labels)} test rows")
     print(format_table(results))
@@ -303,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     sub = command("train-sae", train_sae_command)
     _with_config(sub)
-    sub.add_argument("--layer", type=int, default=-1, help="which extracted block's [CLS] token (default: last)")
+    sub.add_argument("--layer", type=int, help="the block to train on (= --set sae.layer=L; default: sae.layer)")
     sub = command("evaluate", evaluate_command)
     _with_config(sub)
     sub.add_argument("--gammas", help="comma-separated γ grid (default: from steering.gamma)")

@@ -192,13 +192,22 @@ class DatasetConfig(Section):
 
 class ExtractionConfig(Section):
     layers: list[int] = Field([-1], min_length=1, description="resblock indices; negative counts from the end")
+    tokens: Literal["cls", "all"] = Field(
+        "cls", description="cls: the [CLS] token of each block; all: every token too (steering inside the encoder)"
+    )
     batch_size: int = Field(256, ge=1)
     num_workers: int | None = Field(None, ge=1, description="encoder actors; default one per GPU (1 on CPU)")
     gpus_per_worker: float = Field(1.0, ge=0.0, le=8.0)
     cpus_per_worker: float = Field(0.25, gt=0.0)
 
 
+LayerIndex = _searchable(int, "a block index (negative counts from the end)", ("choice",))
+TokenSet = _searchable(Literal["cls", "all"], "'cls' or 'all'", ("choice",))
+
+
 class SAEConfig(Section):
+    layer: LayerIndex = Field(-1, description="block whose activations the SAE reads and steering changes")
+    tokens: TokenSet = Field("cls", description="train (and steer) on the [CLS] token or on every token")
     k: PositiveInt = 64
     expansion: PositiveInt = 4
     topk: Literal["relu", "abs"] = Field("relu", description="relu: Gao et al.; abs: largest |value| (paper)")
@@ -333,6 +342,28 @@ class ExperimentConfig(Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _stored_tokens_serve_the_sae(self) -> ExperimentConfig:
+        # whether sae.layer's blocks are among extraction.layers needs the model's depth: stages.blocks_to_load
+        if "sae_rec_all" in self.steering.methods and (
+            self.extraction.tokens != "all" or 0 not in self.extraction.layers
+        ):
+            raise PydanticCustomError(
+                "model_tokens",
+                "steering.methods: sae_rec_all needs extraction.tokens: all and every block in extraction.layers "
+                "(from 0 to -1), since it replaces every block's output in one forward pass",
+            )
+        if "all" in values_of(self.sae.tokens) and self.extraction.tokens != "all":
+            raise PydanticCustomError(
+                "model_tokens", "sae.tokens: all needs extraction.tokens: all (the store must hold every token)"
+            )
+        return self
+
+
+def values_of(value: Any) -> list[Any]:
+    """Every value a searchable key takes: a distribution's choices, or the one constant."""
+    return list(value.values) if isinstance(value, Distribution) else [value]
 
 
 def search_space(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, Distribution]]:

@@ -8,6 +8,10 @@ labelled `test_oracle_top1`: an optimistic number, not a result).
 Neighbours for VS2++ and the retrieval baselines come from a `search(queries, k, key)`
 callable, normally `vs2ray.retrieval.RetrievalIndex.search` (FAISS in Ray actors), over
 the train rows that are not validation rows, so a validation query never finds itself.
+Steering at a block L before the last (METHOD.md §8) changes block L's tokens and finishes the
+forward through blocks L+1 … end of the real encoder (`Encoder.run_block`), then ln_post, proj
+and the zero-shot head; at the last block the cached path of §1 is used, as before.
+
 This module knows neither Ray nor the config: the caller builds the Evaluator and the Grid.
 """
 
@@ -33,10 +37,26 @@ class SplitData:
     """Cached activations of one evaluation split (rows sorted by id)."""
 
     name: str
-    cls: torch.Tensor  # (n, width) last-block [CLS] tokens
+    cls: torch.Tensor  # (n, width) [CLS] tokens at the steering block
     embedding: torch.Tensor  # (n, embed) CLIP embeddings
     labels: torch.Tensor  # (n,) int64
     retrieval: torch.Tensor | None = None  # (n, r) neighbour-search vectors; default: embedding
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (n, T, width): steering inside
+
+
+@dataclass
+class Encoder:
+    """Where in the encoder the SAE steers, and how the rest of the forward pass runs."""
+
+    block: int  # the steering block (index from 0)
+    num_blocks: int
+    run_block: steering.RunBlock | None = None  # None: only the last block, from the cache
+    all_tokens: bool = False  # the SAE reads every token: row-wise methods steer every token of the block
+    block_saes: Sequence[TopKSAE] = ()  # one SAE per block, for SAE_REC^A
+
+    @property
+    def at_last_block(self) -> bool:
+        return self.block == self.num_blocks - 1
 
 
 @dataclass
@@ -128,17 +148,39 @@ class Evaluator:
         val: SplitData,
         test: SplitData,
         search: Search | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
         self.sae, self.head, self.classifier = sae.eval(), head, text_classifier
         self.pool, self.val, self.test = pool, val, test
         self.search = search
+        self.encoder = encoder
         self.num_classes = text_classifier.shape[0]
-        self.mean = pool.cls.mean(dim=0)
         self._sae_passes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._zero_shot: dict[str, torch.Tensor] = {}
         self._neighbours: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._code_differences: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.calibration_fvu = self.sae_pass(pool)[1]
+        self._token_rows: dict[str, SplitData] = {}
+        calibration = self._token_view(pool) if self._steers_every_token else pool
+        self.mean = calibration.cls.mean(dim=0)
+        self.calibration_fvu = self.sae_pass(calibration)[1]
+
+    @property
+    def _steers_every_token(self) -> bool:
+        # at the last block only [CLS] reaches the head, so steering the other tokens changes nothing
+        return self.encoder is not None and self.encoder.all_tokens and not self.encoder.at_last_block
+
+    def _token_view(self, split: SplitData) -> SplitData:
+        """`split` with every token of the steering block as a row (n·T rows), for row-wise methods."""
+        if split.name not in self._token_rows:
+            tokens = split.tokens[self.encoder.block]
+            per_image = tokens.shape[1]
+            self._token_rows[split.name] = SplitData(
+                name=f"{split.name}/tokens",
+                cls=tokens.reshape(-1, tokens.shape[-1]),
+                embedding=split.embedding.repeat_interleave(per_image, dim=0),
+                labels=split.labels.repeat_interleave(per_image),
+            )
+        return self._token_rows[split.name]
 
     # ------------------------------------------------ methods.Context
 
@@ -191,6 +233,16 @@ class Evaluator:
             self._code_differences[memo] = (torch.cat(differences), steering.has_both_groups(positives))
         return self._code_differences[memo]
 
+    @torch.no_grad()
+    def reconstruct_every_block(self, split: SplitData) -> torch.Tensor:
+        """SAE_REC^A: the last block's [CLS] (n, width) with every block's output replaced by its SAE's."""
+        encoder = self.encoder
+        if encoder is None or encoder.run_block is None or len(encoder.block_saes) != encoder.num_blocks:
+            raise ValueError("sae_rec_all needs the encoder and one SAE per block (Encoder.block_saes)")
+        if 0 not in split.tokens:
+            raise ValueError("sae_rec_all needs every token of block 0 (extraction.tokens: all, layers from 0)")
+        return steering.sae_rec_every_block(split.tokens[0], encoder.block_saes, encoder.run_block, encoder.all_tokens)
+
     # ------------------------------------------------ evaluation
 
     @torch.no_grad()
@@ -199,10 +251,28 @@ class Evaluator:
         entry = METHODS[method]
         if entry.steer is None:
             raise ValueError(f"{method} is not available: {entry.unavailable}")
-        steered, coverage = entry.steer(self, split, setting)
-        if entry.kind == "token":
-            return steering.classify(steered, self.head, self.classifier), coverage
-        return steering.logits_from_embeddings(steered, self.classifier), coverage
+        if entry.kind == "embedding":
+            embeddings, coverage = entry.steer(self, split, setting)
+            return steering.logits_from_embeddings(embeddings, self.classifier), coverage
+        if entry.kind == "final":
+            final_cls, coverage = entry.steer(self, split, setting)
+        elif self._steers_every_token and entry.rowwise:
+            rows, coverage = entry.steer(self, self._token_view(split), setting)
+            final_cls = self._finish(rows.reshape(split.tokens[self.encoder.block].shape))
+        else:
+            steered, coverage = entry.steer(self, split, setting)
+            at_last = self.encoder is None or self.encoder.at_last_block
+            final_cls = (
+                steered if at_last else self._finish(steering.with_cls(split.tokens[self.encoder.block], steered))
+            )
+        return steering.classify(final_cls, self.head, self.classifier), coverage
+
+    def _finish(self, tokens_ntd: torch.Tensor) -> torch.Tensor:
+        """The last block's [CLS] (n, width) from the steering block's tokens, through the real encoder."""
+        encoder = self.encoder
+        if encoder.run_block is None:
+            raise ValueError(f"steering at block {encoder.block} needs the encoder's blocks (Encoder.run_block)")
+        return steering.finish_forward(tokens_ntd, encoder.block + 1, encoder.num_blocks, encoder.run_block)[:, 0]
 
     def evaluate(self, method: str, grid: Grid) -> MethodResult:
         """Every setting of `method` on validation and test."""

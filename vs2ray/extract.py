@@ -6,7 +6,7 @@ The pipeline, per chunk of `extraction.batch_size` images:
 
     chunk (start, stop) ──decode + resize/crop on CPU tasks──▶ uint8 pixels
         ──encoder actor pool (one per GPU or GPU fraction; CPU actors without GPUs)──▶
-        [CLS] tokens of the requested blocks + CLIP embedding
+        [CLS] tokens (or every token) of the requested blocks + CLIP embedding
         ──CPU task──▶ part-<chunk>.parquet, written atomically
 
 The driver only lists chunk boundaries: workers list the dataset's records themselves
@@ -100,6 +100,7 @@ def store_inputs(
         "dataset": dataset,
         "split": split,
         "layers": layers,
+        **({"tokens": "all"} if config.extraction.tokens == "all" else {}),  # cls stores keep their old keys
         "preprocess": {name: [repr(p.pixels), p.mean, p.std] for name, p in preprocess.items()},
         "retrieval": _retrieval_inputs(config.retrieval) if config.retrieval.space == "dinov2" else None,
     }
@@ -221,12 +222,13 @@ class ChunkEncoder:
             load_retrieval_encoder(config.retrieval, device) if "retrieval_pixels" in normalisation else None
         )
         self.layers, self.normalisation = layers, normalisation
+        self.all_tokens = config.extraction.tokens == "all"
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        from vs2ray.models import capture_cls, encode_images, encode_retrieval
+        from vs2ray.models import capture_blocks, encode_images, encode_retrieval
 
         pixels = np.asarray(batch["pixels"][0])
         out: dict[str, Any] = {key: batch[key] for key in ("chunk", "ids", "labels", "failed")}
@@ -234,15 +236,22 @@ class ChunkEncoder:
         embed_dim = self.bundle.model.visual.proj.shape[1]
         if not len(pixels):  # every image of the chunk failed: empty columns of the right width
             out.update({f"cls_{layer}": [np.zeros((0, width), np.float32)] for layer in self.layers})
+            if self.all_tokens:
+                num_tokens = self.bundle.model.visual.positional_embedding.shape[0]
+                out.update({f"tokens_{layer}": [np.zeros((0, num_tokens, width), np.float32)] for layer in self.layers})
             out["embedding"] = [np.zeros((0, embed_dim), np.float32)]
             if self.retrieval is not None:
                 out["retrieval"] = [np.zeros((0, self.retrieval.model.num_features), np.float32)]
         else:
-            with torch.no_grad(), capture_cls(self.bundle, self.layers) as captured:
+            with torch.no_grad(), capture_blocks(self.bundle, self.layers, self.all_tokens) as captured:
                 images = normalise_pixels(pixels, *self.normalisation["pixels"])
                 out["embedding"] = [encode_images(self.bundle, images).cpu().numpy()]
                 for layer in self.layers:
-                    out[f"cls_{layer}"] = [captured[layer].float().cpu().numpy()]
+                    tokens = captured[layer].float().cpu().numpy()
+                    # all-token stores keep cls_<layer> too (1/T of the size), so [CLS] readers never load tokens
+                    out[f"cls_{layer}"] = [tokens[:, 0] if self.all_tokens else tokens]
+                    if self.all_tokens:
+                        out[f"tokens_{layer}"] = [tokens]
             if self.retrieval is not None:
                 retrieval_images = np.asarray(batch["retrieval_pixels"][0])
                 images = normalise_pixels(retrieval_images, *self.normalisation["retrieval_pixels"])
@@ -253,7 +262,11 @@ class ChunkEncoder:
 
 def write_chunk(batch: dict[str, np.ndarray], store_dir: str) -> dict[str, Any]:
     """Ray Data UDF (CPU task): write one encoded chunk as its part file; return a small summary row."""
-    vectors = {k: np.asarray(batch[k][0]) for k in batch if k.startswith("cls_") or k in ("embedding", "retrieval")}
+    vectors = {
+        k: np.asarray(batch[k][0])
+        for k in batch
+        if k.startswith(("cls_", "tokens_")) or k in ("embedding", "retrieval")
+    }
     columns = {"id": np.asarray(batch["ids"][0]), "label": np.asarray(batch["labels"][0]), **vectors}
     failed = json.loads(str(batch["failed"][0]))
     write_part(Path(store_dir), int(batch["chunk"][0]), columns, failed)

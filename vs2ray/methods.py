@@ -2,8 +2,11 @@
 
 Everything that lists, labels, dispatches or grids the methods reads `METHODS`: the config's
 allowed values, the Evaluator, the result tables. A method's function maps one evaluation
-split to steered [CLS] tokens (kind "token", classified through the head) or to CLIP
-embeddings (kind "embedding"), plus its coverage (the share of rows it steered, or None).
+split to steered [CLS] tokens of the steering block (kind "token": the Evaluator finishes the
+forward and classifies through the head), to the last block's [CLS] tokens (kind "final"), or
+to CLIP embeddings (kind "embedding"), plus its coverage (the share of rows it steered, or None).
+A "rowwise" token method treats each row alone, so with an all-token SAE inside the encoder the
+Evaluator hands it every token of the block as rows.
 It reads what it needs from a `Context` (the Evaluator), which shares the expensive parts
 between settings: one SAE pass per split, neighbours per (split, N), VS2++'s W_dec Δ per
 (split, method, rule, N).
@@ -61,6 +64,9 @@ class Context(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_dec (mean S+ codes − mean S− codes) (n, d), steerable (n,)), memoised per (split, k, key)."""
 
+    def reconstruct_every_block(self, split: Split) -> torch.Tensor:
+        """The last block's [CLS] (n, d) with every block's output replaced by its SAE's reconstruction."""
+
 
 def metric_name(kind: str, method: str) -> str:
     """A method's reported metric, e.g. ('val_top1', 'vs2') -> 'val_top1_vs2' (also 'selected_gamma', 'coverage')."""
@@ -79,11 +85,12 @@ class Method:
 
     name: str
     label: str  # its name in tables (the paper's)
-    kind: Literal["token", "embedding"]
+    kind: Literal["token", "final", "embedding"]
     params: tuple[str, ...]  # grid parameters, a subset of GRID_PARAMS
     steer: Callable[[Context, Split, Setting], Steered] | None  # None: not available yet
     uses_sae: bool = True  # False: its result does not depend on the SAE
     unavailable: str = ""  # why `steer` is None
+    rowwise: bool = True  # each row is steered alone (no neighbours), so any token may be a row
 
     @property
     def uses_neighbours(self) -> bool:
@@ -99,6 +106,10 @@ def _zero_shot(ctx: Context, split: Split, s: Setting) -> Steered:
 
 def _sae_rec_final(ctx: Context, split: Split, s: Setting) -> Steered:
     return steering.sae_rec_final(ctx.sae, split.cls), None
+
+
+def _sae_rec_all(ctx: Context, split: Split, s: Setting) -> Steered:
+    return ctx.reconstruct_every_block(split), None
 
 
 def _sae_rec_amplified(ctx: Context, split: Split, s: Setting) -> Steered:
@@ -168,24 +179,18 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("zero_shot", "zero-shot CLIP", "token", (), _zero_shot, uses_sae=False),
         Method("sae_rec_final", "SAE_REC^F", "token", (), _sae_rec_final),
-        Method(
-            "sae_rec_all",
-            "SAE_REC^A",
-            "token",
-            (),
-            None,
-            unavailable="it needs one SAE per block and steering inside the encoder, which vs2ray does not have yet",
-        ),
+        Method("sae_rec_all", "SAE_REC^A", "final", (), _sae_rec_all, rowwise=False),
         Method("sae_rec_amplified", "SAE_REC^{F+γ}", "token", ("gamma",), _sae_rec_amplified),
         Method("vs2", "VS2", "token", ("gamma", "lambda"), _vs2),
         Method("vs2_gated", "VS2 + FVU gate", "token", ("gamma", "lambda", "quantile"), _vs2_gated),
-        Method("vs2pp", "VS2++ (pseudo-labels)", "token", _VS2PP, _vs2pp_with(_pseudo_positives)),
+        Method("vs2pp", "VS2++ (pseudo-labels)", "token", _VS2PP, _vs2pp_with(_pseudo_positives), rowwise=False),
         Method(
             "vs2pp_oracle",
             "VS2++ (oracle: query's true label)",
             "token",
             ("gamma", "lambda", "n_neighbors"),
             _vs2pp_with(_oracle_positives),
+            rowwise=False,
         ),
         Method(
             "vs2pp_oracle_neighbours",
@@ -193,6 +198,7 @@ METHODS: dict[str, Method] = {
             "token",
             _VS2PP,
             _vs2pp_with(_true_neighbour_positives),
+            rowwise=False,
         ),
         Method("weighted_rag", "weighted RAG", "embedding", ("a", "n_neighbors"), _weighted_rag, uses_sae=False),
         Method(

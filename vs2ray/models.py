@@ -295,17 +295,21 @@ def resolve_layers(bundle: ClipBundle, layers: Sequence[int]) -> list[int]:
 
 
 @contextlib.contextmanager
-def capture_cls(bundle: ClipBundle, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Record the [CLS] token at the output of each of `layers` (block indices) during forward passes.
+def capture_blocks(
+    bundle: ClipBundle, layers: Sequence[int], all_tokens: bool = False
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the residual stream at the output of each of `layers` (block indices) during forward passes.
 
-    Yields a dict that each forward fills with layer -> (batch, width) tensors.
+    Yields a dict that each forward fills with layer -> (batch, width) [CLS] tokens, or with
+    `all_tokens` layer -> (batch, tokens, width) (batch first, whatever the model's layout).
     """
     transformer = bundle.model.visual.transformer
     captured: dict[int, torch.Tensor] = {}
 
     def hook_for(layer: int) -> Callable[..., None]:
         def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-            captured[layer] = (output[:, 0] if transformer.batch_first else output[0]).detach()
+            tokens_ntw = output if transformer.batch_first else output.transpose(0, 1)
+            captured[layer] = (tokens_ntw if all_tokens else tokens_ntw[:, 0]).detach()
 
         return hook
 
@@ -315,6 +319,28 @@ def capture_cls(bundle: ClipBundle, layers: Sequence[int]) -> Iterator[dict[int,
     finally:
         for handle in handles:
             handle.remove()
+
+
+def block_runner(bundle: ClipBundle, batch_size: int = 1024) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """A function running one block of the real vision tower: (tokens (n, T, width) batch first, block) -> tokens.
+
+    It runs on the bundle's device in batches of `batch_size` images and returns float32
+    tokens on the input's device; steering inside the encoder calls it for blocks L+1 … end.
+    """
+    transformer = bundle.model.visual.transformer
+    dtype = next(transformer.parameters()).dtype
+
+    @torch.no_grad()
+    def run_block(tokens_ntw: torch.Tensor, block: int) -> torch.Tensor:
+        outputs = []
+        for start in range(0, len(tokens_ntw), batch_size):
+            x = tokens_ntw[start : start + batch_size].to(bundle.device, dtype)
+            x = x if transformer.batch_first else x.transpose(0, 1)
+            x = transformer.resblocks[block](x)
+            outputs.append((x if transformer.batch_first else x.transpose(0, 1)).float().to(tokens_ntw.device))
+        return torch.cat(outputs) if outputs else tokens_ntw.clone()
+
+    return run_block
 
 
 def vision_head(bundle: ClipBundle) -> dict[str, torch.Tensor]:

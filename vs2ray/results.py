@@ -194,6 +194,32 @@ def method_table(trials: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+BLOCK_COLUMNS = ("sae_block", "sae_tokens")  # what every trial reports about where its SAE reads
+
+
+def block_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy and SAE quality by block and token set (the companion paper's layer-wise view).
+
+    One row per (block, tokens) with finished trials: their count; the FVU, validation FVU and
+    L0 averaged over the group's distinct SAEs; then per method the test top-1 (%) at the
+    group's trial with the best validation top-1 for that method (selection as in `method_table`).
+    """
+    done = trials[trials["status"] == STATUS_DONE] if "status" in trials else trials
+    if done.empty or not set(BLOCK_COLUMNS) <= set(done):
+        return pd.DataFrame()
+    rows = []
+    for (block, tokens), group in done.groupby(list(BLOCK_COLUMNS), sort=True):
+        saes = group.drop_duplicates("sae_dir")
+        row: dict[str, Any] = {"block": int(block), "tokens": tokens, "trials": len(group)}
+        row.update({name: saes[name].mean() for name in ("fvu", "val_fvu", "l0") if name in saes})
+        for method in methods_in(group):
+            scored = group.dropna(subset=[metric_name("val_top1", method)])
+            best = scored.loc[scored[metric_name("val_top1", method)].idxmax()]
+            row[method] = 100 * best[metric_name("test_top1", method)]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _relevant_keys(trials: pd.DataFrame, method: str) -> list[str]:
     """The sampled SAE keys that shape `method`'s result (steering values are in its selected_* columns)."""
     if not METHODS[method].uses_sae:

@@ -22,17 +22,19 @@ import numpy as np
 import torch
 
 from vs2ray import steering
-from vs2ray.config import ConfigError, Distribution, ExperimentConfig
+from vs2ray.config import ConfigError, Distribution, ExperimentConfig, values_of
 from vs2ray.data import get_dataset, prompt_templates_for
-from vs2ray.evaluate import Evaluator, Grid, SplitData, accuracy
+from vs2ray.evaluate import Encoder, Evaluator, Grid, SplitData, accuracy
 from vs2ray.methods import METHODS
-from vs2ray.models import build_text_classifier, encode_images, load_clip
+from vs2ray.models import block_runner, build_text_classifier, encode_images, load_clip
 from vs2ray.sae import SAETrainParams, TopKSAE, evaluate_sae, train_sae
 from vs2ray.store import (
     Activations,
+    block_index,
     cls_column,
     content_key,
     load_activations,
+    read_manifest,
     sae_dir_for,
     train_val_split,
 )
@@ -44,6 +46,8 @@ SAE_METRICS = ("fvu", "val_fvu", "l0", "dead_fraction", "dense_fraction", "train
 def sae_params(config: ExperimentConfig) -> SAETrainParams:
     """The SAE training parameters of a config whose searchable values are fixed (by a trial or --set)."""
     values = {
+        "sae.layer": config.sae.layer,
+        "sae.tokens": config.sae.tokens,
         "sae.k": config.sae.k,
         "sae.expansion": config.sae.expansion,
         "sae.lr": config.sae.lr,
@@ -79,20 +83,56 @@ class TrainSplit:
 
     store_dir: Path
     acts: Activations
-    column: str
     train_mask: np.ndarray
     val_mask: np.ndarray
 
+    @property
+    def num_blocks(self) -> int:
+        return int(self.acts.manifest["model"]["num_layers"])
 
-def load_train_split(config: ExperimentConfig, layer: int = -1, log: Log = lambda _: None) -> TrainSplit:
-    """Extract (or reuse) the train store and carve the validation rows deterministically."""
+    def column(self, layer: int, tokens: str = "cls") -> str:
+        """The store column an SAE of `layer` reads: cls_<block>, or tokens_<block> for `tokens` "all"."""
+        return cls_column(self.acts.manifest, layer, "tokens" if tokens == "all" else "cls")
+
+
+def blocks_to_load(config: ExperimentConfig, manifest: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(blocks whose [CLS] tokens, blocks whose every token) the trials of `config` read, as block indices.
+
+    Every token is needed where the SAE trains on every token, where steering happens before the
+    last block (the rest of the forward needs the whole sequence), and for SAE_REC^A (block 0).
+    Raises ConfigError, before any trial starts, when the store cannot serve them.
+    """
+    last = int(manifest["model"]["num_layers"]) - 1
+    steered = sorted({block_index(manifest, layer) for layer in values_of(config.sae.layer)})
+    every_token = "all" in values_of(config.sae.tokens)
+    cls_blocks, token_blocks = set(steered), {b for b in steered if b != last or every_token}
+    if "sae_rec_all" in config.steering.methods:
+        cls_blocks |= set(range(last + 1))
+        token_blocks |= set(range(last + 1)) if every_token else {0}
+    stored = {block_index(manifest, layer) for layer in config.extraction.layers}
+    problems = [f"sae.layer / sae_rec_all: block {b} is not in extraction.layers" for b in sorted(cls_blocks - stored)]
+    if token_blocks and config.extraction.tokens != "all":
+        problems.append(
+            f"sae.layer: steering at block(s) {sorted(token_blocks)} before the last ({last}) runs the rest of the "
+            f"encoder on every token of the block; set extraction.tokens: all"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return sorted(cls_blocks), sorted(token_blocks)
+
+
+def load_train_split(config: ExperimentConfig, log: Log = lambda _: None) -> TrainSplit:
+    """Extract (or reuse) the train store, load the [CLS] columns the config reads, carve validation rows.
+
+    All-token columns stay on disk until a trial reads its block's (`Activations.__getitem__`).
+    """
     from vs2ray.extract import extract
 
     store = extract(config, config.dataset.train_split, log).store_dir
-    acts = load_activations(store, layers=[layer], retrieval=config.retrieval.space == "dinov2")
-    column = cls_column(acts.manifest, layer)
+    cls_blocks, _ = blocks_to_load(config, read_manifest(store))
+    acts = load_activations(store, layers=cls_blocks, retrieval=config.retrieval.space == "dinov2")
     train_mask, val_mask = train_val_split(acts.ids, config.dataset.val_fraction, config.seed)
-    return TrainSplit(store, acts, column, train_mask, val_mask)
+    return TrainSplit(store, acts, train_mask, val_mask)
 
 
 @dataclass
@@ -115,20 +155,31 @@ def _exclusive(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def get_or_train_sae(config: ExperimentConfig, params: SAETrainParams, split: TrainSplit, log: Log) -> TrainedSAE:
-    """The SAE for (train store, column, params, training rows): loaded when a complete checkpoint exists,
-    else trained and saved. The key holds `dataset.val_fraction` (with the seed in `params`, it decides which
-    rows the SAE trained on), so a changed validation share never reuses an SAE trained on validation rows."""
+def get_or_train_sae(
+    config: ExperimentConfig, params: SAETrainParams, split: TrainSplit, log: Log, layer: int | None = None
+) -> TrainedSAE:
+    """The SAE of `layer` (default `sae.layer`) on `sae.tokens`, for (train store, params, training rows):
+    loaded when a complete checkpoint exists, else trained and saved.
+
+    The key holds the store column (block and token set) and `dataset.val_fraction` (with the seed in
+    `params`, it decides which rows the SAE trained on), so a changed validation share never reuses
+    an SAE trained on validation rows. An all-token SAE trains on every token of the training images.
+    """
+    layer = config.sae.layer if layer is None else layer
+    column = split.column(layer, config.sae.tokens)
     training = {**params.as_dict(), "val_fraction": config.dataset.val_fraction}
-    directory = sae_dir_for(config.storage.root, f"{split.store_dir.name}-{split.column}", training)
-    x = _tensor(split.acts[split.column])
+    directory = sae_dir_for(config.storage.root, f"{split.store_dir.name}-{column}", training)
+    acts = _tensor(split.acts[column])
+    per_image = acts.shape[1] if acts.dim() == 3 else 1
+    x = acts.reshape(-1, acts.shape[-1])  # an image's tokens are consecutive rows
     with _exclusive(directory):
         if (directory / "metrics.json").is_file():
             saved = TopKSAE.load(directory, expected_d=x.shape[1])
             return TrainedSAE(saved.sae, saved.metrics, directory, cache_hit=True)
-        labels = torch.from_numpy(split.acts.labels.astype(np.int64))
-        train, val = torch.from_numpy(split.train_mask), torch.from_numpy(split.val_mask)
-        log(f"training an SAE on {int(train.sum())} of {len(x)} activations ({int(val.sum())} held out for validation)")
+        labels = torch.from_numpy(split.acts.labels.astype(np.int64)).repeat_interleave(per_image)
+        train = torch.from_numpy(split.train_mask).repeat_interleave(per_image)
+        val = torch.from_numpy(split.val_mask).repeat_interleave(per_image)
+        log(f"training an SAE on {column}: {int(train.sum())} of {len(x)} rows ({int(val.sum())} held out)")
         result = train_sae(
             x[train],
             params,
@@ -139,9 +190,14 @@ def get_or_train_sae(config: ExperimentConfig, params: SAETrainParams, split: Tr
         )
         val_metrics = evaluate_sae(result.sae, x[val].to(result.sae.b_pre.device)) if bool(val.any()) else {}
         metrics = {**result.metrics, **{f"val_{name}": value for name, value in val_metrics.items()}}
-        record = {**training, "activation_key": split.store_dir.name, "column": split.column}
+        record = {**training, "activation_key": split.store_dir.name, "column": column}
         result.sae.save(directory, record, metrics)
     return TrainedSAE(result.sae, metrics, directory, cache_hit=False)
+
+
+def block_saes(config: ExperimentConfig, params: SAETrainParams, split: TrainSplit, log: Log) -> list[TopKSAE]:
+    """One SAE per block (trained, or reused from the cache) with the same parameters, for SAE_REC^A."""
+    return [get_or_train_sae(config, params, split, log, layer).sae for layer in range(split.num_blocks)]
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -175,9 +231,10 @@ def prepare_data(config: ExperimentConfig, log: Log = lambda _: None) -> SweepDa
 
     from vs2ray.extract import extract
 
-    split = load_train_split(config, -1, log)
+    split = load_train_split(config, log)
     test_store = extract(config, config.dataset.test_split, log).store_dir
-    test = load_activations(test_store, retrieval=config.retrieval.space == "dinov2")
+    cls_blocks, _ = blocks_to_load(config, read_manifest(test_store))
+    test = load_activations(test_store, layers=cls_blocks, retrieval=config.retrieval.space == "dinov2")
     head = load_file(test_store / "head.safetensors")
     classifier = load_file(test_store / "classifier.safetensors")["classifier"]
     return SweepData(split, test, head, classifier)
@@ -216,10 +273,15 @@ def start_retrieval(config: ExperimentConfig, data: SweepData, gpus_per_shard: f
     return index
 
 
-def evaluation_splits(data: SweepData, device: torch.device | str = "cpu") -> tuple[SplitData, SplitData, SplitData]:
-    """(pool, val, test): the SAE's training rows (neighbour pool, calibration), validation and test rows."""
+def evaluation_splits(
+    data: SweepData, layer: int = -1, device: torch.device | str = "cpu", token_blocks: tuple[int, ...] = ()
+) -> tuple[SplitData, SplitData, SplitData]:
+    """(pool, val, test) at block `layer`: the SAE's training rows (neighbour pool, calibration), validation
+    and test rows, with every token of `token_blocks` (steering inside the encoder, SAE_REC^A)."""
     split = data.split
     with_retrieval = "retrieval" in split.acts.columns
+    cls = split.column(layer)
+    token_columns = {block: split.column(block, "all") for block in token_blocks}
 
     def rows(acts: Activations, mask: np.ndarray, name: str) -> SplitData:
         def take(column: str) -> torch.Tensor:
@@ -227,10 +289,11 @@ def evaluation_splits(data: SweepData, device: torch.device | str = "cpu") -> tu
 
         return SplitData(
             name=name,
-            cls=take(split.column),
+            cls=take(cls),
             embedding=take("embedding"),
             labels=torch.from_numpy(acts.labels.astype(np.int64))[torch.from_numpy(mask)].to(device),
             retrieval=take("retrieval") if with_retrieval else None,
+            tokens={block: take(column) for block, column in token_columns.items()},
         )
 
     everything = np.ones(len(data.test.ids), dtype=bool)
@@ -278,16 +341,35 @@ def _first(value: Any) -> Any:
     return value.values[0] if isinstance(value, Distribution) else value
 
 
-def build_evaluator(data: SweepData, sae: TopKSAE, device: torch.device | str = "cpu") -> Evaluator:
-    """An Evaluator of `sae` on the shared arrays, searching neighbours through the named FAISS actors."""
+def build_evaluator(
+    config: ExperimentConfig,
+    data: SweepData,
+    sae: TopKSAE,
+    device: torch.device | str = "cpu",
+    saes_by_block: list[TopKSAE] | None = None,
+) -> Evaluator:
+    """An Evaluator of `sae` at block `sae.layer` on the shared arrays, searching neighbours through the named
+    FAISS actors. Steering before the last block, or SAE_REC^A (`saes_by_block`), loads the CLIP model here
+    to run the remaining blocks on `device`."""
     search = None
     if data.retrieval_index is not None:
         from vs2ray.retrieval import RetrievalIndex
 
         search = RetrievalIndex(data.retrieval_index).search  # attaches to the running actors by name
-    pool, val, test = evaluation_splits(data, device)
+    layer = config.sae.layer
+    num_blocks = data.split.num_blocks
+    block = block_index(data.split.acts.manifest, layer)
+    run_block, token_blocks = None, set()
+    if block != num_blocks - 1:
+        token_blocks.add(block)
+    if saes_by_block:
+        token_blocks |= set(range(num_blocks)) if config.sae.tokens == "all" else {0}
+    if token_blocks:
+        run_block = block_runner(load_clip(config.model, device=device))
+    encoder = Encoder(block, num_blocks, run_block, config.sae.tokens == "all", saes_by_block or ())
+    pool, val, test = evaluation_splits(data, layer, device, tuple(sorted(token_blocks)))
     head = {name: _tensor(value).to(device) for name, value in data.head.items()}
-    return Evaluator(sae.to(device), head, _tensor(data.text_classifier).to(device), pool, val, test, search)
+    return Evaluator(sae.to(device), head, _tensor(data.text_classifier).to(device), pool, val, test, search, encoder)
 
 
 def zero_shot_evaluate(

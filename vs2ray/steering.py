@@ -1,9 +1,10 @@
 """Steering methods as pure tensor functions over cached [CLS] tokens (METHOD.md §1, §3, §4). Torch only.
 
-Every method maps last-block [CLS] tokens x (n, d) to steered tokens (or, for the
+Every method maps [CLS] tokens x (n, d) of a block to steered tokens (or, for the
 CLIP-space baselines, to embeddings), and every one ends in the same classification
 step: `normalize(ln_post(x) @ proj)` with the store's head, then `100 · e @ Tᵀ` with the
-store's text classifier T (classes, embed dim).
+store's text classifier T (classes, embed dim). Tokens steered at a block before the last
+first run through the remaining blocks of the real encoder (`finish_forward`, METHOD.md §8).
 
 VS2 with amplification γ and scale λ (α = λ(γ − 1)):
 
@@ -16,6 +17,7 @@ evaluated by computing W_dec c once and one normalisation per distinct α.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -51,6 +53,23 @@ def classify(cls_tokens: torch.Tensor, head: dict[str, torch.Tensor], text_class
     return logits_from_embeddings(apply_head(cls_tokens, head), text_classifier)
 
 
+RunBlock = Callable[[torch.Tensor, int], torch.Tensor]  # (tokens (n, T, d), block) -> that block's output
+
+
+def finish_forward(tokens_ntd: torch.Tensor, start: int, stop: int, run_block: RunBlock) -> torch.Tensor:
+    """Run blocks start … stop − 1 of the encoder on tokens (n, T, d); at start == stop, the tokens themselves."""
+    for block in range(start, stop):
+        tokens_ntd = run_block(tokens_ntd, block)
+    return tokens_ntd
+
+
+def with_cls(tokens_ntd: torch.Tensor, cls_tokens: torch.Tensor) -> torch.Tensor:
+    """A copy of tokens (n, T, d) whose [CLS] token (position 0) is `cls_tokens` (n, d)."""
+    replaced = tokens_ntd.clone()
+    replaced[:, 0] = cls_tokens
+    return replaced
+
+
 # ---------------------------------------------------------------- SAE-based methods
 
 
@@ -63,6 +82,23 @@ def norm_preserving(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def sae_rec_final(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
     """SAE_REC^F: x replaced by its reconstruction D(c): (n, d) -> (n, d)."""
     return sae(x)[0]
+
+
+def sae_rec_every_block(
+    first_tokens: torch.Tensor, saes: Sequence[TopKSAE], run_block: RunBlock, all_tokens: bool
+) -> torch.Tensor:
+    """SAE_REC^A: block 0's output tokens (n, T, d) through the whole encoder with every block's output
+    replaced by the reconstruction of that block's SAE (`saes[b]`, one per block, in order): the [CLS]
+    token only, or with `all_tokens` every token. Returns the last block's [CLS] tokens (n, d)."""
+    tokens = first_tokens
+    for block, sae in enumerate(saes):
+        if block > 0:
+            tokens = run_block(tokens, block)
+        if all_tokens:
+            tokens = sae(tokens.reshape(-1, tokens.shape[-1]))[0].reshape(tokens.shape)
+        else:
+            tokens = with_cls(tokens, sae(tokens[:, 0])[0])
+    return tokens[:, 0]
 
 
 def sae_rec_amplified(sae: TopKSAE, x: torch.Tensor, gamma: float) -> torch.Tensor:

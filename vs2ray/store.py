@@ -3,6 +3,7 @@
 Layout (DESIGN.md, "Activation store"):
 
     part-00000.parquet ...   one file per chunk of rows: id, label, cls_<layer>..., embedding
+                             (+ tokens_<layer>... with extraction.tokens: all, (tokens, width) each)
     manifest.json            inputs of the key, classes, rows, shapes, versions, failures, complete
     head.safetensors         ln_post.weight, ln_post.bias, proj of the vision tower
     classifier.safetensors   the zero-shot text classifier (classes × embed dim)
@@ -123,35 +124,53 @@ def column_shapes(store_dir: Path) -> dict[str, list[int]]:
 
 @dataclass
 class Activations:
-    """Arrays read from a store, sorted by id."""
+    """Arrays read from a store, sorted by id.
+
+    A stored column that was not loaded is read from `store_dir` on first use: all-token
+    columns are read this way where they are needed (a trial's block), never shipped through
+    Ray's object store with the rest.
+    """
 
     ids: np.ndarray  # (n,) int64
     labels: np.ndarray  # (n,) int32
-    columns: dict[str, np.ndarray]  # name -> (n, d) float32
+    columns: dict[str, np.ndarray]  # name -> (n, d) or (n, tokens, d) float32
     manifest: dict[str, Any]
+    store_dir: Path | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.columns and self.store_dir is not None and name in self.manifest.get("columns", {}):
+            self.columns[name] = _read_columns(self.store_dir, [name])[name]
         return self.columns[name]
 
 
-def cls_column(manifest: dict[str, Any], layer: int) -> str:
-    """Column name of `layer` (negative counts from the end of the encoder) in a store."""
+def block_index(manifest: dict[str, Any], layer: int) -> int:
+    """The block index of `layer` (negative counts from the end of the encoder)."""
     num_layers = manifest["model"]["num_layers"]
-    resolved = layer + num_layers if layer < 0 else layer
-    name = f"cls_{resolved}"
+    return layer + num_layers if layer < 0 else layer
+
+
+def cls_column(manifest: dict[str, Any], layer: int, prefix: str = "cls") -> str:
+    """Column name of `layer`'s [CLS] tokens (`prefix` "tokens": its every token) in a store."""
+    name = f"{prefix}_{block_index(manifest, layer)}"
     if name not in manifest["columns"]:
-        stored = sorted(c for c in manifest["columns"] if c.startswith("cls_"))
-        raise KeyError(f"layer {layer} ({name}) is not in this store; it holds {stored}")
+        stored = sorted(c for c in manifest["columns"] if c.startswith(f"{prefix}_"))
+        hint = " (extract with extraction.tokens: all)" if prefix == "tokens" else ""
+        raise KeyError(f"layer {layer} ({name}) is not in this store; it holds {stored}{hint}")
     return name
 
 
 def load_activations(
-    store_dir: str | Path, layers: Sequence[int] = (-1,), embedding: bool = True, retrieval: bool = False
+    store_dir: str | Path,
+    layers: Sequence[int] = (-1,),
+    embedding: bool = True,
+    retrieval: bool = False,
+    token_layers: Sequence[int] = (),
 ) -> Activations:
     """Read ids, labels and the asked-for columns of a complete store, sorted by id.
 
-    Only the columns asked for are read from the Parquet files: `cls_<layer>` for each of
-    `layers` (negative indices count from the last block), `embedding`, `retrieval`.
+    Only the columns asked for are read from the Parquet files: `cls_<layer>` (n, width) for
+    each of `layers` (negative indices count from the last block), `tokens_<layer>`
+    (n, tokens, width) for each of `token_layers`, `embedding`, `retrieval`.
     Raises StoreIncomplete for a store that is missing or was not finished.
     """
     store_dir = Path(store_dir).expanduser()
@@ -159,17 +178,20 @@ def load_activations(
     if not manifest or manifest.get("complete") is not True:
         raise StoreIncomplete(f"{store_dir} is not a complete activation store (run `python -m vs2ray.extract`)")
     names = [cls_column(manifest, layer) for layer in layers]
+    names += [cls_column(manifest, layer, "tokens") for layer in token_layers]
     names += ["embedding"] * embedding + ["retrieval"] * retrieval
-    files = sorted(str(p) for p in store_dir.glob("part-*.parquet"))
+    columns = _read_columns(store_dir, names)
+    return Activations(columns.pop("id"), columns.pop("label"), columns, manifest, store_dir)
+
+
+def _read_columns(store_dir: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """id, label and every tensor column of `names` from every part file, rows sorted by id."""
+    files = sorted(str(p) for p in Path(store_dir).glob("part-*.parquet"))
     table = pa.concat_tables([pq.read_table(f, columns=["id", "label", *names]) for f in files])
     order = np.argsort(table["id"].to_numpy(), kind="stable")
-    columns = {name: table[name].combine_chunks().to_numpy_ndarray()[order] for name in names}
-    return Activations(
-        ids=table["id"].to_numpy()[order],
-        labels=table["label"].to_numpy()[order],
-        columns=columns,
-        manifest=manifest,
-    )
+    columns = {name: table[name].to_numpy()[order] for name in ("id", "label")}
+    columns.update({name: table[name].combine_chunks().to_numpy_ndarray()[order] for name in names})
+    return columns
 
 
 # ---------------------------------------------------------------- SAE checkpoints

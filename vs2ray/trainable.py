@@ -24,6 +24,7 @@ from vs2ray.stages import (
     SAE_METRICS,
     SweepData,
     TrainedSAE,
+    block_saes,
     build_evaluator,
     get_or_train_sae,
     sae_params,
@@ -76,12 +77,16 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     started = time.perf_counter()
     config = config_with(validate_config(base_config, "sweep"), params)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    trained = get_or_train_sae(config, sae_params(config), data.split, log=print)
+    params = sae_params(config)
+    trained = get_or_train_sae(config, params, data.split, log=print)
+    every_block = block_saes(config, params, data.split, print) if "sae_rec_all" in config.steering.methods else None
     evaluation_started = time.perf_counter()
-    evaluator = build_evaluator(data, trained.sae, device)
+    evaluator = build_evaluator(config, data, trained.sae, device, every_block)
     results = evaluator.evaluate_all(config.steering.methods, steering_grid(config))
     metrics = trial_metrics(trained, results)
     metrics.update(
+        sae_block=evaluator.encoder.block,  # the block index, whatever way sae.layer was written
+        sae_tokens=config.sae.tokens,
         eval_seconds=time.perf_counter() - evaluation_started,
         trial_seconds=time.perf_counter() - started,
         node_id=ray.get_runtime_context().get_node_id(),

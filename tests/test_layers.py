@@ -1,0 +1,150 @@
+"""Steering inside the encoder (METHOD.md §8) on a real all-token store of the bundled model.
+
+The reference for every check is the real open_clip forward pass over the images, with
+forward hooks that change a block's output the way the method says; the Evaluator must
+reach the same logits from the cached tokens of that block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from vs2ray import steering
+from vs2ray.config import config_with, load_config
+from vs2ray.data import get_dataset
+from vs2ray.evaluate import Evaluator, Grid
+from vs2ray.models import encode_images, load_clip
+from vs2ray.sae import TopKSAE
+from vs2ray.stages import build_evaluator, evaluation_splits, prepare_data
+
+NUM_BLOCKS = 4  # vs2ray-tiny
+
+
+@pytest.fixture(scope="module")
+def world(ray_session, tmp_path_factory):
+    """Stores of 600 train / 300 test images with every token of every block, and the test images' pixels."""
+    config = load_config(
+        None,
+        [
+            f"storage.root={tmp_path_factory.mktemp('layers')}",
+            "dataset.sizes={train: 600, test: 300}",
+            "extraction.layers=[0, 1, 2, 3]",
+            "extraction.tokens=all",
+            "sae.layer={choice: [1, 3]}",
+            "sae.tokens=all",  # every block's tokens are loaded
+            "steering.methods=[zero_shot, sae_rec_final, vs2, sae_rec_all]",
+        ],
+    )
+    data = prepare_data(config)
+    bundle = load_clip(config.model, device="cpu")
+    dataset = get_dataset(config.dataset)
+    pixels = torch.stack([bundle.preprocess(dataset.load_image("test", r.ref)) for r in dataset.records("test")])
+    return config, data, bundle, pixels
+
+
+def random_sae(seed: int, d: int = 128, k: int = 16) -> TopKSAE:
+    torch.manual_seed(seed)
+    sae = TopKSAE(d, 4 * d, k)
+    with torch.no_grad():
+        sae.b_pre.normal_(0, 0.5)
+    return sae.eval()
+
+
+def identity_sae(d: int = 128) -> TopKSAE:
+    """An SAE whose reconstruction is x exactly: latents ±e_i, k = d keeps every positive part."""
+    sae = TopKSAE(d, 2 * d, d)
+    with torch.no_grad():
+        eye = torch.eye(d)
+        sae.W_enc.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_pre.zero_()
+    return sae.eval()
+
+
+@contextlib.contextmanager
+def edit_blocks(bundle, edits: dict[int, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Replace the output tokens (n, T, d) of each block in `edits` by edit(tokens) during forwards."""
+    blocks = bundle.model.visual.transformer.resblocks
+    handles = [blocks[b].register_forward_hook(lambda _m, _i, out, f=f: f(out)) for b, f in edits.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def model_logits(world, edits) -> torch.Tensor:
+    """Zero-shot logits of the real model over the test images with `edits` applied inside it."""
+    _, data, bundle, pixels = world
+    with edit_blocks(bundle, edits), torch.no_grad():
+        embeddings = encode_images(bundle, pixels)
+    return steering.logits_from_embeddings(embeddings, torch.from_numpy(data.text_classifier))
+
+
+def evaluator_at(world, layer: int, sae: TopKSAE, tokens: str = "cls", saes_by_block=None) -> Evaluator:
+    config, data, _, _ = world
+    config = config_with(config, {"sae.layer": layer, "sae.tokens": tokens})
+    return build_evaluator(config, data, sae, saes_by_block=saes_by_block)
+
+
+def vs2_rows(sae: TopKSAE, gamma: float, lam: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda rows: steering.vs2(sae, rows, gamma, lam)
+
+
+def test_each_block_of_the_runner_turns_stored_tokens_into_the_next_blocks_stored_tokens(world):
+    _, data, _, _ = world
+    evaluator = evaluator_at(world, 1, random_sae(0))
+    run_block = evaluator.encoder.run_block
+    _, _, test = evaluation_splits(data, 1, token_blocks=(0, 1, 2, 3))
+    for block in range(1, NUM_BLOCKS):
+        torch.testing.assert_close(run_block(test.tokens[block - 1], block), test.tokens[block], atol=2e-5, rtol=0)
+
+
+def test_final_block_steering_is_exactly_the_cached_path_and_the_real_model(world):
+    sae = random_sae(1)
+    at_last = evaluator_at(world, -1, sae)
+    assert at_last.encoder.run_block is None  # the last block needs no encoder: the cached path
+    cached = Evaluator(sae, at_last.head, at_last.classifier, at_last.pool, at_last.val, at_last.test, None, None)
+    grid = Grid(gammas=(1.5, 3.0), lambdas=(0.5, 2.1))
+    for method in ("zero_shot", "sae_rec_final", "vs2"):
+        assert at_last.evaluate(method, grid).test_top1 == cached.evaluate(method, grid).test_top1
+    steered, _ = at_last.logits("vs2", at_last.test, {"gamma": 3.0, "lambda": 2.1})
+    cls_vs2 = vs2_rows(sae, 3.0, 2.1)
+    expected = model_logits(world, {3: lambda out: steering.with_cls(out, cls_vs2(out[:, 0]))})
+    torch.testing.assert_close(steered, expected, atol=2e-3, rtol=0)
+    assert (steered.argmax(1) != at_last.logits("zero_shot", at_last.test, {})[0].argmax(1)).any()
+
+
+@pytest.mark.parametrize("tokens", ["cls", "all"])
+def test_mid_block_steering_equals_the_real_model_steered_at_that_block(world, tokens):
+    sae = random_sae(2)
+    evaluator = evaluator_at(world, 1, sae, tokens)
+    steered, _ = evaluator.logits("vs2", evaluator.test, {"gamma": 3.0, "lambda": 2.1})
+    rows = vs2_rows(sae, 3.0, 2.1)
+    if tokens == "all":
+        edit = lambda out: rows(out.reshape(-1, out.shape[-1])).reshape(out.shape)  # noqa: E731
+    else:
+        edit = lambda out: steering.with_cls(out, rows(out[:, 0]))  # noqa: E731
+    torch.testing.assert_close(steered, model_logits(world, {1: edit}), atol=2e-3, rtol=0)
+    zero_shot, _ = evaluator.logits("zero_shot", evaluator.test, {})
+    torch.testing.assert_close(zero_shot, model_logits(world, {}), atol=2e-3, rtol=0)
+    assert (steered.argmax(1) != zero_shot.argmax(1)).float().mean() > 0.02  # the edit did reach the output
+
+
+def test_sae_rec_all_with_identity_saes_is_zero_shot_and_otherwise_the_real_model_reconstructed(world):
+    evaluator = evaluator_at(world, -1, random_sae(3), saes_by_block=[identity_sae()] * NUM_BLOCKS)
+    reconstructed, _ = evaluator.logits("sae_rec_all", evaluator.test, {})
+    zero_shot, _ = evaluator.logits("zero_shot", evaluator.test, {})
+    torch.testing.assert_close(reconstructed, zero_shot, atol=2e-3, rtol=0)
+    assert torch.equal(reconstructed.argmax(1), zero_shot.argmax(1))
+
+    saes = [random_sae(10 + block) for block in range(NUM_BLOCKS)]
+    evaluator = evaluator_at(world, -1, saes[-1], saes_by_block=saes)
+    edits = {b: lambda out, s=sae: steering.with_cls(out, s(out[:, 0]).reconstruction) for b, sae in enumerate(saes)}
+    reconstructed, _ = evaluator.logits("sae_rec_all", evaluator.test, {})
+    torch.testing.assert_close(reconstructed, model_logits(world, edits), atol=2e-3, rtol=0)
+    assert not torch.equal(reconstructed.argmax(1), zero_shot.argmax(1))
