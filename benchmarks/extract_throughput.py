@@ -21,7 +21,7 @@ import torch
 
 from vs2ray.config import load_config
 from vs2ray.data import get_dataset
-from vs2ray.models import capture_cls, encode_images, load_clip, resolve_layers
+from vs2ray.models import capture_blocks, encode_images, load_clip, resolve_layers
 
 
 def plain_loop(config, split: str, images: int, device: str) -> dict[str, float]:
@@ -38,7 +38,7 @@ def plain_loop(config, split: str, images: int, device: str) -> dict[str, float]
             [bundle.preprocess(dataset.load_image(split, r.ref)) for r in records[start : start + batch]]
         )
         decoded = time.perf_counter()
-        with torch.no_grad(), capture_cls(bundle, layers) as captured:
+        with torch.no_grad(), capture_blocks(bundle, layers) as captured:
             embedding = encode_images(bundle, pixels)
             _ = [captured[layer].cpu() for layer in layers], embedding.cpu()
         if device == "cuda":
@@ -55,7 +55,7 @@ def encoder_only(config, images: int, device: str, repeats: int = 3) -> float:
     size = bundle.model.visual.image_size
     pixels = torch.randn(config.extraction.batch_size, 3, *size, device=device)
     layers = resolve_layers(bundle, config.extraction.layers)
-    with torch.no_grad(), capture_cls(bundle, layers):
+    with torch.no_grad(), capture_blocks(bundle, layers):
         encode_images(bundle, pixels)  # warm-up
         best = float("inf")
         for _ in range(repeats):

@@ -53,7 +53,9 @@ def main() -> None:
             training = "cached" if trained.cache_hit else f"{trained.metrics['train_seconds']:.1f}"
             rows.append((block, tokens, training, seconds, 1e3 * seconds / (images * settings), seconds / baseline))
             print(f"  block {block} {tokens}: {seconds:.1f} s", flush=True)
-    print(f"\n{'block':>5} {'tokens':>6} {'SAE train s':>11} {'eval s':>7} {'ms/image/setting':>16} {'× last [CLS]':>12}")
+    header = f"{'block':>5} {'tokens':>6} {'SAE train s':>11} {'eval s':>7} {'ms/image/setting':>16}"
+    header += f" {'× last [CLS]':>12}"
+    print(f"\n{header}")
     for block, tokens, training, seconds, per_image, ratio in rows:
         print(f"{block:>5} {tokens:>6} {training:>11} {seconds:>7.1f} {per_image:>16.4f} {ratio:>12.1f}")
 

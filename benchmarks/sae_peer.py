@@ -1,0 +1,133 @@
+"""vs2ray's top-k SAE against EleutherAI sparsify's SparseCoder (the trainer the VS2 paper used), same rows.
+
+    pip install -e '.[cpu,dev,bench]'      # the bench extra installs eai-sparsify
+    SPARSIFY_DISABLE_TRITON=1 python benchmarks/sae_peer.py [--config sweeps/quickstart.yaml]
+        [--steps 1000] [--batch-size 1024] [--shapes 32x4,64x4,32x8] [--init linear|tied]
+
+Both train on the config's train-split [CLS] rows minus its validation rows (18,000 on the
+quickstart), see the same batches in the same order, and share the learning rate, its linear
+warm-up and decay, Adam, the AuxK loss (weight `sae.auxk_coef`, d/2 latents, dead after
+`sae.dead_threshold` samples without firing), b_pre / b_dec at the data mean, unit-norm decoder
+rows and the decoder-gradient projection: sparsify's training step, written out here because
+its Trainer hooks a Hugging Face model. What differs is each library's own SAE: vs2ray's
+`train_sae` (with `--init`, the initialisation being compared) against `sparsify.SparseCoder`
+(nn.Linear's initialisation, an encoder bias). Printed per (k, expansion): held-out FVU (one
+shared function, on the validation rows), dead fraction, L0, samples/s, and the ratios
+vs2ray / sparsify. Targets (issue 16): FVU ratio ≤ 1.0, samples/s ratio ≥ 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from vs2ray.config import load_config
+from vs2ray.sae import SAETrainParams, lr_factor, train_sae
+from vs2ray.stages import load_train_split
+
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's fused kernels need a GPU
+
+
+@torch.no_grad()
+def held_out_fvu(reconstruct, x: torch.Tensor) -> float:
+    """FVU = ‖X − X̂‖² / ‖X − mean(X)‖² over all held-out rows, the one definition both SAEs are scored with."""
+    x_hat = torch.cat([reconstruct(chunk) for chunk in x.split(4096)])
+    return ((x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()).item()
+
+
+def train_sparsify(x: torch.Tensor, params: SAETrainParams) -> tuple[object, float]:
+    """sparsify's SparseCoder trained with its Trainer's step on `x` (N, d); returns (coder, seconds)."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(params.seed)
+    n, d = x.shape
+    coder = SparseCoder(d, SparseCoderConfig(expansion_factor=params.expansion, k=params.k))
+    with torch.no_grad():
+        coder.b_dec.copy_(x.mean(dim=0))
+    adam = torch.optim.Adam(coder.parameters(), lr=params.lr, eps=6.25e-10)
+    since_fired = torch.zeros(coder.num_latents, dtype=torch.long)
+    generator = torch.Generator().manual_seed(params.seed)  # the batches vs2ray's train_sae draws
+    order, cursor = torch.randperm(n, generator=generator), 0
+    started = time.perf_counter()
+    for step in range(params.steps):
+        if cursor + params.batch_size > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        batch = x[order[cursor : cursor + params.batch_size]]
+        cursor += params.batch_size
+        for group in adam.param_groups:
+            group["lr"] = params.lr * lr_factor(step, params)
+        out = coder(batch, dead_mask=since_fired > params.dead_threshold)
+        loss = out.fvu + params.auxk_coef * out.auxk_loss
+        adam.zero_grad(set_to_none=True)
+        loss.backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        adam.step()
+        coder.set_decoder_norm_to_unit_norm()
+        since_fired += len(batch)
+        since_fired[out.latent_indices[out.latent_acts > 0].flatten()] = 0
+    return coder, time.perf_counter() - started
+
+
+@torch.no_grad()
+def sparsify_stats(coder, x: torch.Tensor) -> tuple[float, float]:
+    """(L0, dead fraction: latents that never fire) of a SparseCoder on `x`."""
+    fired = torch.zeros(coder.num_latents, dtype=torch.bool)
+    active = 0.0
+    for chunk in x.split(4096):
+        encoded = coder.encode(chunk)
+        live = encoded.top_acts > 0
+        fired[encoded.top_indices[live]] = True
+        active += live.sum().item()
+    return active / len(x), 1.0 - fired.float().mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="sweeps/quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--shapes", default="32x4,64x4,32x8", help="k x expansion pairs")
+    parser.add_argument("--init", default="linear", choices=["linear", "tied"], help="vs2ray's initialisation")
+    args = parser.parse_args()
+
+    config = load_config(args.config, ["sae.k=64", "sae.expansion=4", "pass.w_aux=0"])
+    split = load_train_split(config, print)
+    cls = torch.from_numpy(split.acts[split.column(-1)].copy())
+    train, held_out = cls[torch.from_numpy(split.train_mask)], cls[torch.from_numpy(split.val_mask)]
+    print(f"{len(train)} training rows, {len(held_out)} held out, d = {cls.shape[1]}")
+    print(f"torch threads {torch.get_num_threads()}")
+    header = f"{'k':>4} {'exp':>4} {'trainer':>8} {'held-out FVU':>12} {'dead':>6} {'L0':>6} {'samples/s':>10}"
+    rows = []
+    for shape in args.shapes.split(","):
+        k, expansion = (int(v) for v in shape.split("x"))
+        params = SAETrainParams(
+            k=k, expansion=expansion, lr=args.lr, steps=args.steps, batch_size=args.batch_size, seed=config.seed,
+            warmup_steps=config.sae.warmup_steps, dead_threshold=config.sae.dead_threshold,
+            auxk_coef=config.sae.auxk_coef, init=args.init,
+        )  # fmt: skip
+        ours = train_sae(train, params, device="cpu")
+        ours_fvu = held_out_fvu(lambda chunk, sae=ours.sae: sae(chunk).reconstruction, held_out)
+        ours_rate = ours.metrics["samples_per_second"]
+        coder, seconds = train_sparsify(train, params)
+        theirs_fvu = held_out_fvu(lambda chunk, coder=coder: coder(chunk).sae_out, held_out)
+        theirs_l0, theirs_dead = sparsify_stats(coder, train)
+        theirs_rate = params.steps * params.batch_size / seconds
+        rows.append((k, expansion, "vs2ray", ours_fvu, ours.metrics["dead_fraction"], ours.metrics["l0"], ours_rate))
+        rows.append((k, expansion, "sparsify", theirs_fvu, theirs_dead, theirs_l0, theirs_rate))
+        rows.append((k, expansion, "ratio", ours_fvu / theirs_fvu, None, None, ours_rate / theirs_rate))
+        print(f"  k={k} expansion={expansion}: FVU {ours_fvu:.4f} vs {theirs_fvu:.4f}", flush=True)
+    print(f"\nvs2ray init: {args.init}; {args.steps} steps of {args.batch_size}, lr {args.lr}\n{header}")
+    for k, expansion, trainer, fvu, dead, l0, rate in rows:
+        dead_text = f"{dead:6.3f}" if dead is not None else " " * 6
+        l0_text = f"{l0:6.1f}" if l0 is not None else " " * 6
+        fvu_text = f"{fvu:12.4f}" if trainer != "ratio" else f"{fvu:11.2f}×"
+        rate_text = f"{rate:10.0f}" if trainer != "ratio" else f"{rate:9.2f}×"
+        print(f"{k:>4} {expansion:>4} {trainer:>8} {fvu_text} {dead_text} {l0_text} {rate_text}")
+
+
+if __name__ == "__main__":
+    main()
