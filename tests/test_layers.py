@@ -26,12 +26,12 @@ NUM_BLOCKS = 4  # vs2ray-tiny
 
 @pytest.fixture(scope="module")
 def world(ray_session, tmp_path_factory):
-    """Stores of 600 train / 300 test images with every token of every block, and the test images' pixels."""
+    """Stores of 300 train / 300 test images with every token of every block, and the test images' pixels."""
     config = load_config(
         None,
         [
             f"storage.root={tmp_path_factory.mktemp('layers')}",
-            "dataset.sizes={train: 600, test: 300}",
+            "dataset.sizes={train: 300, test: 300}",
             "extraction.layers=[0, 1, 2, 3]",
             "extraction.tokens=all",
             "sae.layer={choice: [1, 3]}",

@@ -48,7 +48,9 @@ def run_sweep(storage: Path, address: str, name: str, *assignments: str, extra: 
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def test_invalid_sweeps_fail_before_ray_starts_and_name_the_key(tmp_path):
+def test_invalid_sweeps_fail_before_ray_starts_and_name_the_key(tmp_path, capsys):
+    from vs2ray.cli import main
+
     cases = {
         "search.metric=val_top1_vs3": "search.metric: 'val_top1_vs3' is not reported",
         "search.points_to_evaluate=[{sae.k: 12, sae.expansion: 4, pass.w_aux: 0.0, steering.gamma: 1.5, "
@@ -57,12 +59,12 @@ def test_invalid_sweeps_fail_before_ray_starts_and_name_the_key(tmp_path):
         "sae.k={choice: []}": "sae.k: choice needs a non-empty list",
         "search.sampler=grid": "search.sampler: got 'grid'",
     }
-    for assignment, expected in cases.items():
-        command = cli_command("vs2ray.sweep", assignments=(f"storage.root={tmp_path}", assignment))
-        output = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        assert output.returncode == 2, (assignment, output.stderr[-2000:])
-        assert expected in output.stderr, (assignment, output.stderr)
-        assert "Traceback" not in output.stderr and "Ray" not in output.stdout + output.stderr
+    for assignment, expected in cases.items():  # in-process: the CLI's own entry point, as `python -m vs2ray sweep`
+        code = main(["sweep", "--set", f"storage.root={tmp_path}", "--set", assignment])
+        output = capsys.readouterr()
+        assert code == 2, (assignment, output.err[-2000:])
+        assert expected in output.err, (assignment, output.err)
+        assert "Traceback" not in output.err and "Ray" not in output.out + output.err
     assert not (tmp_path / "experiments").exists() and not (tmp_path / "activations").exists()
 
 
@@ -330,6 +332,8 @@ def test_a_two_block_sweep_shares_each_blocks_sae_and_reports_by_block(storage, 
         storage,
         address,
         "layers",
+        "dataset.sizes={train: 1000, test: 500}",
+        "retrieval.space=clip",  # no method here searches neighbours
         "extraction.layers=[1, -1]",
         "extraction.tokens=all",
         "sae.layer={choice: [1, -1]}",
