@@ -2,7 +2,7 @@
 
     pip install -e '.[cpu,dev,bench]'      # the bench extra installs eai-sparsify
     SPARSIFY_DISABLE_TRITON=1 python benchmarks/sae_peer.py [--config sweeps/quickstart.yaml]
-        [--steps 1000] [--batch-size 1024] [--shapes 32x4,64x4,32x8] [--init linear|tied]
+        [--steps 1000] [--batch-size 1024] [--shapes 32x4,64x4,32x8] [--seeds 0,1,2] [--init linear|tied]
 
 Both train on the config's train-split [CLS] rows minus its validation rows (18,000 on the
 quickstart), see the same batches in the same order, and share the learning rate, its linear
@@ -12,8 +12,10 @@ rows and the decoder-gradient projection: sparsify's training step, written out 
 its Trainer hooks a Hugging Face model. What differs is each library's own SAE: vs2ray's
 `train_sae` (with `--init`, the initialisation being compared) against `sparsify.SparseCoder`
 (nn.Linear's initialisation, an encoder bias). Printed per (k, expansion): held-out FVU (one
-shared function, on the validation rows), dead fraction, L0, samples/s, and the ratios
-vs2ray / sparsify. Targets (issue 16): FVU ratio ≤ 1.0, samples/s ratio ≥ 1.0.
+shared function, on the validation rows), dead fraction, L0, samples/s — each the mean over
+`--seeds` (the seed draws both SAEs' initial weights and the batch order) — and the ratios
+vs2ray / sparsify, with the range of the per-seed FVU ratios. Targets (issue 16): FVU ratio ≤ 1.0,
+samples/s ratio ≥ 1.0.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--shapes", default="32x4,64x4,32x8", help="k x expansion pairs")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds to average over")
     parser.add_argument("--init", default="linear", choices=["linear", "tied"], help="vs2ray's initialisation")
     args = parser.parse_args()
 
@@ -100,33 +103,38 @@ def main() -> None:
     train, held_out = cls[torch.from_numpy(split.train_mask)], cls[torch.from_numpy(split.val_mask)]
     print(f"{len(train)} training rows, {len(held_out)} held out, d = {cls.shape[1]}")
     print(f"torch threads {torch.get_num_threads()}")
-    header = f"{'k':>4} {'exp':>4} {'trainer':>8} {'held-out FVU':>12} {'dead':>6} {'L0':>6} {'samples/s':>10}"
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     rows = []
     for shape in args.shapes.split(","):
         k, expansion = (int(v) for v in shape.split("x"))
-        params = SAETrainParams(
-            k=k, expansion=expansion, lr=args.lr, steps=args.steps, batch_size=args.batch_size, seed=config.seed,
-            warmup_steps=config.sae.warmup_steps, dead_threshold=config.sae.dead_threshold,
-            auxk_coef=config.sae.auxk_coef, init=args.init,
-        )  # fmt: skip
-        ours = train_sae(train, params, device="cpu")
-        ours_fvu = held_out_fvu(lambda chunk, sae=ours.sae: sae(chunk).reconstruction, held_out)
-        ours_rate = ours.metrics["samples_per_second"]
-        coder, seconds = train_sparsify(train, params)
-        theirs_fvu = held_out_fvu(lambda chunk, coder=coder: coder(chunk).sae_out, held_out)
-        theirs_l0, theirs_dead = sparsify_stats(coder, train)
-        theirs_rate = params.steps * params.batch_size / seconds
-        rows.append((k, expansion, "vs2ray", ours_fvu, ours.metrics["dead_fraction"], ours.metrics["l0"], ours_rate))
-        rows.append((k, expansion, "sparsify", theirs_fvu, theirs_dead, theirs_l0, theirs_rate))
-        rows.append((k, expansion, "ratio", ours_fvu / theirs_fvu, None, None, ours_rate / theirs_rate))
-        print(f"  k={k} expansion={expansion}: FVU {ours_fvu:.4f} vs {theirs_fvu:.4f}", flush=True)
-    print(f"\nvs2ray init: {args.init}; {args.steps} steps of {args.batch_size}, lr {args.lr}\n{header}")
+        ours, theirs = [], []  # per seed: (FVU, dead, L0, samples/s)
+        for seed in seeds:
+            params = SAETrainParams(
+                k=k, expansion=expansion, lr=args.lr, steps=args.steps, batch_size=args.batch_size, seed=seed,
+                warmup_steps=config.sae.warmup_steps, dead_threshold=config.sae.dead_threshold,
+                auxk_coef=config.sae.auxk_coef, init=args.init,
+            )  # fmt: skip
+            trained = train_sae(train, params, device="cpu")
+            fvu = held_out_fvu(lambda chunk, sae=trained.sae: sae(chunk).reconstruction, held_out)
+            metrics = trained.metrics
+            ours.append((fvu, metrics["dead_fraction"], metrics["l0"], metrics["samples_per_second"]))
+            coder, seconds = train_sparsify(train, params)
+            fvu = held_out_fvu(lambda chunk, coder=coder: coder(chunk).sae_out, held_out)
+            l0, dead = sparsify_stats(coder, train)
+            theirs.append((fvu, dead, l0, params.steps * params.batch_size / seconds))
+            print(f"  k={k} expansion={expansion} seed={seed}: FVU {ours[-1][0]:.4f} vs {fvu:.4f}", flush=True)
+        mine, peer = torch.tensor(ours).mean(dim=0).tolist(), torch.tensor(theirs).mean(dim=0).tolist()
+        per_seed = [o[0] / t[0] for o, t in zip(ours, theirs, strict=True)]
+        rows += [(k, expansion, "vs2ray", *mine), (k, expansion, "sparsify", *peer)]
+        rows.append((k, expansion, "ratio", mine[0] / peer[0], min(per_seed), max(per_seed), mine[3] / peer[3]))
+    print(f"\nvs2ray init: {args.init}; {args.steps} steps of {args.batch_size}, lr {args.lr}, seeds {seeds}")
+    print(f"{'k':>4} {'exp':>4} {'trainer':>8} {'held-out FVU':>12} {'dead':>6} {'L0':>6} {'samples/s':>10}")
     for k, expansion, trainer, fvu, dead, l0, rate in rows:
-        dead_text = f"{dead:6.3f}" if dead is not None else " " * 6
-        l0_text = f"{l0:6.1f}" if l0 is not None else " " * 6
-        fvu_text = f"{fvu:12.4f}" if trainer != "ratio" else f"{fvu:11.2f}×"
-        rate_text = f"{rate:10.0f}" if trainer != "ratio" else f"{rate:9.2f}×"
-        print(f"{k:>4} {expansion:>4} {trainer:>8} {fvu_text} {dead_text} {l0_text} {rate_text}")
+        if trainer == "ratio":  # dead and L0 hold the smallest and largest per-seed FVU ratio
+            spread = f"per seed {dead:.3f}–{l0:.3f}"
+            print(f"{k:>4} {expansion:>4} {trainer:>8} {fvu:11.3f}× {'':>13} {rate:9.2f}×   {spread}")
+        else:
+            print(f"{k:>4} {expansion:>4} {trainer:>8} {fvu:12.4f} {dead:6.3f} {l0:6.1f} {rate:10.0f}")
 
 
 if __name__ == "__main__":

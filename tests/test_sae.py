@@ -67,6 +67,25 @@ def test_encode_decode_shapes_and_sparse_dense_agree():
     assert x_hat.shape == (7, 16)
 
 
+def test_initialisations_linear_is_sparsifys_and_tied_copies_the_decoder():
+    torch.manual_seed(0)
+    linear = TopKSAE(d=128, n_latents=512, k=8)
+    reference = torch.nn.Linear(128, 512)  # what sparsify's SparseCoder starts its encoder from
+    torch.manual_seed(0)
+    reference.reset_parameters()
+    torch.manual_seed(0)
+    torch.testing.assert_close(TopKSAE(d=128, n_latents=512, k=8).W_enc, reference.weight)
+    assert 0.55 < linear.W_enc.norm(dim=1).mean().item() < 0.61  # nn.Linear's rows: norm ≈ 1/√3
+    torch.testing.assert_close(linear.W_dec, linear.W_enc / linear.W_enc.norm(dim=1, keepdim=True))
+    tied = TopKSAE(d=128, n_latents=512, k=8, init="tied")
+    assert torch.equal(tied.W_enc, tied.W_dec)
+    torch.testing.assert_close(tied.W_dec.norm(dim=1), torch.ones(512))
+    with pytest.raises(ValueError, match=r"sae\.init must be 'linear' or 'tied'"):
+        TopKSAE(d=4, n_latents=8, k=2, init="zeros")
+    # the initialisation is a training parameter, so an SAE of the other start is never reused from the cache
+    assert SAETrainParams().as_dict()["init"] == "linear" and SAETrainParams(init="tied").as_dict()["init"] == "tied"
+
+
 def test_topk_variants_keep_largest_values_or_largest_magnitudes():
     sae = TopKSAE(d=3, n_latents=4, k=2, topk="relu")
     pre = torch.tensor([[3.0, -5.0, 1.0, 2.0]])

@@ -211,6 +211,9 @@ class SAEConfig(Section):
     k: PositiveInt = 64
     expansion: PositiveInt = 4
     topk: Literal["relu", "abs"] = Field("relu", description="relu: Gao et al.; abs: largest |value| (paper)")
+    init: Literal["linear", "tied"] = Field(
+        "linear", description="linear: sparsify's initialisation; tied: encoder = the unit-norm decoder"
+    )
     lr: PositiveFloat = 5e-4
     lr_scale_with_width: bool = False
     warmup_steps: int = Field(100, ge=0)

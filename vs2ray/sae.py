@@ -33,6 +33,7 @@ from torch import nn
 from vs2ray.store import write_json, write_tensors
 
 TopKMode = Literal["relu", "abs"]
+SAEInit = Literal["linear", "tied"]  # sparsify's initialisation, or the encoder tied to the decoder
 SAE_FORMAT = 1  # checkpoint layout version, in config.json; a checkpoint of another version is refused
 SAE_FILES = ("sae.safetensors", "config.json", "metrics.json")  # metrics.json is written last
 
@@ -70,19 +71,28 @@ DENSE_FIRING_RATE = 0.1  # a latent firing on more than this share of samples co
 class TopKSAE(nn.Module):
     """Top-k SAE with a pre-encoder bias `b_pre` and unit-norm decoder rows."""
 
-    def __init__(self, d: int, n_latents: int, k: int, topk: TopKMode = "relu") -> None:
+    def __init__(self, d: int, n_latents: int, k: int, topk: TopKMode = "relu", init: SAEInit = "linear") -> None:
         super().__init__()
         if not 1 <= k <= n_latents:
             raise ValueError(f"sae.k must be in [1, n_latents={n_latents}] (expansion × d), got {k}")
         if topk not in ("relu", "abs"):
             raise ValueError(f"sae.topk must be 'relu' or 'abs', got {topk!r}")
+        if init not in ("linear", "tied"):
+            raise ValueError(f"sae.init must be 'linear' or 'tied', got {init!r}")
         self.d, self.n_latents, self.k, self.topk = d, n_latents, k, topk
         self.b_pre = nn.Parameter(torch.zeros(d))
-        self.W_dec = nn.Parameter(torch.randn(n_latents, d))
         self.W_enc = nn.Parameter(torch.empty(n_latents, d))
-        self.normalize_decoder()
-        with torch.no_grad():
-            self.W_enc.copy_(self.W_dec)  # tied initialisation (Gao et al.)
+        if init == "linear":
+            # sparsify's start: nn.Linear's default encoder (rows of norm ≈ 1/√3), the decoder its normalised copy.
+            # Its smaller encoder scale trains to a lower FVU than the tied start (benchmarks/sae_peer.py).
+            nn.init.kaiming_uniform_(self.W_enc, a=math.sqrt(5))
+            self.W_dec = nn.Parameter(self.W_enc.detach().clone())
+            self.normalize_decoder()
+        else:  # "tied": the encoder an exact copy of the unit-norm decoder (Gao et al.; vs2ray before sae.init)
+            self.W_dec = nn.Parameter(torch.randn(n_latents, d))
+            self.normalize_decoder()
+            with torch.no_grad():
+                self.W_enc.copy_(self.W_dec)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -190,6 +200,7 @@ class SAETrainParams:
     auxk_k: int | None = None
     w_aux: float = 0.0
     pass_momentum: float = 0.9
+    init: SAEInit = "linear"
     seed: int = 0
 
     def as_dict(self) -> dict:
@@ -303,7 +314,7 @@ def train_sae(
     if params.epochs is not None:
         params = SAETrainParams(**{**params.as_dict(), "steps": math.ceil(params.epochs * n / params.batch_size)})
     n_latents = params.expansion * d
-    sae = TopKSAE(d, n_latents, params.k, params.topk).to(device)
+    sae = TopKSAE(d, n_latents, params.k, params.topk, params.init).to(device)
     data = acts.to(device=device, dtype=torch.float32)
     with torch.no_grad():
         if init is not None:

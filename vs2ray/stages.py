@@ -62,6 +62,7 @@ def sae_params(config: ExperimentConfig) -> SAETrainParams:
         k=config.sae.k,
         expansion=config.sae.expansion,
         topk=config.sae.topk,
+        init=config.sae.init,
         lr=config.sae.lr,
         lr_scale_with_width=config.sae.lr_scale_with_width,
         warmup_steps=config.sae.warmup_steps,
