@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vs2ray.sae import SAETrainParams, TopKSAE, evaluate_sae, fvu, per_sample_fvu, train_sae
+from vs2ray.sae import SAETrainParams, TopKSAE, auxk_loss, evaluate_sae, fvu, per_sample_fvu, train_sae
 
 
 def planted(num_atoms: int = 64, d: int = 32, active: int = 4, n: int = 20_000, seed: int = 0, classes: int = 0):
@@ -163,24 +163,23 @@ def test_fvu_definitions():
     torch.testing.assert_close(per_sample[3], ((x_hat[3] - x[3]) ** 2).sum() / ((x[3] - x.mean(0)) ** 2).sum())
 
 
-def test_auxk_revives_latents_that_top_k_alone_leaves_dead():
-    # 64 latents for 64 planted atoms; knock out half of them (tiny encoder rows) and keep
-    # training. Top-k alone never selects them again, so they get no gradient: measured
-    # dead fraction 0.41 and FVU 0.27. AuxK trains them on the residual until they win
-    # top-k slots: measured dead 0.03, FVU 0.09.
-    x, _, _ = planted()
-    base = SAETrainParams(k=4, expansion=2, steps=600, batch_size=512, lr=2e-3, warmup_steps=20, auxk_coef=0.0)
-    sae = train_sae(x, base, device="cpu").sae
-    with torch.no_grad():
-        sae.W_enc[:32] = 0.05 * torch.randn(32, 32, generator=torch.Generator().manual_seed(1))
-    resumed = {"steps": 800, "dead_threshold": 5000}
-    without = train_sae(x, SAETrainParams(**{**base.as_dict(), **resumed}), device="cpu", init=sae)
-    with_auxk = train_sae(
-        x, SAETrainParams(**{**base.as_dict(), **resumed, "auxk_coef": 1 / 32}), device="cpu", init=sae
-    )
-    assert without.metrics["dead_fraction"] > 0.25
-    assert with_auxk.metrics["dead_fraction"] < without.metrics["dead_fraction"] / 3
-    assert with_auxk.metrics["fvu"] < without.metrics["fvu"] - 0.1
+def test_auxk_trains_the_dead_latents_decoder_rows_on_the_residual_and_nothing_else():
+    # sparsify's AuxK (its fused encoder's backward drops the pre-activations' gradient): the loss moves
+    # only the decoder rows of the top dead latents, toward the residual of the live ones
+    torch.manual_seed(0)
+    sae = TopKSAE(d=8, n_latents=16, k=2)
+    x = torch.randn(64, 8)
+    pre = sae.pre_activations(x)
+    values, indices = sae.select(pre)
+    residual = (x - sae.decode(values, indices)).detach()
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[3, 7, 11]] = True
+    loss = auxk_loss(sae, pre, residual, dead, auxk_k=4, total_variance=(x - x.mean(0)).pow(2).sum())
+    loss.backward()
+    assert sae.W_enc.grad is None or not sae.W_enc.grad.any()
+    assert sae.b_enc.grad is None or not sae.b_enc.grad.any()
+    moved = sae.W_dec.grad.abs().sum(dim=1) > 0
+    assert moved[[3, 7, 11]].any() and not moved[~dead].any()
 
 
 def test_checkpoint_round_trip_and_clear_errors(tmp_path):
@@ -197,16 +196,28 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     assert directory == sae_dir_for(tmp_path, "acts-key", dict(reversed(params.as_dict().items())))
     result.sae.save(directory, {**params.as_dict(), "activation_key": "acts-key"}, result.metrics)
     loaded = TopKSAE.load(directory, expected_d=32)
-    assert isinstance(loaded, SAECheckpoint) and loaded.config["format"] == 1 and loaded.config["n_latents"] == 64
+    assert isinstance(loaded, SAECheckpoint) and loaded.config["format"] == 2 and loaded.config["n_latents"] == 64
     output = loaded.sae(x[:50])
     assert isinstance(output, SAEOutput) and output.values.shape == (50, 4)
     torch.testing.assert_close(output.reconstruction, result.sae(x[:50]).reconstruction)
     assert loaded.metrics["fvu"] == pytest.approx(result.metrics["fvu"])
     with pytest.raises(CheckpointError, match="trained on d=32 activations, not d=768"):
         TopKSAE.load(directory, expected_d=768)
+    assert result.sae.b_enc.abs().sum() > 0  # the encoder bias is trained ...
+    frozen = train_sae(x, SAETrainParams(**{**params.as_dict(), "encoder_bias": False}), device="cpu")
+    assert not frozen.sae.b_enc.any()  # ... or held at zero: METHOD.md's encoder exactly
+
+    from safetensors.torch import load_file, save_file
+
     config = json.loads((directory / "config.json").read_text())
+    old = {n: t for n, t in load_file(directory / "sae.safetensors").items() if n != "b_enc"}
+    save_file(old, directory / "sae.safetensors")  # a format-1 checkpoint had no encoder bias
+    (directory / "config.json").write_text(json.dumps({**config, "format": 1}))
+    legacy = TopKSAE.load(directory).sae
+    assert not legacy.b_enc.any() and not legacy.b_enc.requires_grad
+    torch.testing.assert_close(legacy.W_enc, result.sae.W_enc)
     (directory / "config.json").write_text(json.dumps({**config, "format": 0}))  # written by another version
-    with pytest.raises(CheckpointError, match="has format 0; this vs2ray reads format 1"):
+    with pytest.raises(CheckpointError, match="has format 0; this vs2ray reads formats 1, 2"):
         TopKSAE.load(directory)
     (directory / "metrics.json").unlink()  # as if training had been interrupted before the end
     with pytest.raises(CheckpointError, match=r"incomplete: missing metrics\.json"):

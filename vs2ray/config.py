@@ -214,6 +214,7 @@ class SAEConfig(Section):
     init: Literal["linear", "tied"] = Field(
         "linear", description="linear: sparsify's initialisation; tied: encoder = the unit-norm decoder"
     )
+    encoder_bias: bool = Field(True, description="a trained encoder bias b_enc, as sparsify's SAEs have")
     lr: PositiveFloat = 5e-4
     lr_scale_with_width: bool = False
     warmup_steps: int = Field(100, ge=0)

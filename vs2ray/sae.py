@@ -34,7 +34,8 @@ from vs2ray.store import write_json, write_tensors
 
 TopKMode = Literal["relu", "abs"]
 SAEInit = Literal["linear", "tied"]  # sparsify's initialisation, or the encoder tied to the decoder
-SAE_FORMAT = 1  # checkpoint layout version, in config.json; a checkpoint of another version is refused
+SAE_FORMAT = 2  # checkpoint layout version, in config.json; a checkpoint of another version is refused
+READABLE_FORMATS = (1, 2)  # format 1 had no encoder bias: it reads as b_enc = 0
 SAE_FILES = ("sae.safetensors", "config.json", "metrics.json")  # metrics.json is written last
 
 
@@ -71,7 +72,15 @@ DENSE_FIRING_RATE = 0.1  # a latent firing on more than this share of samples co
 class TopKSAE(nn.Module):
     """Top-k SAE with a pre-encoder bias `b_pre` and unit-norm decoder rows."""
 
-    def __init__(self, d: int, n_latents: int, k: int, topk: TopKMode = "relu", init: SAEInit = "linear") -> None:
+    def __init__(
+        self,
+        d: int,
+        n_latents: int,
+        k: int,
+        topk: TopKMode = "relu",
+        init: SAEInit = "linear",
+        encoder_bias: bool = True,
+    ) -> None:
         super().__init__()
         if not 1 <= k <= n_latents:
             raise ValueError(f"sae.k must be in [1, n_latents={n_latents}] (expansion × d), got {k}")
@@ -93,6 +102,8 @@ class TopKSAE(nn.Module):
             self.normalize_decoder()
             with torch.no_grad():
                 self.W_enc.copy_(self.W_dec)
+        # sparsify's encoder bias, zero at the start; frozen at zero without it (METHOD.md's formula exactly)
+        self.b_enc = nn.Parameter(torch.zeros(n_latents), requires_grad=encoder_bias)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -107,8 +118,8 @@ class TopKSAE(nn.Module):
             self.W_dec.grad.sub_(parallel * self.W_dec)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """W_enc (x − b_pre): (batch, d) -> (batch, n_latents)."""
-        return (x - self.b_pre) @ self.W_enc.T
+        """W_enc (x − b_pre) + b_enc: (batch, d) -> (batch, n_latents)."""
+        return (x - self.b_pre) @ self.W_enc.T + self.b_enc
 
     def select(self, pre: torch.Tensor, k: int | None = None) -> SparseCode:
         """TopK of pre-activations (batch, n) -> values, indices (batch, k)."""
@@ -146,11 +157,11 @@ class TopKSAE(nn.Module):
         return SAEOutput(self.decode(values, indices), values, indices)
 
     def save(self, directory: Path, config: dict[str, Any], metrics: dict[str, Any]) -> None:
-        """Write a checkpoint: sae.safetensors (W_enc, W_dec, b_pre), config.json (with the format version,
+        """Write a checkpoint: sae.safetensors (W_enc, b_enc, W_dec, b_pre), config.json (with the format version,
         k, topk, d, n_latents added), then metrics.json, the completion mark."""
         directory.mkdir(parents=True, exist_ok=True)
         shape = {"format": SAE_FORMAT, "d": self.d, "n_latents": self.n_latents, "k": self.k, "topk": self.topk}
-        tensors = {"W_enc": self.W_enc.detach(), "W_dec": self.W_dec.detach(), "b_pre": self.b_pre.detach()}
+        tensors = {name: getattr(self, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_pre")}
         write_tensors(directory / "sae.safetensors", tensors, {k: str(v) for k, v in shape.items()})
         write_json(directory / "config.json", {**config, **shape})
         write_json(directory / "metrics.json", metrics)
@@ -166,10 +177,11 @@ class TopKSAE(nn.Module):
         if missing:
             raise CheckpointError(f"SAE checkpoint {directory} is incomplete: missing {', '.join(missing)}")
         config = json.loads((directory / "config.json").read_text())
-        if config.get("format") != SAE_FORMAT:
+        if config.get("format") not in READABLE_FORMATS:
             raise CheckpointError(
-                f"SAE checkpoint {directory} has format {config.get('format')!r}; this vs2ray reads format "
-                f"{SAE_FORMAT}. Delete the directory to retrain it, or use the vs2ray version that wrote it."
+                f"SAE checkpoint {directory} has format {config.get('format')!r}; this vs2ray reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}. Delete the directory to retrain it, or use the vs2ray "
+                f"version that wrote it."
             )
         if expected_d is not None and config["d"] != expected_d:
             raise CheckpointError(
@@ -177,8 +189,9 @@ class TopKSAE(nn.Module):
                 f"(activations {config.get('activation_key')!r})"
             )
         tensors = load_file(directory / "sae.safetensors")
-        sae = cls(config["d"], config["n_latents"], config["k"], config["topk"])
-        sae.load_state_dict({name: tensors[name].float() for name in ("W_enc", "W_dec", "b_pre")})
+        sae = cls(config["d"], config["n_latents"], config["k"], config["topk"], encoder_bias="b_enc" in tensors)
+        tensors.setdefault("b_enc", torch.zeros(config["n_latents"]))
+        sae.load_state_dict({name: tensors[name].float() for name in ("W_enc", "b_enc", "W_dec", "b_pre")})
         return SAECheckpoint(sae, config, json.loads((directory / "metrics.json").read_text()))
 
 
@@ -201,6 +214,7 @@ class SAETrainParams:
     w_aux: float = 0.0
     pass_momentum: float = 0.9
     init: SAEInit = "linear"
+    encoder_bias: bool = True
     seed: int = 0
 
     def as_dict(self) -> dict:
@@ -282,7 +296,9 @@ def auxk_loss(
     """
     num_dead = int(dead.sum())
     k_aux = min(auxk_k, num_dead)
-    masked = pre.masked_fill(~dead, -torch.inf if sae.topk == "relu" else 0.0)
+    # detached: AuxK trains the dead latents' decoder rows only, as sparsify's fused encoder does (its backward
+    # drops the pre-activations' gradient); with the encoder trained too, 11% of latents stayed dead at expansion 8
+    masked = pre.detach().masked_fill(~dead, -torch.inf if sae.topk == "relu" else 0.0)
     values, indices = sae.select(masked, k_aux)  # relu maps the -inf of live latents to 0
     residual_hat = sae.decode_without_bias(values, indices)
     scale = min(num_dead / auxk_k, 1.0)
@@ -314,7 +330,7 @@ def train_sae(
     if params.epochs is not None:
         params = SAETrainParams(**{**params.as_dict(), "steps": math.ceil(params.epochs * n / params.batch_size)})
     n_latents = params.expansion * d
-    sae = TopKSAE(d, n_latents, params.k, params.topk, params.init).to(device)
+    sae = TopKSAE(d, n_latents, params.k, params.topk, params.init, params.encoder_bias).to(device)
     data = acts.to(device=device, dtype=torch.float32)
     with torch.no_grad():
         if init is not None:

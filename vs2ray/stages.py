@@ -63,6 +63,7 @@ def sae_params(config: ExperimentConfig) -> SAETrainParams:
         expansion=config.sae.expansion,
         topk=config.sae.topk,
         init=config.sae.init,
+        encoder_bias=config.sae.encoder_bias,
         lr=config.sae.lr,
         lr_scale_with_width=config.sae.lr_scale_with_width,
         warmup_steps=config.sae.warmup_steps,
