@@ -345,14 +345,17 @@ def _run_pipeline(
         .map_batches(write_chunk, batch_size=1, fn_kwargs={"store_dir": str(store_dir)}, num_cpus=0.1)
     )
     started, done, workers = time.perf_counter(), 0, []
+    todo_rows = sum(stop - start for _, start, stop in chunks)  # failed images count as done rows here
+    already = total_rows - todo_rows
     next_report = 0
     for summary in dataset.iter_rows():
-        done += int(summary["rows"])
+        done += int(summary["rows"]) + len(json.loads(summary["failed"]))
         workers.append(json.loads(summary["worker"]))
         if done >= next_report:
             rate = done / (time.perf_counter() - started)
-            log(f"  {split}: {done}/{total_rows} rows ({rate:.0f} rows/s)")
-            next_report = done + max(1, total_rows // 20)
+            eta = (todo_rows - done) / max(rate, 1e-9)
+            log(f"  {split}: {already + done}/{total_rows} images ({rate:.0f} images/s, ETA {eta:.0f} s)")
+            next_report = done + max(1, todo_rows // 20)
     return workers
 
 

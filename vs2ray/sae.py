@@ -384,7 +384,13 @@ def train_sae(
         sae.normalize_decoder()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == params.steps - 1):
-            log(f"step {step:6d}  loss {losses[-1]:.4f}  dead {dead.float().mean().item():.3f}")
+            elapsed = time.perf_counter() - started
+            rate = (step + 1) * batch_size / elapsed
+            eta = (params.steps - step - 1) * batch_size / rate
+            log(
+                f"step {step + 1:6d}/{params.steps}  loss {losses[-1]:.4f}  dead {dead.float().mean().item():.3f}  "
+                f"{rate:,.0f} samples/s  ETA {eta:.0f} s"
+            )
     seconds = time.perf_counter() - started
     metrics = evaluate_sae(sae, data, labels if class_means is not None else None)
     metrics.update(

@@ -276,16 +276,20 @@ def start_retrieval(config: ExperimentConfig, data: SweepData, gpus_per_shard: f
 
 
 def evaluation_splits(
-    data: SweepData, layer: int = -1, device: torch.device | str = "cpu", token_blocks: tuple[int, ...] = ()
+    data: SweepData,
+    layer: int = -1,
+    device: torch.device | str = "cpu",
+    token_blocks: tuple[int, ...] = (),
+    pool_token_blocks: tuple[int, ...] = (),
 ) -> tuple[SplitData, SplitData, SplitData]:
     """(pool, val, test) at block `layer`: the SAE's training rows (neighbour pool, calibration), validation
-    and test rows, with every token of `token_blocks` (steering inside the encoder, SAE_REC^A)."""
+    and test rows; val and test with every token of `token_blocks` (steering inside the encoder, SAE_REC^A),
+    the pool with every token of `pool_token_blocks` only (all-token calibration: these are the large ones)."""
     split = data.split
     with_retrieval = "retrieval" in split.acts.columns
     cls = split.column(layer)
-    token_columns = {block: split.column(block, "all") for block in token_blocks}
 
-    def rows(acts: Activations, mask: np.ndarray, name: str) -> SplitData:
+    def rows(acts: Activations, mask: np.ndarray, name: str, blocks: tuple[int, ...]) -> SplitData:
         def take(column: str) -> torch.Tensor:
             return _tensor(acts[column])[torch.from_numpy(mask)].to(device)
 
@@ -295,14 +299,14 @@ def evaluation_splits(
             embedding=take("embedding"),
             labels=torch.from_numpy(acts.labels.astype(np.int64))[torch.from_numpy(mask)].to(device),
             retrieval=take("retrieval") if with_retrieval else None,
-            tokens={block: take(column) for block, column in token_columns.items()},
+            tokens={block: take(split.column(block, "all")) for block in blocks},
         )
 
     everything = np.ones(len(data.test.ids), dtype=bool)
     return (
-        rows(split.acts, split.train_mask, "pool"),
-        rows(split.acts, split.val_mask, "val"),
-        rows(data.test, everything, "test"),
+        rows(split.acts, split.train_mask, "pool", pool_token_blocks),
+        rows(split.acts, split.val_mask, "val", token_blocks),
+        rows(data.test, everything, "test", token_blocks),
     )
 
 
@@ -361,15 +365,15 @@ def build_evaluator(
     layer = config.sae.layer
     num_blocks = data.split.num_blocks
     block = block_index(data.split.acts.manifest, layer)
-    run_block, token_blocks = None, set()
-    if block != num_blocks - 1:
-        token_blocks.add(block)
+    inside = block != num_blocks - 1
+    all_tokens = config.sae.tokens == "all"
+    token_blocks = {block} if inside else set()
     if saes_by_block:
-        token_blocks |= set(range(num_blocks)) if config.sae.tokens == "all" else {0}
-    if token_blocks:
-        run_block = block_runner(load_clip(config.model, device=device))
-    encoder = Encoder(block, num_blocks, run_block, config.sae.tokens == "all", saes_by_block or ())
-    pool, val, test = evaluation_splits(data, layer, device, tuple(sorted(token_blocks)))
+        token_blocks.add(0)  # SAE_REC^A starts from block 0's output and runs every later block itself
+    run_block = block_runner(load_clip(config.model, device=device)) if token_blocks else None
+    encoder = Encoder(block, num_blocks, run_block, all_tokens, saes_by_block or ())
+    pool_blocks = (block,) if inside and all_tokens else ()
+    pool, val, test = evaluation_splits(data, layer, device, tuple(sorted(token_blocks)), pool_blocks)
     head = {name: _tensor(value).to(device) for name, value in data.head.items()}
     return Evaluator(sae.to(device), head, _tensor(data.text_classifier).to(device), pool, val, test, search, encoder)
 
