@@ -40,13 +40,17 @@ def train_with_three_seeds(script: Path, tmp_path: Path, *extra: str) -> tuple[d
     """
     from safetensors.torch import load_file
 
-    outputs, scores = [], None
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):  # side by side: most of each run is start-up
         out = tmp_path / f"{name}.safetensors"
         command = [sys.executable, str(script), "--out", str(out), "--steps", "3", "--pool-size", "256"]
         command += ["--batch-size", "32", "--seed", str(seed), *extra]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
-        scores = scores or json.loads(result.stdout.strip().splitlines()[-1])
+        runs.append((out, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    outputs, scores = [], None
+    for out, process in runs:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        scores = scores or json.loads(stdout.strip().splitlines()[-1])
         outputs.append(load_file(out))
     a, b, c = outputs
     assert a.keys() == b.keys() and all(t.dtype.is_floating_point and t.itemsize == 2 for t in a.values())

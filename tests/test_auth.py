@@ -16,7 +16,7 @@ from conftest import cli_command
 from vs2ray.results import load_results
 
 SMALL_SWEEP = (
-    "dataset.sizes={train: 1500, test: 400}",
+    "dataset.sizes={train: 800, test: 300}",
     "sae.k={choice: [16]}",
     "sae.expansion=2",
     "sae.steps=60",

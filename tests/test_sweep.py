@@ -22,6 +22,8 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
 # a quickstart shortened to seconds per trial; the stores are shared by every test of this module
 SMALL_WORLD = (
     "dataset.sizes={train: 2000, test: 500}",
+    "extraction.layers=[1, -1]",  # one store for every test here, the two-block sweep's included
+    "extraction.tokens=all",
     "sae.steps=100",
     "sae.batch_size=512",
     "resources.cpus_per_trial=0.5",
@@ -174,9 +176,9 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
     assignments = (
         "sae.k={choice: [8, 16, 32]}",
         "sae.expansion={choice: [2, 4]}",
-        "sae.steps=300",
+        "sae.steps=200",
         "steering.methods=[zero_shot, vs2]",
-        "search.num_samples=6",
+        "search.num_samples=5",
         "search.max_concurrent_trials=1",
     )
     command = cli_command(
@@ -199,13 +201,13 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
     finally:
         driver.kill()
     before = _finished_trials(experiment)
-    assert 2 <= len(before) < 6
+    assert 2 <= len(before) < 5
 
     output = run_sweep(storage, address, "killed", *assignments, extra=("--resume",))
     assert output.returncode == 0, output.stderr[-3000:]
     assert f"resuming {experiment}" in output.stdout
     trials = load_results(experiment)
-    assert len(trials) == 6 and trials["trial_id"].is_unique
+    assert len(trials) == 5 and trials["trial_id"].is_unique
     assert (trials["status"] == "TERMINATED").all()
     after = _finished_trials(experiment)
     for name, metrics in before.items():
@@ -213,7 +215,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
         # its report and Tune's state save; the trial then re-reports the result in its checkpoint.)
         assert after[name] == metrics
     saved = yaml.safe_load((experiment / "vs2ray_config.yaml").read_text())
-    assert saved["search"]["num_samples"] == 6
+    assert saved["search"]["num_samples"] == 5
 
 
 def test_resume_refuses_an_experiment_whose_state_was_cut_short(tmp_path):
@@ -332,10 +334,6 @@ def test_a_two_block_sweep_shares_each_blocks_sae_and_reports_by_block(storage, 
         storage,
         address,
         "layers",
-        "dataset.sizes={train: 1000, test: 500}",
-        "retrieval.space=clip",  # no method here searches neighbours
-        "extraction.layers=[1, -1]",
-        "extraction.tokens=all",
         "sae.layer={choice: [1, -1]}",
         "sae.k=16",
         "sae.expansion=2",
@@ -356,14 +354,9 @@ def test_a_two_block_sweep_shares_each_blocks_sae_and_reports_by_block(storage, 
     block_1, block_3 = trials[trials["sae_block"] == 1], trials[trials["sae_block"] == 3]
     assert block_1["fvu"].nunique() == 1 and block_1["fvu"].iloc[0] != block_3["fvu"].iloc[0]
 
-    report = subprocess.run(
-        [sys.executable, "-m", "analysis.report", str(experiment), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
-    text = (tmp_path / "report.md").read_text()
+    from analysis.report import write_report
+
+    text = write_report(str(experiment), tmp_path).read_text()  # in-process: the CLI is tested above
     section = text.split("## By block")[1].split("\n## ")[0]
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
     header, body = [cell.strip() for cell in rows[0]], rows[1:]
