@@ -348,7 +348,8 @@ def test_a_two_block_sweep_shares_each_blocks_sae_and_reports_by_block(storage, 
     assert (trials["status"] == "TERMINATED").all() and sorted(trials["sae_block"]) == [1, 1, 3]
     by_block = trials.groupby("sae_block")
     assert by_block["sae_dir"].nunique().to_dict() == {1: 1, 3: 1}  # one SAE per block, shared by its trials
-    assert trials["sae_dir"].nunique() == 2 and trials["sae_cache_hit"].sum() == 1
+    # block 1's SAE is trained once here and reused once (block 3's may come from another test's cache)
+    assert trials["sae_dir"].nunique() == 2 and trials[trials["sae_block"] == 1]["sae_cache_hit"].sum() == 1
     # zero-shot through blocks 2-3 of the model agrees with the cached path (a float tie may flip one image)
     assert trials["test_top1_zero_shot"].max() - trials["test_top1_zero_shot"].min() <= 1 / 500
     block_1, block_3 = trials[trials["sae_block"] == 1], trials[trials["sae_block"] == 3]
