@@ -39,6 +39,8 @@ def steering_heatmap(trials: pd.DataFrame, out: Path, method: str = "vs2", bins:
         return None
     data = trials.dropna(subset=list(needed))
     gamma, lam, acc = data["steering.gamma"], data["steering.lambda"], 100 * data[column]
+    if gamma.nunique() < 2 or lam.nunique() < 2:  # a line, not a map: nothing to show over (γ, λ)
+        return None
     g_edges = np.linspace(gamma.min(), gamma.max(), bins + 1)
     l_edges = np.linspace(lam.min(), lam.max(), bins + 1)
     g_index = np.clip(np.digitize(gamma, g_edges) - 1, 0, bins - 1)

@@ -11,3 +11,26 @@ def test_pareto_front_keeps_the_points_nothing_beats():
     # (fvu, accuracy): (0.3, 70) is beaten by (0.2, 71); (0.5, 69) by everything better
     points = np.array([[0.1, 68.0], [0.2, 71.0], [0.3, 70.0], [0.4, 72.0], [0.5, 69.0]])
     assert sorted(pareto_front(points).tolist()) == [0, 1, 3]
+
+
+def test_heatmap_needs_both_gamma_and_lambda_to_vary_and_by_block_needs_two_blocks(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from analysis.plots import by_block, steering_heatmap
+
+    rng = np.random.default_rng(0)
+    trials = pd.DataFrame({"steering.gamma": rng.uniform(1, 3, 12), "steering.lambda": rng.uniform(0, 5, 12)}).assign(
+        val_top1_vs2=lambda t: 0.5 + 0.01 * t["steering.gamma"]
+    )
+    path = steering_heatmap(trials, tmp_path / "heatmap.png")
+    with Image.open(path) as image:
+        assert image.size[0] > 300
+    assert steering_heatmap(trials.assign(**{"steering.lambda": 2.1}), tmp_path / "line.png") is None
+    assert not (tmp_path / "line.png").exists()
+
+    blocks = pd.DataFrame(
+        {"block": [1, 3], "tokens": ["cls", "cls"], "fvu": [0.1, 0.05], "l0": [32, 32], "vs2": [57.0, 59.0]}
+    )
+    assert by_block(blocks.iloc[:1], tmp_path / "one.png") is None
+    assert by_block(blocks, tmp_path / "blocks.png").read_bytes().startswith(b"\x89PNG")
