@@ -174,7 +174,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     data = prepare_data(config, _say)
     params = sae_params(config)
     trained = get_or_train_sae(config, params, data.split, _say)
-    every_block = block_saes(config, params, data.split, _say) if "sae_rec_all" in config.steering.methods else None
+    every_block = block_saes(config, params, data.split, _say)
     _say(f"SAE {trained.directory} ({'reused' if trained.cache_hit else 'trained'}): FVU {trained.metrics['fvu']:.4f}")
     index = None  # the FAISS actors live as long as this handle
     if needs_retrieval(config):

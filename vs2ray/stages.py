@@ -197,8 +197,11 @@ def get_or_train_sae(
     return TrainedSAE(result.sae, metrics, directory, cache_hit=False)
 
 
-def block_saes(config: ExperimentConfig, params: SAETrainParams, split: TrainSplit, log: Log) -> list[TopKSAE]:
-    """One SAE per block (trained, or reused from the cache) with the same parameters, for SAE_REC^A."""
+def block_saes(config: ExperimentConfig, params: SAETrainParams, split: TrainSplit, log: Log) -> list[TopKSAE] | None:
+    """One SAE per block (trained, or reused from the cache) with the same parameters when the config
+    evaluates SAE_REC^A; None otherwise."""
+    if "sae_rec_all" not in config.steering.methods:
+        return None
     return [get_or_train_sae(config, params, split, log, layer).sae for layer in range(split.num_blocks)]
 
 

@@ -79,7 +79,7 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = sae_params(config)
     trained = get_or_train_sae(config, params, data.split, log=print)
-    every_block = block_saes(config, params, data.split, print) if "sae_rec_all" in config.steering.methods else None
+    every_block = block_saes(config, params, data.split, print)
     evaluation_started = time.perf_counter()
     evaluator = build_evaluator(config, data, trained.sae, device, every_block)
     results = evaluator.evaluate_all(config.steering.methods, steering_grid(config))
