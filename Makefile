@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # torchvision pair lies on their disk (PyPI's torchvision does not import beside the
 # CPU torch wheel there). Override on other machines: make test TORCH_PINS=
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,mlflow,tensorboard
 
 .PHONY: install test lint demo world world-card clean
 

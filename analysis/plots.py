@@ -163,6 +163,24 @@ def by_block(table: pd.DataFrame, out: Path) -> Path | None:
     return _save(fig, out)
 
 
+def learning_curves(curves: pd.DataFrame, metric: str, out: Path) -> Path | None:
+    """The search metric and the validation FVU against the SAE step, one line per trial that reported
+    more than once; stopped trials dashed. `curves` is `vs2ray.results.learning_curves`."""
+    if curves.empty or "sae_step" not in curves or curves.groupby("trial_id").size().max() < 2:
+        return None
+    columns = [c for c in dict.fromkeys([metric, "val_fvu"]) if c in curves]
+    fig, axes = plt.subplots(1, len(columns), figsize=(6 * len(columns), 4), squeeze=False)
+    for ax, column in zip(axes[0], columns, strict=True):
+        for trial_id, trial in curves.groupby("trial_id", sort=False):
+            trial = trial.sort_values("sae_step")
+            stopped = (trial["status"] == "STOPPED").any()
+            ax.plot(trial["sae_step"], trial[column], "--" if stopped else "-", marker=".", label=trial_id)
+        ax.set(xlabel="SAE step", ylabel=column, title=f"{column} during training (dashed: stopped early)")
+    if curves["trial_id"].nunique() <= 12:
+        axes[0][0].legend(fontsize=7)
+    return _save(fig, out)
+
+
 def per_class_changes(deltas: pd.DataFrame, out: Path, method: str, top: int = 5) -> Path | None:
     """Horizontal bars: the `top` classes `method` helped most and hurt most (test top-1 points vs zero-shot)."""
     if deltas.empty:

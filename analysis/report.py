@@ -35,8 +35,10 @@ from vs2ray.results import (
     PER_CLASS_FILE,
     STATUS_DONE,
     STATUS_ERROR,
+    STATUS_STOPPED,
     best_trials,
     block_table,
+    learning_curves,
     load_results,
     load_sweep_config,
     method_table,
@@ -192,6 +194,19 @@ def write_report(experiment: str, out: Path) -> Path:
     failed = trials[trials["status"] == STATUS_ERROR] if len(trials) else trials
     if len(failed):
         lines += ["## Failed trials", "", _markdown(failed[["trial_id", *searched_keys(failed), "error"]]), ""]
+    stopped = trials[trials["status"] == STATUS_STOPPED] if len(trials) else trials
+    if len(stopped):
+        metric = config.search.metrics[0] if config is not None else "val_fvu"
+        wanted = ["trial_id", *searched_keys(stopped), "stopped_step", metric, "val_fvu"]
+        shown = [c for c in dict.fromkeys(wanted) if c in stopped]
+        lines += [
+            f"## Stopped early by the {config.search.scheduler if config else ''} scheduler",
+            "",
+            "Each trial's last intermediate result, at the SAE step where it was stopped (its SAE is not cached).",
+            "",
+            _markdown(stopped[shown], "{:.4g}"),
+            "",
+        ]
     if len(done) and config is not None:
         metric = config.search.metrics[0]
         best = best_trials(trials, config.search)
@@ -249,6 +264,13 @@ def write_report(experiment: str, out: Path) -> Path:
             (
                 "FVU gate: accuracy against coverage",
                 plots.gate_coverage(methods["vs2_gated"], ungated, zero, out / "gate_coverage.png"),
+            )
+        )
+    if config is not None and len(trials):
+        figures.append(
+            (
+                "Learning curves: search metric and validation FVU against the SAE step",
+                plots.learning_curves(learning_curves(trials), config.search.metrics[0], out / "learning_curves.png"),
             )
         )
     if config is not None and len(trials):

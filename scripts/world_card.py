@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vs2ray.config import load_config
-from vs2ray.extract import extract
+from vs2ray.extract import extract_splits
 from vs2ray.steering import logits_from_embeddings
 from vs2ray.store import load_activations
 
@@ -97,7 +97,7 @@ def error_sites(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
 def measure(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     """Every property of the world card, from the config's train and test stores."""
     config = load_config(config_path, overrides)
-    stores = {split: extract(config, split, print).store_dir for split in ("train", "test")}
+    stores = {split: result.store_dir for split, result in extract_splits(config, ["train", "test"], print).items()}
     with_retrieval = config.retrieval.space == "dinov2"
     train = load_activations(stores["train"], retrieval=with_retrieval)
     test = load_activations(stores["test"], retrieval=with_retrieval)

@@ -172,13 +172,17 @@ def test_corrupt_images_are_skipped_counted_and_listed(tmp_path, ray_session):
         "extraction: {batch_size: 8}\n"
     )
     address = ray_session.get_runtime_context().gcs_address
-    command = cli_command("vs2ray.extract", "--config", str(config_file), "--split", "test")
+    command = cli_command("vs2ray.extract", "--config", str(config_file), "--split", "all")
     output = subprocess.run([*command, "--address", address], capture_output=True, text=True, timeout=300)
     assert output.returncode == 0, output.stderr[-3000:]
+    # both splits in one pipeline: the encoder actors start once
+    assert output.stdout.count("encoder actor(s)") == 1 and "(train, test)" in output.stdout, output.stdout
     records = get_dataset(load_config(config_file).dataset).records("test")
     broken_ids = sorted(r.id for r in records if Path(r.ref) in broken)
     assert len(broken_ids) == 3
-    store = next((tmp_path / "store" / "activations").iterdir())
+    stores = {read_manifest(s)["inputs"]["split"]: s for s in (tmp_path / "store" / "activations").iterdir()}
+    assert read_manifest(stores["train"])["complete"] and read_manifest(stores["train"])["rows"] == 24
+    store = stores["test"]
     manifest = read_manifest(store)
     assert manifest["rows"] == len(records) - 3 and manifest["num_failed"] == 3
     assert sorted(entry["id"] for entry in manifest["failed"]) == broken_ids

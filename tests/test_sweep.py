@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import yaml
 from conftest import cli_command
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from vs2ray.config import load_config
 from vs2ray.results import load_results, method_table, trial_file, trial_predictions
@@ -68,6 +71,29 @@ def test_invalid_sweeps_fail_before_ray_starts_and_name_the_key(tmp_path, capsys
         assert expected in output.err, (assignment, output.err)
         assert "Traceback" not in output.err and "Ray" not in output.out + output.err
     assert not (tmp_path / "experiments").exists() and not (tmp_path / "activations").exists()
+
+
+def test_schedulers_and_trackers_are_checked_before_ray_starts(monkeypatch):
+    import importlib.util
+
+    from vs2ray.config import ConfigError
+
+    def problems(*assignments: str) -> str:
+        with pytest.raises(ConfigError) as error:
+            check_sweep(load_config(QUICKSTART, list(assignments)))
+        return str(error.value)
+
+    asha = "search.scheduler=asha"
+    assert "stops trials on one metric" in problems(asha, "search.metric=[val_top1_vs2, fvu]", "search.mode=[max, min]")
+    assert "set sae.report_every" in problems(asha, "sae.report_every=null")
+    assert "search.max_t: set it" in problems(asha, "sae.epochs=3")
+    assert "no trial could be stopped" in problems(asha, "search.grace_period=1000")
+    check_sweep(load_config(QUICKSTART, [asha]))  # the defaults work together
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else found(name, *a))
+    assert "tracking.wandb: true needs the wandb package, which is not installed; pip install 'vs2ray[wandb]'" in (
+        problems("tracking.wandb=true")
+    )
 
 
 def test_define_by_run_space_samples_momentum_only_with_pass():
@@ -173,13 +199,17 @@ def _finished_trials(experiment: Path) -> dict[str, dict]:
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_session):
     address = ray_session.get_runtime_context().gcs_address
-    assignments = (
+    assignments = (  # an ASHA sweep whose Optuna study lives in a journal file beside the experiment
         "sae.k={choice: [8, 16, 32]}",
         "sae.expansion={choice: [2, 4]}",
         "sae.steps=200",
         "steering.methods=[zero_shot, vs2]",
         "search.num_samples=5",
         "search.max_concurrent_trials=1",
+        "search.scheduler=asha",
+        "sae.report_every=50",
+        "search.grace_period=50",
+        "tracking.optuna_storage=journal",
     )
     command = cli_command(
         "vs2ray.sweep",
@@ -208,7 +238,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
     assert f"resuming {experiment}" in output.stdout
     trials = load_results(experiment)
     assert len(trials) == 5 and trials["trial_id"].is_unique
-    assert (trials["status"] == "TERMINATED").all()
+    assert trials["status"].isin(["TERMINATED", "STOPPED"]).all() and (trials["status"] == "TERMINATED").any()
     after = _finished_trials(experiment)
     for name, metrics in before.items():
         # not run again: the same metrics down to the timings. (Tune reruns a trial killed between
@@ -216,6 +246,73 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
         assert after[name] == metrics
     saved = yaml.safe_load((experiment / "vs2ray_config.yaml").read_text())
     assert saved["search"]["num_samples"] == 5
+    # the persisted study, read with Optuna's own loader, holds every trial that finished
+    journal = JournalStorage(JournalFileBackend(str(experiment / "optuna.journal")))
+    study = optuna.load_study(study_name="killed", storage=journal)
+    completed = {
+        (t.params["sae.k"], t.params["sae.expansion"], round(t.value, 6))
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
+    for _, trial in trials[trials["status"] == "TERMINATED"].iterrows():
+        assert (trial["sae.k"], trial["sae.expansion"], round(trial["val_top1_vs2"], 6)) in completed
+
+
+def test_asha_stops_a_poor_sae_early_never_caches_it_and_mlflow_keeps_every_report(storage, ray_session):
+    from mlflow.tracking import MlflowClient
+
+    from vs2ray.sweep import MLFLOW_DB
+
+    address = ray_session.get_runtime_context().gcs_address
+    paper = {"pass.w_aux": 0.0, "steering.gamma": 1.5, "steering.lambda": 2.1}
+    # one at a time, the good SAE first: ASHA then stops the k = 2 SAE at its first rung on val_fvu
+    points = [{**paper, "sae.k": 24}, {**paper, "sae.k": 2}]
+    output = run_sweep(
+        storage,
+        address,
+        "asha",
+        "sae.k={choice: [2, 24]}",
+        "pass.w_aux={choice: [0.0]}",
+        "sae.expansion=3",
+        "sae.steps=200",
+        "sae.report_every=50",
+        "steering.methods=[zero_shot, vs2]",
+        "search.metric=val_fvu",
+        "search.mode=min",
+        "search.scheduler=asha",
+        "search.grace_period=50",
+        "search.reduction_factor=2",
+        "search.num_samples=2",
+        "search.max_concurrent_trials=1",
+        f"search.points_to_evaluate={json.dumps(points)}",
+        "tracking.mlflow=true",
+        "tracking.tensorboard=true",
+    )
+    assert output.returncode == 0, output.stderr[-3000:]
+    experiment = storage / "experiments" / "asha"
+    trials = load_results(experiment).set_index("sae.k")
+    assert trials.loc[24, "status"] == "TERMINATED" and trials.loc[2, "status"] == "STOPPED"
+    assert trials.loc[2, "stopped_step"] == 50 < 200
+    assert trials.loc[2, "val_fvu"] > trials.loc[24, "val_fvu"]
+    # only the finished SAE is in the cache
+    saes = [d for d in (storage / "saes").iterdir() if (d / "metrics.json").is_file()]
+    cached = [json.loads((d / "config.json").read_text()) for d in saes]
+    assert any(c["k"] == 24 and c["expansion"] == 3 for c in cached)
+    assert not any(c["k"] == 2 for c in cached)
+    # MLflow, read with its own client: one run per trial, val_fvu at every reported step
+    client = MlflowClient(f"sqlite:///{experiment / MLFLOW_DB}")
+    runs = client.search_runs([client.get_experiment_by_name("asha").experiment_id])
+    assert len(runs) == 2
+    for trial in trials.itertuples():
+        reports = [json.loads(line) for line in Path(trial.trial_dir, "result.json").read_text().splitlines()]
+        run = next(r for r in runs if r.info.run_name.endswith(trial.trial_id))
+        history = sorted(client.get_metric_history(run.info.run_id, "val_fvu"), key=lambda m: m.step)
+        assert [(m.step, round(m.value, 6)) for m in history] == [
+            (r["training_iteration"], round(r["val_fvu"], 6)) for r in reports
+        ]
+        assert list(Path(trial.trial_dir).glob("events.out.tfevents.*"))  # TensorBoard
+        steps = [r["sae_step"] for r in reports]
+        assert steps == ([50, 100, 150, 200] if trial.Index == 24 else [50])
 
 
 def test_resume_refuses_an_experiment_whose_state_was_cut_short(tmp_path):

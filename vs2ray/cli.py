@@ -91,19 +91,19 @@ def _config(args: argparse.Namespace, default: str | None = None) -> ExperimentC
 def extract_command(args: argparse.Namespace) -> int:
     """Extract CLIP activations into the Parquet activation store."""
     from vs2ray.data import DatasetUnavailable
-    from vs2ray.extract import extract
+    from vs2ray.extract import extract_splits
     from vs2ray.models import ModelUnavailable
 
     config = _config(args)
     splits = [config.dataset.train_split, config.dataset.test_split] if args.split == "all" else [args.split]
-    for split in splits:
-        try:
-            if args.address:
-                join_ray(args.address, log_to_driver=False)
-            result = extract(config, split, _say)
-        except (DatasetUnavailable, ModelUnavailable, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+    try:
+        if args.address:
+            join_ray(args.address, log_to_driver=False)
+        results = extract_splits(config, splits, _say)
+    except (DatasetUnavailable, ModelUnavailable, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for split, result in results.items():
         state = "reused" if result.reused else f"written in {result.seconds:.1f}s"
         print(f"{split}: {result.rows} rows -> {result.store_dir} ({state})")
         if result.failed:

@@ -224,6 +224,9 @@ class SAEConfig(Section):
     dead_threshold: int = Field(100, ge=1)
     auxk_coef: NonNegativeFloat = 1 / 32
     auxk_k: int | None = Field(None, ge=1, description="latents in the AuxK loss; default d/2")
+    report_every: int | None = Field(
+        250, ge=1, description="SAE steps between a trial's intermediate results (early stopping); null: none"
+    )
 
 
 class PassConfig(Section):
@@ -289,6 +292,12 @@ class SearchConfig(Section):
     allow_test_selection: bool = Field(
         False, description="let search.metric name a test_* metric (Optuna then selects on test: optimistic)"
     )
+    scheduler: Literal["fifo", "asha", "hyperband", "median"] = Field(
+        "fifo", description="trial scheduler; asha, hyperband and median stop poor SAE trials early"
+    )
+    grace_period: int = Field(250, ge=1, description="SAE steps a trial runs before it can be stopped")
+    reduction_factor: float = Field(3.0, gt=1.0, description="asha / hyperband: 1/fraction of trials kept per rung")
+    max_t: int | None = Field(None, ge=1, description="asha / hyperband: SAE steps of a full trial; default sae.steps")
 
     @property
     def metrics(self) -> list[str]:
@@ -315,6 +324,20 @@ class SearchConfig(Section):
                 f"to reproduce the paper's test-selected figures knowingly",
             )
         return self
+
+
+class TrackingConfig(Section):
+    mlflow: bool = Field(False, description="log every trial to MLflow (Tune's MLflowLoggerCallback)")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else <experiment>/mlflow.db (SQLite)"
+    )
+    wandb: bool = Field(False, description="log every trial to Weights & Biases (Tune's WandbLoggerCallback)")
+    wandb_project: str = "vs2ray"
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="offline needs no account")
+    tensorboard: bool = Field(False, description="TensorBoard event files in every trial dir (tensorboardX)")
+    optuna_storage: Literal["none", "journal", "sqlite"] = Field(
+        "none", description="persist the Optuna study next to the experiment (optuna-dashboard opens it)"
+    )
 
 
 class ResourcesConfig(Section):
@@ -344,6 +367,7 @@ class ExperimentConfig(Section):
     steering: SteeringConfig = Field(default_factory=SteeringConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
@@ -363,6 +387,11 @@ class ExperimentConfig(Section):
                 "model_tokens", "sae.tokens: all needs extraction.tokens: all (the store must hold every token)"
             )
         return self
+
+
+def full_steps(config: ExperimentConfig) -> int:
+    """The SAE steps of a fully trained trial: the schedulers' `max_t` (default `sae.steps`)."""
+    return config.search.max_t or config.sae.steps
 
 
 def values_of(value: Any) -> list[Any]:

@@ -293,6 +293,19 @@ class Evaluator:
                     result.test_predictions.append(logits.argmax(dim=1).cpu().numpy())
         return result
 
+    def validate(self, method: str, grid: Grid) -> dict[str, float]:
+        """`method`'s validation top-1 and top-5 at its best setting, without touching the test split."""
+        scores = []
+        for setting in settings_for(method, grid):
+            logits, _ = self.logits(method, self.val, setting)
+            scores.append(accuracy(logits, self.val.labels, self.num_classes)[:2])
+        top1, top5 = max(scores, key=lambda pair: pair[0])
+        return {metric_name("val_top1", method): top1, metric_name("val_top5", method): top5}
+
+    def with_sae(self, sae: TopKSAE) -> Evaluator:
+        """The same splits, head and encoder with another SAE (every SAE-derived cache starts empty)."""
+        return Evaluator(sae, self.head, self.classifier, self.pool, self.val, self.test, self.search, self.encoder)
+
     def evaluate_all(self, methods: Sequence[str], grid: Grid) -> dict[str, MethodResult]:
         """Each method in `methods`, in that order."""
         return {m: self.evaluate(m, grid) for m in methods}

@@ -6,8 +6,15 @@ The pipeline, per chunk of `extraction.batch_size` images:
 
     chunk (start, stop) ──decode + resize/crop on CPU tasks──▶ uint8 pixels
         ──encoder actor pool (one per GPU or GPU fraction; CPU actors without GPUs)──▶
-        [CLS] tokens (or every token) of the requested blocks + CLIP embedding
-        ──CPU task──▶ part-<chunk>.parquet, written atomically
+        [CLS] tokens (or every token) of the requested blocks + CLIP embedding,
+        written by the same actor as part-<chunk>.parquet (atomically)
+        ──▶ a small summary row to the driver
+
+Activations never travel through the object store: only uint8 pixels go to the
+actors, only summaries come back. Each actor runs two calls at once; a lock keeps the
+encoder to one batch at a time, so one chunk's Parquet write overlaps the next
+chunk's forward pass. Decoding is a task per chunk, so it spreads over every CPU of
+the cluster that the actors leave free.
 
 The driver only lists chunk boundaries: workers list the dataset's records themselves
 (deterministically) and load their own images. A rerun skips every chunk whose part
@@ -23,7 +30,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,8 @@ import pyarrow.parquet as pq
 
 from vs2ray import __version__
 from vs2ray.config import BUNDLED_RETRIEVAL_ENCODER, ExperimentConfig, RetrievalConfig
-from vs2ray.data import ImageDataset, ImageRecord, get_dataset, prompt_templates_for
+from vs2ray.data import ImageDataset, get_dataset, prompt_templates_for
+from vs2ray.data.decode import decode_chunk
 from vs2ray.files import is_uri
 from vs2ray.models import (
     BUNDLED_RETRIEVAL_WEIGHTS,
@@ -70,6 +77,8 @@ class ExtractionResult:
     reused: bool = False
     seconds: float = 0.0
     workers: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # set-up, start-up, steady-state figures
+    pipeline_stats: str = ""  # Ray Data's per-operator statistics of the run
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -158,59 +167,22 @@ def normalise_pixels(pixels_nhwc: Any, mean: Sequence[float], std: Sequence[floa
 # ---------------------------------------------------------------- worker side
 
 
-@lru_cache(maxsize=4)
-def _worker_dataset(config_json: str) -> tuple[ImageDataset, dict[str, list[ImageRecord]]]:
-    """The dataset, built once per worker process (CIFAR arrays, folder listings are cached)."""
-    config = ExperimentConfig.model_validate_json(config_json)
-    return get_dataset(config.dataset), {}
-
-
-def _records(config_json: str, split: str) -> list[ImageRecord]:
-    dataset, cache = _worker_dataset(config_json)
-    if split not in cache:
-        cache[split] = dataset.records(split)
-    return cache[split]
-
-
-def decode_chunk(
-    batch: dict[str, np.ndarray], config_json: str, split: str, transforms: dict[str, Callable[[Any], Any]]
-) -> dict[str, Any]:
-    """Ray Data UDF (CPU task): load and resize/crop the images of one chunk.
-
-    In: {'chunk', 'start', 'stop'} with one row. `transforms` maps an output column
-    ('pixels' for CLIP, 'retrieval_pixels' for the retrieval encoder) to its PIL steps.
-    Out: one row with uint8 (n, H, W, 3) arrays per column, ids, labels, and the
-    images that failed to load as a JSON list.
-    """
-    dataset, _ = _worker_dataset(config_json)
-    start, stop = int(batch["start"][0]), int(batch["stop"][0])
-    pixels: dict[str, list[np.ndarray]] = {name: [] for name in transforms}
-    ids, labels, failed = [], [], []
-    for record in _records(config_json, split)[start:stop]:
-        try:
-            image = dataset.load_image(split, record.ref)
-            converted = {name: np.asarray(t(image).convert("RGB"), dtype=np.uint8) for name, t in transforms.items()}
-        except Exception as error:  # a corrupt or unreadable image is skipped, counted and listed
-            failed.append({"id": record.id, "ref": record.ref, "error": f"{type(error).__name__}: {error}"})
-            continue
-        for name, array in converted.items():
-            pixels[name].append(array)
-        ids.append(record.id)
-        labels.append(record.label)
-    return {
-        "chunk": batch["chunk"],
-        **{name: [np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)] for name, arrays in pixels.items()},
-        "ids": [np.asarray(ids, dtype=np.int64)],
-        "labels": [np.asarray(labels, dtype=np.int32)],
-        "failed": [json.dumps(failed)],
-    }
-
-
 class ChunkEncoder:
-    """Ray Data UDF (actor): CLIP forward pass with [CLS] hooks (and the retrieval encoder, if any),
-    on the actor's GPU when it has one."""
+    """Ray Data UDF (actor): CLIP forward pass with block hooks (and the retrieval encoder, if any),
+    on the actor's GPU when it has one, then the chunk's part file.
 
-    def __init__(self, config_json: str, layers: list[int], normalisation: dict[str, tuple[tuple, tuple]]) -> None:
+    Ray Data may run two calls of one actor at once (`max_concurrent_calls_per_actor`):
+    the forward pass holds `_encoder_lock`, the write does not.
+    """
+
+    def __init__(
+        self,
+        config_json: str,
+        layers: list[int],
+        normalisation: dict[str, tuple[tuple, tuple]],
+    ) -> None:
+        import threading
+
         import ray
         import torch
 
@@ -224,8 +196,18 @@ class ChunkEncoder:
         self.layers, self.normalisation = layers, normalisation
         self.all_tokens = config.extraction.tokens == "all"
         self.node_id = ray.get_runtime_context().get_node_id()
+        self._encoder_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        with self._encoder_lock:
+            columns = self.encode(batch)
+        rows = write_chunk(columns, Path(str(batch["store_dir"][0])))
+        worker = {"node": self.node_id, "gpus": self.gpu_ids, "device": str(self.bundle.device)}
+        summary = {key: batch[key] for key in ("split", "chunk", "failed")}
+        return {**summary, "rows": [rows], "worker": [json.dumps(worker)]}
+
+    def encode(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """One decoded chunk -> its columns: ids, labels, failures, cls_/tokens_<block>, embedding, retrieval."""
         import torch
 
         from vs2ray.models import capture_blocks, encode_images, encode_retrieval
@@ -243,7 +225,7 @@ class ChunkEncoder:
             if self.retrieval is not None:
                 out["retrieval"] = [np.zeros((0, self.retrieval.model.num_features), np.float32)]
         else:
-            with torch.no_grad(), capture_blocks(self.bundle, self.layers, self.all_tokens) as captured:
+            with torch.inference_mode(), capture_blocks(self.bundle, self.layers, self.all_tokens) as captured:
                 images = normalise_pixels(pixels, *self.normalisation["pixels"])
                 out["embedding"] = [encode_images(self.bundle, images).cpu().numpy()]
                 for layer in self.layers:
@@ -256,26 +238,20 @@ class ChunkEncoder:
                 retrieval_images = np.asarray(batch["retrieval_pixels"][0])
                 images = normalise_pixels(retrieval_images, *self.normalisation["retrieval_pixels"])
                 out["retrieval"] = [encode_retrieval(self.retrieval, images).cpu().numpy()]
-        out["worker"] = [json.dumps({"node": self.node_id, "gpus": self.gpu_ids, "device": str(self.bundle.device)})]
         return out
 
 
-def write_chunk(batch: dict[str, np.ndarray], store_dir: str) -> dict[str, Any]:
-    """Ray Data UDF (CPU task): write one encoded chunk as its part file; return a small summary row."""
+def write_chunk(encoded: dict[str, Any], store_dir: Path) -> int:
+    """Write one encoded chunk (the columns `ChunkEncoder.encode` returns) as its part file; return its rows."""
     vectors = {
-        k: np.asarray(batch[k][0])
-        for k in batch
+        k: np.asarray(encoded[k][0])
+        for k in encoded
         if k.startswith(("cls_", "tokens_")) or k in ("embedding", "retrieval")
     }
-    columns = {"id": np.asarray(batch["ids"][0]), "label": np.asarray(batch["labels"][0]), **vectors}
-    failed = json.loads(str(batch["failed"][0]))
-    write_part(Path(store_dir), int(batch["chunk"][0]), columns, failed)
-    return {
-        "chunk": batch["chunk"],
-        "rows": [len(columns["id"])],
-        "failed": batch["failed"],
-        "worker": batch["worker"],
-    }
+    columns = {"id": np.asarray(encoded["ids"][0]), "label": np.asarray(encoded["labels"][0]), **vectors}
+    failed = json.loads(str(encoded["failed"][0]))
+    write_part(store_dir, int(encoded["chunk"][0]), columns, failed)
+    return len(columns["id"])
 
 
 # ---------------------------------------------------------------- driver side
@@ -295,16 +271,13 @@ def _encoder_resources(config: ExperimentConfig) -> tuple[int, float]:
 
 
 def _run_pipeline(
-    config: ExperimentConfig,
-    split: str,
-    store_dir: Path,
-    chunks: list[tuple[int, int, int]],
-    layers: list[int],
-    preprocess: dict[str, SplitPreprocess],
-    total_rows: int,
-    log: Callable[[str], None],
-) -> list[dict[str, Any]]:
-    """Encode and write `chunks` [(chunk, start, stop)]; returns the worker of every chunk."""
+    config: ExperimentConfig, plans: list[_SplitPlan], models: _Models, log: Callable[[str], None]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float], str]:
+    """Encode and write the chunks still to do of every plan, in one Ray Data pipeline.
+
+    Returns the worker of every chunk by split, timings (start_up_s: until the first
+    chunk is written; steady_images_per_s: the rate after it) and Ray Data's statistics.
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -313,50 +286,65 @@ def _run_pipeline(
     ray.data.DataContext.get_current().enable_progress_bars = False  # we print rows/s ourselves
     num_workers, gpus = _encoder_resources(config)
     config_json = config.model_dump_json(by_alias=True)
+    items = [
+        {"split": plan.split, "store_dir": str(plan.store_dir), "chunk": c, "start": start, "stop": stop}
+        for plan in plans
+        for c, start, stop in plan.todo
+    ]
+    todo_rows = sum(item["stop"] - item["start"] for item in items)  # failed images count as done rows here
     log(
-        f"extracting {sum(stop - start for _, start, stop in chunks)} images in {len(chunks)} chunks "
+        f"extracting {todo_rows} images ({', '.join(p.split for p in plans if p.todo)}) in {len(items)} chunks "
         f"with {num_workers} encoder actor(s) ({gpus or 0} GPU, {config.extraction.cpus_per_worker} CPU each)"
     )
-    items = [{"chunk": c, "start": start, "stop": stop} for c, start, stop in chunks]
+    preprocess = models.preprocess
     dataset = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(
             decode_chunk,
             batch_size=1,
-            fn_kwargs={
-                "config_json": config_json,
-                "split": split,
-                "transforms": {name: p.pixels for name, p in preprocess.items()},
-            },
+            fn_kwargs={"config_json": config_json, "transforms": {name: p.pixels for name, p in preprocess.items()}},
             num_cpus=1,
         )
         .map_batches(
             ChunkEncoder,
             batch_size=1,
-            compute=ActorPoolStrategy(size=num_workers),
+            # two calls per actor: the second one's forward pass runs while the first one writes
+            compute=ActorPoolStrategy(
+                size=num_workers, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
+            ),
             num_gpus=gpus,
             num_cpus=config.extraction.cpus_per_worker,
             fn_constructor_kwargs={
                 "config_json": config_json,
-                "layers": layers,
+                "layers": models.layers,
                 "normalisation": {name: (p.mean, p.std) for name, p in preprocess.items()},
             },
         )
-        .map_batches(write_chunk, batch_size=1, fn_kwargs={"store_dir": str(store_dir)}, num_cpus=0.1)
     )
-    started, done, workers = time.perf_counter(), 0, []
-    todo_rows = sum(stop - start for _, start, stop in chunks)  # failed images count as done rows here
-    already = total_rows - todo_rows
-    next_report = 0
+    started, done, workers = time.perf_counter(), 0, {plan.split: [] for plan in plans}
+    total = {plan.split: sum(stop - start for _, start, stop in plan.boundaries) for plan in plans}
+    done_by_split = {plan.split: total[plan.split] - sum(b - a for _, a, b in plan.todo) for plan in plans}
+    next_report, first_chunk, first_rows = 0, 0.0, 0
     for summary in dataset.iter_rows():
-        done += int(summary["rows"]) + len(json.loads(summary["failed"]))
-        workers.append(json.loads(summary["worker"]))
+        split, rows = summary["split"], int(summary["rows"]) + len(json.loads(summary["failed"]))
+        done += rows
+        done_by_split[split] += rows
+        workers[split].append(json.loads(summary["worker"]))
+        if not first_chunk:
+            first_chunk, first_rows = time.perf_counter(), done
+            log(f"  first chunk written after {first_chunk - started:.1f} s (workers starting)")
         if done >= next_report:
             rate = done / (time.perf_counter() - started)
             eta = (todo_rows - done) / max(rate, 1e-9)
-            log(f"  {split}: {already + done}/{total_rows} images ({rate:.0f} images/s, ETA {eta:.0f} s)")
+            log(f"  {split}: {done_by_split[split]}/{total[split]} images ({rate:.0f} images/s, ETA {eta:.0f} s)")
             next_report = done + max(1, todo_rows // 20)
-    return workers
+    finished = time.perf_counter()
+    timings = {
+        "start_up_s": first_chunk - started,
+        "pipeline_s": finished - started,
+        "steady_images_per_s": (done - first_rows) / max(finished - first_chunk, 1e-9),
+    }
+    return workers, timings, dataset.stats()
 
 
 def _versions() -> dict[str, str]:
@@ -375,23 +363,41 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = lambda _: None) -> ExtractionResult:
-    """Make sure the activation store of (`config`, `split`) exists and is complete; return where it is.
+@dataclass
+class _SplitPlan:
+    """One split's store, set up on the driver, and the chunks that are still to be written."""
 
-    Everything that can be wrong with the input (unknown split, missing data, unknown
-    model or tag, a layer out of range) raises before any Ray work starts.
-    """
-    started = time.perf_counter()
-    dataset = get_dataset(config.dataset)
-    dataset.check_split(split)
-    records = dataset.records(split)
+    split: str
+    store_dir: Path
+    manifest: dict[str, Any]
+    boundaries: list[tuple[int, int, int]]  # (chunk, start, stop) of every chunk
+    todo: list[tuple[int, int, int]]
+
+
+@dataclass
+class _Models:
+    """What the driver needs from the models to plan a store (loaded once for every split)."""
+
+    bundle: Any
+    layers: list[int]
+    preprocess: dict[str, SplitPreprocess]
+
+
+def _load_models(config: ExperimentConfig) -> _Models:
     bundle = load_clip(config.model, device="cpu")
     layers = resolve_layers(bundle, config.extraction.layers)
-    num_layers = num_vision_layers(bundle)
     preprocess = {"pixels": _split_preprocess(bundle.preprocess)}
     if config.retrieval.space == "dinov2":  # load it here so that a bad name or missing weights fail now
         preprocess["retrieval_pixels"] = _split_preprocess(load_retrieval_encoder(config.retrieval).preprocess)
-    inputs = store_inputs(config, split, layers, preprocess)
+    return _Models(bundle, layers, preprocess)
+
+
+def _plan_split(
+    config: ExperimentConfig, dataset: ImageDataset, split: str, models: _Models, log: Callable[[str], None]
+) -> ExtractionResult | _SplitPlan:
+    """The complete store of `split` (reused), or a started store with its head, classifier and chunks to write."""
+    records = dataset.records(split)
+    inputs = store_inputs(config, split, models.layers, models.preprocess)
     store_dir = store_dir_for(config, split, inputs)
     if is_complete(store_dir):
         manifest = read_manifest(store_dir)
@@ -413,23 +419,24 @@ def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = l
         stale.unlink(missing_ok=True)
     write_json(store_dir / "manifest.json", manifest)
     if not (store_dir / "head.safetensors").is_file():
-        write_tensors(store_dir / "head.safetensors", vision_head(bundle))
+        write_tensors(store_dir / "head.safetensors", vision_head(models.bundle))
     if not (store_dir / "classifier.safetensors").is_file():
-        classifier = build_text_classifier(bundle, dataset.classes, manifest["prompt_templates"])
+        classifier = build_text_classifier(models.bundle, dataset.classes, manifest["prompt_templates"])
         write_tensors(store_dir / "classifier.safetensors", {"classifier": classifier})
 
     starts = range(0, len(records), chunk_rows)
     boundaries = [(c, start, min(start + chunk_rows, len(records))) for c, start in enumerate(starts)]
     done = finished_chunks(store_dir)
-    todo = [chunk for chunk in boundaries if chunk[0] not in done]
     if done:
         log(f"{split}: resuming {store_dir}: {len(done)} of {len(boundaries)} chunks already written")
-    workers = []
-    if todo:
-        workers = _run_pipeline(config, split, store_dir, todo, layers, preprocess, len(records), log)
+    return _SplitPlan(split, store_dir, manifest, boundaries, [b for b in boundaries if b[0] not in done])
 
+
+def _finish_split(config: ExperimentConfig, plan: _SplitPlan, num_layers: int, workers: list[dict]) -> tuple[int, list]:
+    """Check that every chunk of `plan` is written, then mark its manifest complete; return (rows, failed)."""
+    store_dir, manifest = plan.store_dir, plan.manifest
     done = finished_chunks(store_dir)
-    missing = sorted({c for c, _, _ in boundaries} - set(done))
+    missing = sorted({c for c, _, _ in plan.boundaries} - set(done))
     if missing:
         raise RuntimeError(f"{store_dir}: chunks {missing[:10]} were not written; run the extraction again")
     rows = sum(pq.read_metadata(path).num_rows for path in sorted(store_dir.glob("part-*.parquet")))
@@ -449,8 +456,45 @@ def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = l
     manifest.pop("complete")
     manifest["complete"] = True  # inserted last, so that it is the last key written
     write_json(store_dir / "manifest.json", manifest)
-    seconds = time.perf_counter() - started
-    return ExtractionResult(split, store_dir, rows, failed, reused=False, seconds=seconds, workers=workers)
+    return rows, failed
+
+
+def extract_splits(
+    config: ExperimentConfig, splits: Sequence[str], log: Callable[[str], None] = lambda _: None
+) -> dict[str, ExtractionResult]:
+    """Make sure the activation stores of (`config`, each split) exist and are complete; return where they are.
+
+    The splits that need work share one pipeline, so the encoder actors start (and load
+    their weights) once. Everything that can be wrong with the input (unknown split,
+    missing data, unknown model or tag, a layer out of range) raises before any Ray
+    work starts.
+    """
+    started = time.perf_counter()
+    dataset = get_dataset(config.dataset)
+    for split in splits:
+        dataset.check_split(split)
+    models = _load_models(config)
+    planned = {split: _plan_split(config, dataset, split, models, log) for split in dict.fromkeys(splits)}
+    plans = [plan for plan in planned.values() if isinstance(plan, _SplitPlan)]
+    timings, stats, workers = {"set_up_s": time.perf_counter() - started}, "", {}
+    if any(plan.todo for plan in plans):
+        workers, pipeline_timings, stats = _run_pipeline(config, plans, models, log)
+        timings.update(pipeline_timings)
+    results = {}
+    for split, plan in planned.items():
+        if isinstance(plan, ExtractionResult):
+            results[split] = plan
+            continue
+        mine = workers.get(split, [])
+        rows, failed = _finish_split(config, plan, num_vision_layers(models.bundle), mine)
+        seconds = time.perf_counter() - started
+        results[split] = ExtractionResult(split, plan.store_dir, rows, failed, False, seconds, mine, timings, stats)
+    return results
+
+
+def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = lambda _: None) -> ExtractionResult:
+    """Make sure the activation store of (`config`, `split`) exists and is complete; return where it is."""
+    return extract_splits(config, [split], log)[split]
 
 
 if __name__ == "__main__":  # `python -m vs2ray.extract` = `python -m vs2ray extract`

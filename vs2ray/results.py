@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vs2ray.files import list_dirs, modified, read_bytes, read_text
+from vs2ray.files import list_dirs, modified, read_bytes, read_text, write_text
 from vs2ray.methods import METHODS, method_of, metric_name
 
 # row label of each method in tables, in registry order; "vs2_pass" is VS2 on the PASS-trained SAEs
@@ -32,6 +32,8 @@ for _name, _method in METHODS.items():
     if _name == "vs2":
         METHOD_LABELS["vs2_pass"] = "VS2 + PASS"
 STATUS_DONE, STATUS_ERROR, STATUS_INCOMPLETE = "TERMINATED", "ERROR", "INCOMPLETE"
+STATUS_STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA, HyperBand, median rule)
+STOPPED_FILE = "vs2ray_stopped.json"  # trial id -> SAE step at which the scheduler stopped it
 # the files a trial leaves in its checkpoint (vs2ray.trainable writes them)
 PER_CLASS_FILE, METHODS_FILE, PREDICTIONS_FILE = "per_class.json", "methods.json", "predictions.npz"
 METRICS_FILE = "metrics.json"  # the reported result, kept so that a restarted trial need not rerun
@@ -57,6 +59,27 @@ def _last_complete_result(text: str | None) -> dict[str, Any] | None:
     return complete[-1] if complete else None
 
 
+def _results(text: str | None) -> list[dict[str, Any]]:
+    return [line for line in map(_json_or_none, (text or "").splitlines()) if isinstance(line, dict)]
+
+
+def record_stopped(experiment: str, trial_id: str, step: int) -> None:
+    """Note in the experiment dir that the scheduler stopped `trial_id` at SAE step `step`."""
+    stopped = _json_or_none(read_text(f"{experiment}/{STOPPED_FILE}") or "{}") or {}
+    write_text(f"{experiment}/{STOPPED_FILE}", json.dumps({**stopped, trial_id: step}))
+
+
+def learning_curves(trials: pd.DataFrame) -> pd.DataFrame:
+    """Every result each trial reported (intermediate and final), one row per report: trial_id, sae_step, metrics."""
+    rows = []
+    for trial in trials.itertuples():
+        for result in _results(read_text(f"{trial.trial_dir}/result.json")):
+            if "sae_step" in result:
+                metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and "/" not in k}
+                rows.append({"trial_id": trial.trial_id, "status": trial.status, **metrics})
+    return pd.DataFrame(rows)
+
+
 def load_results(experiment: str | Path) -> pd.DataFrame:
     """One row per trial of an experiment dir, in start order: trial_id, status, error, sampled values, metrics.
 
@@ -69,6 +92,7 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
     if not list_dirs(experiment) and read_text(f"{experiment}/{SWEEP_CONFIG_FILE}") is None:
         raise FileNotFoundError(f"{experiment} is not a vs2ray experiment dir (no trials, no vs2ray_config.yaml)")
     rows = []
+    stopped = _json_or_none(read_text(f"{experiment}/{STOPPED_FILE}") or "{}") or {}
     for name in list_dirs(experiment):
         trial_dir = f"{experiment}/{name}"
         params_text = read_text(f"{trial_dir}/params.json")
@@ -76,11 +100,15 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
             continue
         params = _json_or_none(params_text) or {}  # cut short only for a trial that had just started
         started = modified(f"{trial_dir}/params.json")  # Tune writes params.json when the trial starts
-        result = _last_complete_result(read_text(f"{trial_dir}/result.json"))
+        trial_id = name.removeprefix(TRIAL_DIR_PREFIX)
+        text = read_text(f"{trial_dir}/result.json")
+        result = _last_complete_result(text)
         error = read_text(f"{trial_dir}/error.txt")
         status = STATUS_DONE if result else STATUS_ERROR if error else STATUS_INCOMPLETE
+        if status == STATUS_INCOMPLETE and trial_id in stopped:
+            status, result = STATUS_STOPPED, {**_results(text)[-1], "stopped_step": stopped[trial_id]}
         row = {
-            "trial_id": name.removeprefix(TRIAL_DIR_PREFIX),
+            "trial_id": trial_id,
             "status": status,
             "error": _error_summary(error) if status == STATUS_ERROR else "",
             "trial_dir": trial_dir,
@@ -88,7 +116,8 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
         }
         row.update(params)
         if result:
-            row.update({k: v for k, v in result.items() if k not in ("config", "vs2ray_complete") and "/" not in k})
+            skip = ("config", "vs2ray_complete", "vs2ray_intermediate")
+            row.update({k: v for k, v in result.items() if k not in skip and "/" not in k})
         rows.append(row)
     trials = pd.DataFrame(rows)
     return trials.sort_values("started", kind="stable").reset_index(drop=True) if rows else trials

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -314,11 +315,15 @@ def train_sae(
     log_every: int = 0,
     log=print,
     init: TopKSAE | None = None,
+    on_report: Callable[[int, TopKSAE, float], None] | None = None,
+    report_every: int = 0,
 ) -> TrainResult:
     """Train a top-k SAE on activations (N, d), deterministically for a given `params.seed`.
 
     `labels` (N,) are needed only for PASS (`params.w_aux > 0`) and never used otherwise.
     `init` continues training from a copy of an existing SAE (its b_pre is kept).
+    `on_report(step, sae, dead_fraction)` is called after every `report_every` steps (not
+    after the last one), with the SAE as it is; it must not change it.
     Runs on CUDA when available unless `device` says otherwise.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -383,6 +388,9 @@ def train_sae(
         optimizer.step()
         sae.normalize_decoder()
         losses.append(loss.item())
+        if on_report and report_every and (step + 1) % report_every == 0 and step + 1 < params.steps:
+            with torch.no_grad():
+                on_report(step + 1, sae, dead.float().mean().item())
         if log_every and (step % log_every == 0 or step == params.steps - 1):
             elapsed = time.perf_counter() - started
             rate = (step + 1) * batch_size / elapsed

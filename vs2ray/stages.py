@@ -123,14 +123,15 @@ def blocks_to_load(config: ExperimentConfig, manifest: dict[str, Any]) -> tuple[
     return sorted(cls_blocks), sorted(token_blocks)
 
 
-def load_train_split(config: ExperimentConfig, log: Log = lambda _: None) -> TrainSplit:
+def load_train_split(config: ExperimentConfig, log: Log = lambda _: None, store: Path | None = None) -> TrainSplit:
     """Extract (or reuse) the train store, load the [CLS] columns the config reads, carve validation rows.
 
-    All-token columns stay on disk until a trial reads its block's (`Activations.__getitem__`).
+    `store`: the train store when the caller has just extracted it. All-token columns
+    stay on disk until a trial reads its block's (`Activations.__getitem__`).
     """
     from vs2ray.extract import extract
 
-    store = extract(config, config.dataset.train_split, log).store_dir
+    store = store or extract(config, config.dataset.train_split, log).store_dir
     cls_blocks, _ = blocks_to_load(config, read_manifest(store))
     acts = load_activations(store, layers=cls_blocks, retrieval=config.retrieval.space == "dinov2")
     train_mask, val_mask = train_val_split(acts.ids, config.dataset.val_fraction, config.seed)
@@ -158,10 +159,19 @@ def _exclusive(directory: Path) -> Iterator[None]:
 
 
 def get_or_train_sae(
-    config: ExperimentConfig, params: SAETrainParams, split: TrainSplit, log: Log, layer: int | None = None
+    config: ExperimentConfig,
+    params: SAETrainParams,
+    split: TrainSplit,
+    log: Log,
+    layer: int | None = None,
+    on_report: Callable[[int, TopKSAE, float], None] | None = None,
 ) -> TrainedSAE:
     """The SAE of `layer` (default `sae.layer`) on `sae.tokens`, for (train store, params, training rows):
     loaded when a complete checkpoint exists, else trained and saved.
+
+    While it trains, `on_report(step, sae, dead_fraction)` runs every `sae.report_every` steps; when
+    it raises (a trial stopped early), nothing is saved, so the cache never holds an unfinished SAE
+    and a later trial with the same parameters trains it from the start.
 
     The key holds the store column (block and token set) and `dataset.val_fraction` (with the seed in
     `params`, it decides which rows the SAE trained on), so a changed validation share never reuses
@@ -189,6 +199,8 @@ def get_or_train_sae(
             num_classes=len(split.acts.manifest["classes"]),
             log_every=max(1, params.steps // 10),
             log=log,
+            on_report=on_report,
+            report_every=config.sae.report_every or 0,
         )
         val_metrics = evaluate_sae(result.sae, x[val].to(result.sae.b_pre.device)) if bool(val.any()) else {}
         metrics = {**result.metrics, **{f"val_{name}": value for name, value in val_metrics.items()}}
@@ -234,10 +246,11 @@ def prepare_data(config: ExperimentConfig, log: Log = lambda _: None) -> SweepDa
     """Extract (or reuse) the train and test stores of `config` and load the arrays every trial needs."""
     from safetensors.numpy import load_file
 
-    from vs2ray.extract import extract
+    from vs2ray.extract import extract_splits
 
-    split = load_train_split(config, log)
-    test_store = extract(config, config.dataset.test_split, log).store_dir
+    stores = extract_splits(config, [config.dataset.train_split, config.dataset.test_split], log)  # one pipeline
+    split = load_train_split(config, store=stores[config.dataset.train_split].store_dir)
+    test_store = stores[config.dataset.test_split].store_dir
     cls_blocks, _ = blocks_to_load(config, read_manifest(test_store))
     test = load_activations(test_store, layers=cls_blocks, retrieval=config.retrieval.space == "dinov2")
     head = load_file(test_store / "head.safetensors")

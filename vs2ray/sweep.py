@@ -11,6 +11,7 @@ the best trials and each method at its validation-selected trial.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from vs2ray.config import (
     ConfigError,
     Distribution,
     ExperimentConfig,
+    TrackingConfig,
     config_with,
+    full_steps,
     search_space,
 )
 from vs2ray.files import is_uri, list_dirs, modified, storage_filesystem
@@ -97,9 +100,56 @@ def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
             config_with(config, point, f"search.points_to_evaluate[{i}]")
         except ConfigError as error:
             problems += error.problems
+    problems += _scheduler_problems(config) + tracker_problems(config.tracking)
+    if is_uri(experiments_root(config)):
+        tracking = config.tracking
+        if tracking.mlflow and not (tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            problems.append("tracking.mlflow_uri: give one (or MLFLOW_TRACKING_URI); the experiments dir is remote")
+        if tracking.optuna_storage != "none":
+            problems.append(f"tracking.optuna_storage: {tracking.optuna_storage} needs a local experiments dir")
     if problems:
         raise ConfigError(problems, "sweep")
     return space
+
+
+def _scheduler_problems(config: ExperimentConfig) -> list[str]:
+    search = config.search
+    if search.scheduler == "fifo":
+        return []
+    problems = []
+    if len(search.metrics) > 1:
+        problems.append(
+            f"search.scheduler: {search.scheduler} stops trials on one metric, and search.metric is a list "
+            f"{search.metrics}; use scheduler: fifo for a multi-objective search, or one metric"
+        )
+    if not config.sae.report_every:
+        problems.append(f"search.scheduler: {search.scheduler} needs intermediate results; set sae.report_every")
+    if config.sae.epochs is not None and search.max_t is None:
+        problems.append("search.max_t: set it (SAE steps of a full trial) when sae.epochs decides the steps")
+    if search.grace_period >= full_steps(config):
+        problems.append(
+            f"search.grace_period: {search.grace_period} is not below the {full_steps(config)} steps of a full "
+            f"trial (search.max_t, default sae.steps), so no trial could be stopped"
+        )
+    return problems
+
+
+# tracker -> (config flag, importable module, pip extra)
+TRACKERS = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboardX"}
+
+
+def tracker_problems(tracking: TrackingConfig) -> list[str]:
+    """A config error for every tracker asked for whose package is not installed (checked before Ray starts)."""
+    import importlib.util
+
+    problems = []
+    for flag, module in TRACKERS.items():
+        if getattr(tracking, flag) and importlib.util.find_spec(module) is None:
+            problems.append(
+                f"tracking.{flag}: true needs the {module} package, which is not installed; "
+                f"pip install 'vs2ray[{flag}]' (or set tracking.{flag}: false)"
+            )
+    return problems
 
 
 def _within(dist: Distribution, value: Any) -> bool:
@@ -131,8 +181,16 @@ def _trial_dirname(trial: Any) -> str:
     return trial_dir_name(trial.trial_id)
 
 
-def build_searcher(config: ExperimentConfig, space: list[tuple[str, Distribution]]) -> Any:
-    """OptunaSearch over `space` with the configured sampler, seeded; several metrics make it multi-objective."""
+def build_searcher(
+    config: ExperimentConfig,
+    space: list[tuple[str, Distribution]],
+    study_name: str | None = None,
+    storage: Any | None = None,
+) -> Any:
+    """OptunaSearch over `space` with the configured sampler, seeded; several metrics make it multi-objective.
+
+    With `storage` the study lives there under `study_name` (optuna-dashboard can open it).
+    """
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -149,7 +207,71 @@ def build_searcher(config: ExperimentConfig, space: list[tuple[str, Distribution
         mode=config.search.mode,
         points_to_evaluate=[dict(point) for point in config.search.points_to_evaluate] or None,
         sampler=sampler,
+        study_name=study_name,
+        storage=storage,
     )
+
+
+def build_scheduler(config: ExperimentConfig) -> Any | None:
+    """The configured Tune scheduler on the SAE step (`sae_step`); None for FIFO (Tune's default)."""
+    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, MedianStoppingRule
+
+    search, max_t = config.search, full_steps(config)
+    if search.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="sae_step",
+            max_t=max_t,
+            grace_period=search.grace_period,
+            reduction_factor=search.reduction_factor,
+        )
+    if search.scheduler == "hyperband":
+        return HyperBandScheduler(time_attr="sae_step", max_t=max_t, reduction_factor=search.reduction_factor)
+    if search.scheduler == "median":
+        return MedianStoppingRule(time_attr="sae_step", grace_period=search.grace_period, min_samples_required=3)
+    return None
+
+
+def optuna_storage(config: ExperimentConfig, experiment: str) -> Any | None:
+    """The Optuna storage `tracking.optuna_storage` asks for, in the (local) experiment dir; None for none."""
+    import optuna
+
+    kind = config.tracking.optuna_storage
+    if kind == "none":
+        return None
+    Path(experiment).mkdir(parents=True, exist_ok=True)
+    if kind == "journal":
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(Path(experiment) / OPTUNA_JOURNAL)))
+    return optuna.storages.RDBStorage(f"sqlite:///{Path(experiment) / OPTUNA_SQLITE}")
+
+
+OPTUNA_JOURNAL, OPTUNA_SQLITE, MLFLOW_DB = "optuna.journal", "optuna.db", "mlflow.db"
+
+
+def build_callbacks(config: ExperimentConfig, experiment: str, name: str) -> list[Any]:
+    """Tune callbacks: the record of early-stopped trials, then each tracker the config turns on."""
+    from vs2ray.trainable import StoppedTrials
+
+    tracking = config.tracking
+    callbacks: list[Any] = [StoppedTrials(experiment, full_steps(config))]
+    if tracking.mlflow:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        local = f"sqlite:///{Path(experiment) / MLFLOW_DB}"
+        uri = tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or local
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name, save_artifact=False))
+    if tracking.wandb:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(
+            WandbLoggerCallback(project=tracking.wandb_project, group=name, mode=tracking.wandb_mode, dir=experiment)
+        )
+    if tracking.tensorboard:
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    return callbacks
 
 
 def build_trainable(config: ExperimentConfig, data: Any, experiment: str) -> Any:
@@ -170,10 +292,13 @@ def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]],
 
     single = not isinstance(config.search.metric, list)
     root = experiments_root(config)
+    experiment = f"{root}/{name}"
+    searcher = build_searcher(config, space, name, optuna_storage(config, experiment))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=build_searcher(config, space),
+            search_alg=searcher,
+            scheduler=build_scheduler(config),
             metric=config.search.metric if single else None,
             mode=config.search.mode if single else None,
             num_samples=config.search.num_samples,
@@ -185,6 +310,7 @@ def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]],
             storage_path=root,
             storage_filesystem=tune_filesystem(root),
             failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
+            callbacks=build_callbacks(config, experiment, name),
             verbose=1,  # status tables and trial errors; each trial's metrics are in the closing summary
         ),
     )

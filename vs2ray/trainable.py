@@ -16,10 +16,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.tune import Callback
 
-from vs2ray.config import config_with, validate_config
-from vs2ray.evaluate import MethodResult
-from vs2ray.results import CHECKPOINT_FILES, METHODS_FILE, METRICS_FILE, PER_CLASS_FILE, PREDICTIONS_FILE
+from vs2ray.config import ExperimentConfig, config_with, full_steps, validate_config
+from vs2ray.evaluate import Evaluator, MethodResult
+from vs2ray.results import (
+    CHECKPOINT_FILES,
+    METHODS_FILE,
+    METRICS_FILE,
+    PER_CLASS_FILE,
+    PREDICTIONS_FILE,
+    record_stopped,
+)
+from vs2ray.sae import TopKSAE, evaluate_sae
 from vs2ray.stages import (
     SAE_METRICS,
     SweepData,
@@ -42,6 +51,72 @@ def trial_metrics(trained: TrainedSAE, results: dict[str, MethodResult]) -> dict
     for result in results.values():
         metrics.update(result.summary())
     return metrics
+
+
+class IntermediateReports:
+    """`on_report` for a training SAE: every `sae.report_every` steps, one Tune result with the SAE as it is.
+
+    The result holds the step (`sae_step`, the schedulers' time axis), FVU on a sample of the
+    training rows and on the validation rows, L0, the dead fraction of training, and each
+    `search.metric` measured on validation only (`Evaluator.validate` at this trial's steering
+    settings), so that a scheduler can compare the trial with others at the same step.
+    """
+
+    SAMPLE_ROWS = 4096  # rows for the intermediate FVUs: enough for 3 digits, cheap at every report
+
+    def __init__(self, config: ExperimentConfig, data: SweepData, device: str, started: float) -> None:
+        self.config, self.data, self.device, self.started = config, data, device, started
+        split = data.split
+        acts = torch.from_numpy(np.asarray(split.acts[split.column(config.sae.layer, config.sae.tokens)]))
+        generator = torch.Generator().manual_seed(config.seed)
+        self.samples = {}
+        for name, mask in (("fvu", split.train_mask), ("val_fvu", split.val_mask)):
+            rows = acts[torch.from_numpy(mask)].reshape(-1, acts.shape[-1])
+            pick = torch.randperm(len(rows), generator=generator)[: self.SAMPLE_ROWS]
+            self.samples[name] = rows[pick].float()
+        searched = config.search.metrics
+        self.methods = [m for m in config.steering.methods if any(metric.endswith(f"_{m}") for metric in searched)]
+        self.evaluator: Evaluator | None = None
+        self.seconds = 0.0
+
+    def __call__(self, step: int, sae: TopKSAE, dead_fraction: float) -> None:
+        from ray import tune
+
+        started = time.perf_counter()
+        result: dict[str, Any] = {"sae_step": step, "dead_fraction": dead_fraction, "vs2ray_intermediate": True}
+        for name, rows in self.samples.items():
+            measured = evaluate_sae(sae, rows)
+            result[name] = measured["fvu"]
+            result.update(l0=measured["l0"], dense_fraction=measured["dense_fraction"])
+        if self.methods:
+            if self.evaluator is None:
+                self.evaluator = build_evaluator(self.config, self.data, sae, self.device)
+            evaluator, grid = self.evaluator.with_sae(sae), steering_grid(self.config)
+            on_test = any(m.startswith("test_") for m in self.config.search.metrics)  # allow_test_selection
+            for method in self.methods:
+                scores = evaluator.evaluate(method, grid).summary() if on_test else evaluator.validate(method, grid)
+                result.update(scores)
+        sae.train()  # the evaluator put it in eval mode; training goes on
+        self.seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - self.started
+        tune.report({**result, "report_seconds": self.seconds, "train_seconds": elapsed, "trial_seconds": elapsed})
+
+
+class StoppedTrials(Callback):
+    """Tune callback (driver side): records every trial a scheduler stopped in `vs2ray_stopped.json`.
+
+    A trial counts as stopped when it ended without error and its last result is an
+    intermediate one, before `max_t`; `vs2ray.results` reads the file to tell such trials
+    from unfinished ones.
+    """
+
+    def __init__(self, experiment: str, max_t: int) -> None:
+        self.experiment, self.max_t = experiment, max_t
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        if result.get("vs2ray_intermediate") and result.get("sae_step", self.max_t) < self.max_t:
+            record_stopped(self.experiment, trial.trial_id, int(result["sae_step"]))
 
 
 def write_trial_files(directory: Path, classes: list[str], labels: np.ndarray, results: dict[str, MethodResult]):
@@ -78,7 +153,8 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     config = config_with(validate_config(base_config, "sweep"), params)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = sae_params(config)
-    trained = get_or_train_sae(config, params, data.split, log=print)
+    reports = IntermediateReports(config, data, device, started) if config.sae.report_every else None
+    trained = get_or_train_sae(config, params, data.split, log=print, on_report=reports)
     every_block = block_saes(config, params, data.split, print)
     evaluation_started = time.perf_counter()
     evaluator = build_evaluator(config, data, trained.sae, device, every_block)
@@ -87,6 +163,8 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     metrics.update(
         sae_block=evaluator.encoder.block,  # the block index, whatever way sae.layer was written
         sae_tokens=config.sae.tokens,
+        sae_step=full_steps(config),  # a cached SAE counts as fully trained for the schedulers
+        report_seconds=reports.seconds if reports else 0.0,
         eval_seconds=time.perf_counter() - evaluation_started,
         trial_seconds=time.perf_counter() - started,
         node_id=ray.get_runtime_context().get_node_id(),
