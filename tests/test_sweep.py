@@ -204,7 +204,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
         "sae.expansion={choice: [2, 4]}",
         "sae.steps=200",
         "steering.methods=[zero_shot, vs2]",
-        "search.num_samples=5",
+        "search.num_samples=4",
         "search.max_concurrent_trials=1",
         "search.scheduler=asha",
         "sae.report_every=50",
@@ -231,13 +231,13 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
     finally:
         driver.kill()
     before = _finished_trials(experiment)
-    assert 2 <= len(before) < 5
+    assert 2 <= len(before) < 4
 
     output = run_sweep(storage, address, "killed", *assignments, extra=("--resume",))
     assert output.returncode == 0, output.stderr[-3000:]
     assert f"resuming {experiment}" in output.stdout
     trials = load_results(experiment)
-    assert len(trials) == 5 and trials["trial_id"].is_unique
+    assert len(trials) == 4 and trials["trial_id"].is_unique
     assert trials["status"].isin(["TERMINATED", "STOPPED"]).all() and (trials["status"] == "TERMINATED").any()
     after = _finished_trials(experiment)
     for name, metrics in before.items():
@@ -245,7 +245,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
         # its report and Tune's state save; the trial then re-reports the result in its checkpoint.)
         assert after[name] == metrics
     saved = yaml.safe_load((experiment / "vs2ray_config.yaml").read_text())
-    assert saved["search"]["num_samples"] == 5
+    assert saved["search"]["num_samples"] == 4
     # the persisted study, read with Optuna's own loader, holds every trial that finished
     journal = JournalStorage(JournalFileBackend(str(experiment / "optuna.journal")))
     study = optuna.load_study(study_name="killed", storage=journal)
@@ -274,13 +274,13 @@ def test_asha_stops_a_poor_sae_early_never_caches_it_and_mlflow_keeps_every_repo
         "sae.k={choice: [2, 24]}",
         "pass.w_aux={choice: [0.0]}",
         "sae.expansion=3",
-        "sae.steps=200",
-        "sae.report_every=50",
+        "sae.steps=100",
+        "sae.report_every=25",
         "steering.methods=[zero_shot, vs2]",
         "search.metric=val_fvu",
         "search.mode=min",
         "search.scheduler=asha",
-        "search.grace_period=50",
+        "search.grace_period=25",
         "search.reduction_factor=2",
         "search.num_samples=2",
         "search.max_concurrent_trials=1",
@@ -292,7 +292,7 @@ def test_asha_stops_a_poor_sae_early_never_caches_it_and_mlflow_keeps_every_repo
     experiment = storage / "experiments" / "asha"
     trials = load_results(experiment).set_index("sae.k")
     assert trials.loc[24, "status"] == "TERMINATED" and trials.loc[2, "status"] == "STOPPED"
-    assert trials.loc[2, "stopped_step"] == 50 < 200
+    assert trials.loc[2, "stopped_step"] == 25 < 100
     assert trials.loc[2, "val_fvu"] > trials.loc[24, "val_fvu"]
     # only the finished SAE is in the cache
     saes = [d for d in (storage / "saes").iterdir() if (d / "metrics.json").is_file()]
@@ -312,7 +312,7 @@ def test_asha_stops_a_poor_sae_early_never_caches_it_and_mlflow_keeps_every_repo
         ]
         assert list(Path(trial.trial_dir).glob("events.out.tfevents.*"))  # TensorBoard
         steps = [r["sae_step"] for r in reports]
-        assert steps == ([50, 100, 150, 200] if trial.Index == 24 else [50])
+        assert steps == ([25, 50, 75, 100] if trial.Index == 24 else [25])
 
 
 def test_resume_refuses_an_experiment_whose_state_was_cut_short(tmp_path):

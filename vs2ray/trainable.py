@@ -66,24 +66,30 @@ class IntermediateReports:
 
     def __init__(self, config: ExperimentConfig, data: SweepData, device: str, started: float) -> None:
         self.config, self.data, self.device, self.started = config, data, device, started
-        split = data.split
+        searched = config.search.metrics
+        self.methods = [m for m in config.steering.methods if any(metric.endswith(f"_{m}") for metric in searched)]
+        self.samples: dict[str, torch.Tensor] = {}  # drawn at the first report: a cached SAE never needs them
+        self.evaluator: Evaluator | None = None
+        self.seconds = 0.0
+
+    def _draw_samples(self) -> dict[str, torch.Tensor]:
+        """Up to SAMPLE_ROWS training and validation rows of the SAE's column, drawn with the config's seed."""
+        split, config = self.data.split, self.config
         acts = torch.from_numpy(np.asarray(split.acts[split.column(config.sae.layer, config.sae.tokens)]))
         generator = torch.Generator().manual_seed(config.seed)
-        self.samples = {}
+        samples = {}
         for name, mask in (("fvu", split.train_mask), ("val_fvu", split.val_mask)):
             rows = acts[torch.from_numpy(mask)].reshape(-1, acts.shape[-1])
             pick = torch.randperm(len(rows), generator=generator)[: self.SAMPLE_ROWS]
-            self.samples[name] = rows[pick].float()
-        searched = config.search.metrics
-        self.methods = [m for m in config.steering.methods if any(metric.endswith(f"_{m}") for metric in searched)]
-        self.evaluator: Evaluator | None = None
-        self.seconds = 0.0
+            samples[name] = rows[pick].float()
+        return samples
 
     def __call__(self, step: int, sae: TopKSAE, dead_fraction: float) -> None:
         from ray import tune
 
         started = time.perf_counter()
         result: dict[str, Any] = {"sae_step": step, "dead_fraction": dead_fraction, "vs2ray_intermediate": True}
+        self.samples = self.samples or self._draw_samples()
         for name, rows in self.samples.items():
             measured = evaluate_sae(sae, rows)
             result[name] = measured["fvu"]
