@@ -298,6 +298,7 @@ class SearchConfig(Section):
     grace_period: int = Field(250, ge=1, description="SAE steps a trial runs before it can be stopped")
     reduction_factor: float = Field(3.0, gt=1.0, description="asha / hyperband: 1/fraction of trials kept per rung")
     max_t: int | None = Field(None, ge=1, description="asha / hyperband: SAE steps of a full trial; default sae.steps")
+    brackets: int = Field(3, ge=1, description="hyperband: brackets of the asynchronous HyperBand (asha is one)")
 
     @property
     def metrics(self) -> list[str]:

@@ -4,8 +4,10 @@ The driver extracts (or reuses) the activation stores, loads the arrays once and
 them to every trial through the object store (`tune.with_parameters`), starts the FAISS
 retrieval actors when a neighbour method is evaluated, and runs a `tune.Tuner` whose
 `OptunaSearch` samples every value the YAML marks as a distribution (define-by-run, so
-a value that only matters under a condition is sampled only then). At the end it prints
-the best trials and each method at its validation-selected trial.
+a value that only matters under a condition is sampled only then), with the configured
+scheduler (FIFO, or ASHA / HyperBand / the median rule on the SAE step) and trackers
+(MLflow, W&B, TensorBoard, a persisted Optuna study). At the end it prints the best
+trials and each method at its validation-selected trial.
 """
 
 from __future__ import annotations
@@ -134,8 +136,9 @@ def _scheduler_problems(config: ExperimentConfig) -> list[str]:
     return problems
 
 
-# tracker -> (config flag, importable module, pip extra)
+# tracking.<flag> -> the module it needs (the pip extra has the flag's name)
 TRACKERS = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboardX"}
+OPTUNA_JOURNAL, OPTUNA_SQLITE, MLFLOW_DB = "optuna.journal", "optuna.db", "mlflow.db"  # in the experiment dir
 
 
 def tracker_problems(tracking: TrackingConfig) -> list[str]:
@@ -214,20 +217,24 @@ def build_searcher(
 
 def build_scheduler(config: ExperimentConfig) -> Any | None:
     """The configured Tune scheduler on the SAE step (`sae_step`); None for FIFO (Tune's default)."""
-    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, MedianStoppingRule
+    from ray.tune.schedulers import AsyncHyperBandScheduler, MedianStoppingRule
 
     search, max_t = config.search, full_steps(config)
-    if search.scheduler == "asha":
-        return ASHAScheduler(
+    if search.scheduler in ("asha", "hyperband"):
+        # HyperBand as Li et al. (2020) run it at scale: asynchronous brackets (ASHA is one bracket). Tune's
+        # synchronous HyperBandScheduler pauses trials at its rungs, and a paused SAE would restart from step 0.
+        return AsyncHyperBandScheduler(
             time_attr="sae_step",
             max_t=max_t,
             grace_period=search.grace_period,
             reduction_factor=search.reduction_factor,
+            brackets=search.brackets if search.scheduler == "hyperband" else 1,
         )
-    if search.scheduler == "hyperband":
-        return HyperBandScheduler(time_attr="sae_step", max_t=max_t, reduction_factor=search.reduction_factor)
     if search.scheduler == "median":
-        return MedianStoppingRule(time_attr="sae_step", grace_period=search.grace_period, min_samples_required=3)
+        # min_time_slice = max_t: never pause a trial to "yield time" (a paused SAE would restart from step 0)
+        return MedianStoppingRule(
+            time_attr="sae_step", grace_period=search.grace_period, min_samples_required=3, min_time_slice=max_t
+        )
     return None
 
 
@@ -244,9 +251,6 @@ def optuna_storage(config: ExperimentConfig, experiment: str) -> Any | None:
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(Path(experiment) / OPTUNA_JOURNAL)))
     return optuna.storages.RDBStorage(f"sqlite:///{Path(experiment) / OPTUNA_SQLITE}")
-
-
-OPTUNA_JOURNAL, OPTUNA_SQLITE, MLFLOW_DB = "optuna.journal", "optuna.db", "mlflow.db"
 
 
 def build_callbacks(config: ExperimentConfig, experiment: str, name: str) -> list[Any]:

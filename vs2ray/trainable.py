@@ -2,8 +2,9 @@
 
 `run_trial` fixes the trial's sampled values in the config, gets or trains the SAE (a
 checkpoint cache keyed by the training parameters, so trials that differ only in steering
-parameters reuse it), evaluates the configured methods, and reports one result. The stage
-functions it calls (`vs2ray.stages`) are the ones the CLI uses.
+parameters reuse it), evaluates the configured methods, and reports the result; while it
+trains an SAE it also reports intermediate results (`IntermediateReports`) that the
+schedulers act on. The stage functions it calls (`vs2ray.stages`) are the ones the CLI uses.
 """
 
 from __future__ import annotations
