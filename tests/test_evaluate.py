@@ -69,6 +69,23 @@ def test_selection_happens_on_validation_and_oracle_is_the_test_maximum(evaluato
             assert top1 == zero.test_top1[0]
 
 
+def test_intermediate_validation_matches_the_full_evaluation_and_follows_the_sae(evaluator):
+    # what a scheduler sees mid-training: the validation-selected figures of evaluate(), never the test split
+    for method in ("vs2", "vs2_gated", "vs2pp"):
+        full = evaluator.evaluate(method, GRID)
+        i = int(np.argmax(full.val_top1))
+        assert evaluator.validate(method, GRID) == {
+            f"val_top1_{method}": full.val_top1[i],
+            f"val_top5_{method}": full.val_top5[i],
+        }
+    # with_sae: the same splits with another SAE, nothing cached from the first one
+    other = train_sae(evaluator.pool.cls, SAETrainParams(k=1, expansion=1, steps=5, batch_size=256, seed=1)).sae
+    swapped = evaluator.with_sae(other)
+    fresh = Evaluator(other, evaluator.head, evaluator.classifier, evaluator.pool, evaluator.val, evaluator.test)
+    rec = "sae_rec_final"  # the reconstruction alone: its accuracy depends on the SAE and nothing else
+    assert swapped.validate(rec, GRID) == fresh.validate(rec, GRID) != evaluator.validate(rec, GRID)
+
+
 def test_gated_results_carry_coverage_growing_with_q(evaluator):
     result = evaluator.evaluate("vs2_gated", GRID)
     by_q = {}
