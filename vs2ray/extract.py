@@ -201,57 +201,45 @@ class ChunkEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         with self._encoder_lock:
             columns = self.encode(batch)
-        rows = write_chunk(columns, Path(str(batch["store_dir"][0])))
+        failed = json.loads(str(batch["failed"][0]))
+        write_part(Path(str(batch["store_dir"][0])), int(batch["chunk"][0]), columns, failed)
         worker = {"node": self.node_id, "gpus": self.gpu_ids, "device": str(self.bundle.device)}
         summary = {key: batch[key] for key in ("split", "chunk", "failed")}
-        return {**summary, "rows": [rows], "worker": [json.dumps(worker)]}
+        return {**summary, "rows": [len(columns["id"])], "worker": [json.dumps(worker)]}
 
-    def encode(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        """One decoded chunk -> its columns: ids, labels, failures, cls_/tokens_<block>, embedding, retrieval."""
+    def encode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One decoded chunk -> its part file's columns: id, label, cls_/tokens_<block>, embedding, retrieval."""
         import torch
 
         from vs2ray.models import capture_blocks, encode_images, encode_retrieval
 
         pixels = np.asarray(batch["pixels"][0])
-        out: dict[str, Any] = {key: batch[key] for key in ("chunk", "ids", "labels", "failed")}
+        out = {"id": np.asarray(batch["ids"][0]), "label": np.asarray(batch["labels"][0])}
         width = self.bundle.model.visual.transformer.width
         embed_dim = self.bundle.model.visual.proj.shape[1]
         if not len(pixels):  # every image of the chunk failed: empty columns of the right width
-            out.update({f"cls_{layer}": [np.zeros((0, width), np.float32)] for layer in self.layers})
+            out.update({f"cls_{layer}": np.zeros((0, width), np.float32) for layer in self.layers})
             if self.all_tokens:
                 num_tokens = self.bundle.model.visual.positional_embedding.shape[0]
-                out.update({f"tokens_{layer}": [np.zeros((0, num_tokens, width), np.float32)] for layer in self.layers})
-            out["embedding"] = [np.zeros((0, embed_dim), np.float32)]
+                out.update({f"tokens_{layer}": np.zeros((0, num_tokens, width), np.float32) for layer in self.layers})
+            out["embedding"] = np.zeros((0, embed_dim), np.float32)
             if self.retrieval is not None:
-                out["retrieval"] = [np.zeros((0, self.retrieval.model.num_features), np.float32)]
+                out["retrieval"] = np.zeros((0, self.retrieval.model.num_features), np.float32)
         else:
             with torch.inference_mode(), capture_blocks(self.bundle, self.layers, self.all_tokens) as captured:
                 images = normalise_pixels(pixels, *self.normalisation["pixels"])
-                out["embedding"] = [encode_images(self.bundle, images).cpu().numpy()]
+                out["embedding"] = encode_images(self.bundle, images).cpu().numpy()
                 for layer in self.layers:
                     tokens = captured[layer].float().cpu().numpy()
                     # all-token stores keep cls_<layer> too (1/T of the size), so [CLS] readers never load tokens
-                    out[f"cls_{layer}"] = [tokens[:, 0] if self.all_tokens else tokens]
+                    out[f"cls_{layer}"] = tokens[:, 0] if self.all_tokens else tokens
                     if self.all_tokens:
-                        out[f"tokens_{layer}"] = [tokens]
+                        out[f"tokens_{layer}"] = tokens
             if self.retrieval is not None:
                 retrieval_images = np.asarray(batch["retrieval_pixels"][0])
                 images = normalise_pixels(retrieval_images, *self.normalisation["retrieval_pixels"])
-                out["retrieval"] = [encode_retrieval(self.retrieval, images).cpu().numpy()]
+                out["retrieval"] = encode_retrieval(self.retrieval, images).cpu().numpy()
         return out
-
-
-def write_chunk(encoded: dict[str, Any], store_dir: Path) -> int:
-    """Write one encoded chunk (the columns `ChunkEncoder.encode` returns) as its part file; return its rows."""
-    vectors = {
-        k: np.asarray(encoded[k][0])
-        for k in encoded
-        if k.startswith(("cls_", "tokens_")) or k in ("embedding", "retrieval")
-    }
-    columns = {"id": np.asarray(encoded["ids"][0]), "label": np.asarray(encoded["labels"][0]), **vectors}
-    failed = json.loads(str(encoded["failed"][0]))
-    write_part(store_dir, int(encoded["chunk"][0]), columns, failed)
-    return len(columns["id"])
 
 
 # ---------------------------------------------------------------- driver side

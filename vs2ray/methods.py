@@ -68,6 +68,9 @@ class Context(Protocol):
         """The last block's [CLS] (n, d) with every block's output replaced by its SAE's reconstruction."""
 
 
+METHOD_METRICS = ("val_top1", "val_top5", "test_top1", "test_top5", "test_oracle_top1")  # reported per method
+
+
 def metric_name(kind: str, method: str) -> str:
     """A method's reported metric, e.g. ('val_top1', 'vs2') -> 'val_top1_vs2' (also 'selected_gamma', 'coverage')."""
     return f"{kind}_{method}"

@@ -63,10 +63,14 @@ def _results(text: str | None) -> list[dict[str, Any]]:
     return [line for line in map(_json_or_none, (text or "").splitlines()) if isinstance(line, dict)]
 
 
+def _stopped(experiment: str) -> dict[str, int]:
+    """Trial id -> the SAE step at which the scheduler stopped it ({} when none was)."""
+    return _json_or_none(read_text(f"{experiment}/{STOPPED_FILE}") or "{}") or {}
+
+
 def record_stopped(experiment: str, trial_id: str, step: int) -> None:
     """Note in the experiment dir that the scheduler stopped `trial_id` at SAE step `step`."""
-    stopped = _json_or_none(read_text(f"{experiment}/{STOPPED_FILE}") or "{}") or {}
-    write_text(f"{experiment}/{STOPPED_FILE}", json.dumps({**stopped, trial_id: step}))
+    write_text(f"{experiment}/{STOPPED_FILE}", json.dumps({**_stopped(experiment), trial_id: step}))
 
 
 def learning_curves(trials: pd.DataFrame) -> pd.DataFrame:
@@ -92,7 +96,7 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
     if not list_dirs(experiment) and read_text(f"{experiment}/{SWEEP_CONFIG_FILE}") is None:
         raise FileNotFoundError(f"{experiment} is not a vs2ray experiment dir (no trials, no vs2ray_config.yaml)")
     rows = []
-    stopped = _json_or_none(read_text(f"{experiment}/{STOPPED_FILE}") or "{}") or {}
+    stopped = _stopped(experiment)
     for name in list_dirs(experiment):
         trial_dir = f"{experiment}/{name}"
         params_text = read_text(f"{trial_dir}/params.json")

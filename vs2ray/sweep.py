@@ -27,10 +27,9 @@ from vs2ray.config import (
     search_space,
 )
 from vs2ray.files import is_uri, list_dirs, modified, storage_filesystem
-from vs2ray.methods import metric_name
+from vs2ray.methods import METHOD_METRICS, metric_name
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
-METHOD_METRICS = ("val_top1", "val_top5", "test_top1", "test_top5", "test_oracle_top1")
 
 
 def _sampled_only_with_pass(values: dict[str, Any]) -> bool:
@@ -102,13 +101,7 @@ def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
             config_with(config, point, f"search.points_to_evaluate[{i}]")
         except ConfigError as error:
             problems += error.problems
-    problems += _scheduler_problems(config) + tracker_problems(config.tracking)
-    if is_uri(experiments_root(config)):
-        tracking = config.tracking
-        if tracking.mlflow and not (tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-            problems.append("tracking.mlflow_uri: give one (or MLFLOW_TRACKING_URI); the experiments dir is remote")
-        if tracking.optuna_storage != "none":
-            problems.append(f"tracking.optuna_storage: {tracking.optuna_storage} needs a local experiments dir")
+    problems += _scheduler_problems(config) + tracker_problems(config.tracking, experiments_root(config))
     if problems:
         raise ConfigError(problems, "sweep")
     return space
@@ -141,8 +134,9 @@ TRACKERS = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboardX"}
 OPTUNA_JOURNAL, OPTUNA_SQLITE, MLFLOW_DB = "optuna.journal", "optuna.db", "mlflow.db"  # in the experiment dir
 
 
-def tracker_problems(tracking: TrackingConfig) -> list[str]:
-    """A config error for every tracker asked for whose package is not installed (checked before Ray starts)."""
+def tracker_problems(tracking: TrackingConfig, experiments: str) -> list[str]:
+    """A config error for every tracker asked for whose package is not installed, or whose local default
+    cannot live under a remote `experiments` root (checked before Ray starts)."""
     import importlib.util
 
     problems = []
@@ -152,6 +146,11 @@ def tracker_problems(tracking: TrackingConfig) -> list[str]:
                 f"tracking.{flag}: true needs the {module} package, which is not installed; "
                 f"pip install 'vs2ray[{flag}]' (or set tracking.{flag}: false)"
             )
+    if is_uri(experiments):
+        if tracking.mlflow and not (tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            problems.append("tracking.mlflow_uri: give one (or MLFLOW_TRACKING_URI); the experiments dir is remote")
+        if tracking.optuna_storage != "none":
+            problems.append(f"tracking.optuna_storage: {tracking.optuna_storage} needs a local experiments dir")
     return problems
 
 

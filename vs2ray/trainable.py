@@ -21,6 +21,7 @@ from ray.tune import Callback
 
 from vs2ray.config import ExperimentConfig, config_with, full_steps, validate_config
 from vs2ray.evaluate import Evaluator, MethodResult
+from vs2ray.methods import METHOD_METRICS, method_of
 from vs2ray.results import (
     CHECKPOINT_FILES,
     METHODS_FILE,
@@ -67,8 +68,8 @@ class IntermediateReports:
 
     def __init__(self, config: ExperimentConfig, data: SweepData, device: str, started: float) -> None:
         self.config, self.data, self.device, self.started = config, data, device, started
-        searched = config.search.metrics
-        self.methods = [m for m in config.steering.methods if any(metric.endswith(f"_{m}") for metric in searched)]
+        searched = {method_of(metric, kind) for metric in config.search.metrics for kind in METHOD_METRICS}
+        self.methods = [m for m in config.steering.methods if m in searched]
         self.samples: dict[str, torch.Tensor] = {}  # drawn at the first report: a cached SAE never needs them
         self.evaluator: Evaluator | None = None
         self.seconds = 0.0
@@ -96,9 +97,13 @@ class IntermediateReports:
             result[name] = measured["fvu"]
             result.update(l0=measured["l0"], dense_fraction=measured["dense_fraction"])
         if self.methods:
-            if self.evaluator is None:
-                self.evaluator = build_evaluator(self.config, self.data, sae, self.device)
-            evaluator, grid = self.evaluator.with_sae(sae), steering_grid(self.config)
+            # built once (splits, head, encoder); each report only swaps in the SAE as it is now
+            evaluator = (
+                self.evaluator.with_sae(sae)
+                if self.evaluator is not None
+                else build_evaluator(self.config, self.data, sae, self.device)
+            )
+            self.evaluator, grid = evaluator, steering_grid(self.config)
             on_test = any(m.startswith("test_") for m in self.config.search.metrics)  # allow_test_selection
             for method in self.methods:
                 scores = evaluator.evaluate(method, grid).summary() if on_test else evaluator.validate(method, grid)
