@@ -162,13 +162,23 @@ class ModelConfig(Section):
 
 
 class DatasetConfig(Section):
-    name: Literal["shapes", "cifar100", "imagefolder", "huggingface"] = "shapes"
-    root: str | None = Field(None, description="local copy of the data (cifar100, imagefolder, HF cache)")
-    download: bool = Field(False, description="cifar100: download into root when missing")
-    seed: int = Field(0, description="shapes: generation seed")
-    sizes: dict[Literal["train", "test", "pretrain"], Annotated[int, Field(ge=1)]] = Field(
-        default_factory=dict, description="shapes: images per split (default train 20000, test 5000)"
+    name: Literal["shapes", "shapes_spurious", "cifar100", "imagefolder", "huggingface", "waterbirds", "celeba"] = (
+        "shapes"
     )
+    root: str | None = Field(
+        None, description="local copy of the data (cifar100, imagefolder, waterbirds, celeba, HF cache)"
+    )
+    download: bool = Field(False, description="cifar100: download into root when missing")
+    seed: int = Field(0, description="shapes, shapes_spurious: generation seed")
+    sizes: dict[Literal["train", "test", "pretrain"], Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="shapes: images per split (default train 20000, test 5000; shapes_spurious 10000, 4000)",
+    )
+    spurious_agreement: float = Field(
+        0.95, ge=0.0, le=1.0, description="shapes_spurious: share of train images whose colour agrees with the class"
+    )
+    target_attribute: str = Field("Blond_Hair", description="celeba: the attribute that is the class")
+    group_attribute: str = Field("Male", description="celeba: the attribute that makes the groups")
     train_split: str = "train"
     test_split: str = "test"
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train held out for selection")
@@ -180,7 +190,7 @@ class DatasetConfig(Section):
 
     @model_validator(mode="after")
     def _needs_for_source(self) -> DatasetConfig:
-        if self.name in ("cifar100", "imagefolder") and not self.root:
+        if self.name in ("cifar100", "imagefolder", "waterbirds", "celeba") and not self.root:
             raise PydanticCustomError("dataset_root", f"dataset.name: {self.name} needs dataset.root (a directory)")
         if self.name == "huggingface" and not self.hf_path:
             raise PydanticCustomError("dataset_hf", "dataset.name: huggingface needs dataset.hf_path")

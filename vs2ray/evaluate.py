@@ -42,6 +42,8 @@ class SplitData:
     labels: torch.Tensor  # (n,) int64
     retrieval: torch.Tensor | None = None  # (n, r) neighbour-search vectors; default: embedding
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (n, T, width): steering inside
+    attributes: torch.Tensor | None = None  # (n,) int64 nuisance attribute, on datasets with groups
+    groups: torch.Tensor | None = None  # (n,) int64 class × attribute group, on datasets with groups
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Grid:
     rag_alphas: Sequence[float] = (0.25, 0.5, 0.75)
     n_neighbors: int = 50
     positive_rules: Sequence[str] = ("query", "majority")
+    ablate_scores: Sequence[str] = ("within_class", "correlation")
+    ablate_counts: Sequence[int] = (1, 2, 4, 8, 16)
 
     def values(self, param: str) -> Sequence[Any]:
         """The values a grid parameter (methods.GRID_PARAMS) takes."""
@@ -79,15 +83,19 @@ class Grid:
             "quantile": self.gate_quantiles,
             "a": self.rag_alphas,
             "n_neighbors": (self.n_neighbors,),
+            "score": self.ablate_scores,
+            "n_latents": self.ablate_counts,
         }[param]
 
 
 @dataclass
 class MethodResult:
-    """One method's outcome: per-setting validation/test top-1 and the validation-selected point."""
+    """One method's outcome: per-setting validation/test top-1 (and worst-group accuracy on datasets with groups)
+    and the validation-selected point: best validation top-1, or best validation worst-group accuracy."""
 
     method: str
     settings: list[Setting]
+    select_by: str = "top1"  # or "worst_group"
     val_top1: list[float] = field(default_factory=list)
     val_top5: list[float] = field(default_factory=list)
     test_top1: list[float] = field(default_factory=list)
@@ -95,10 +103,13 @@ class MethodResult:
     coverage: list[float | None] = field(default_factory=list)
     per_class_test: list[list[float]] = field(default_factory=list, repr=False)
     test_predictions: list[np.ndarray] = field(default_factory=list, repr=False)  # (n_test,) each
+    val_worst: list[float] = field(default_factory=list)  # empty without groups
+    test_worst: list[float] = field(default_factory=list)
+    per_group_test: list[list[float]] = field(default_factory=list, repr=False)
 
     @property
     def selected(self) -> int:
-        return int(np.argmax(self.val_top1))
+        return int(np.argmax(self.val_worst if self.select_by == "worst_group" else self.val_top1))
 
     def summary(self) -> dict[str, Any]:
         """Flat metrics: val/test at the validation-selected setting, and the test-oracle best."""
@@ -110,6 +121,9 @@ class MethodResult:
             metric_name("test_top5", m): self.test_top5[i],
             metric_name("test_oracle_top1", m): max(self.test_top1),
         }
+        if self.val_worst:
+            out[metric_name("val_worst_group", m)] = self.val_worst[i]
+            out[metric_name("test_worst_group", m)] = self.test_worst[i]
         out.update({metric_name(f"selected_{name}", m): value for name, value in self.settings[i].items()})
         if self.coverage[i] is not None:
             out[metric_name("coverage", m)] = self.coverage[i]
@@ -124,6 +138,19 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tu
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)
     per_class = (torch.bincount(labels[hit1], minlength=num_classes) / counts).tolist()
     return hit1.float().mean().item(), top5, per_class
+
+
+def group_accuracies(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, num_groups: int) -> list[float]:
+    """Top-1 accuracy within each group (num_groups,), NaN for a group with no rows."""
+    hits = (logits.argmax(dim=1) == labels).double()
+    counts = torch.bincount(groups, minlength=num_groups).double()
+    correct = torch.bincount(groups, weights=hits, minlength=num_groups)
+    return torch.where(counts > 0, correct / counts.clamp_min(1), torch.nan).tolist()
+
+
+def worst_group(per_group: list[float]) -> float:
+    """The lowest accuracy among the groups that have rows."""
+    return min(a for a in per_group if not np.isnan(a))
 
 
 def settings_for(method: str, grid: Grid) -> list[Setting]:
@@ -149,12 +176,18 @@ class Evaluator:
         test: SplitData,
         search: Search | None = None,
         encoder: Encoder | None = None,
+        num_groups: int = 0,
+        select_by: str = "top1",
     ) -> None:
         self.sae, self.head, self.classifier = sae.eval(), head, text_classifier
         self.pool, self.val, self.test = pool, val, test
         self.search = search
         self.encoder = encoder
         self.num_classes = text_classifier.shape[0]
+        self.num_groups, self.select_by = num_groups, select_by
+        if select_by == "worst_group" and not num_groups:
+            raise ValueError("selection by worst-group accuracy needs group labels (num_groups > 0)")
+        self._latent_scores: dict[str, torch.Tensor] = {}
         self._sae_passes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._zero_shot: dict[str, torch.Tensor] = {}
         self._neighbours: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -174,11 +207,14 @@ class Evaluator:
         if split.name not in self._token_rows:
             tokens = split.tokens[self.encoder.block]
             per_image = tokens.shape[1]
+            repeat = lambda rows: None if rows is None else rows.repeat_interleave(per_image, dim=0)  # noqa: E731
             self._token_rows[split.name] = SplitData(
                 name=f"{split.name}/tokens",
                 cls=tokens.reshape(-1, tokens.shape[-1]),
-                embedding=split.embedding.repeat_interleave(per_image, dim=0),
-                labels=split.labels.repeat_interleave(per_image),
+                embedding=repeat(split.embedding),
+                labels=repeat(split.labels),
+                attributes=repeat(split.attributes),
+                groups=repeat(split.groups),
             )
         return self._token_rows[split.name]
 
@@ -243,6 +279,27 @@ class Evaluator:
             raise ValueError("sae_rec_all needs every token of block 0 (extraction.tokens: all, layers from 0)")
         return steering.sae_rec_every_block(split.tokens[0], encoder.block_saes, encoder.run_block, encoder.all_tokens)
 
+    @torch.no_grad()
+    def latent_scores(self, score: str) -> torch.Tensor:
+        """Each latent's association with the nuisance attribute (latents,), on the pool's labelled rows
+        (the SAE's training rows): per image, the mean code over the rows the SAE steers ([CLS], or every
+        token of the block). Memoised per score."""
+        if score not in self._latent_scores:
+            pool = self.pool
+            if pool.attributes is None:
+                raise ValueError("ablate needs the nuisance attribute of the pool rows (a dataset with groups)")
+            rows = self._token_view(pool) if self._steers_every_token else pool
+            per_image = len(rows.cls) // len(pool.cls)
+            codes = torch.cat(
+                [
+                    self.sae.dense_codes(*self.sae.encode(rows.cls[start : start + 4096 * per_image]))
+                    for start in range(0, len(rows.cls), 4096 * per_image)
+                ]
+            )
+            image_codes = steering.mean_codes_per_image(codes, per_image)
+            self._latent_scores[score] = steering.association_scores(image_codes, pool.labels, pool.attributes, score)
+        return self._latent_scores[score]
+
     # ------------------------------------------------ evaluation
 
     @torch.no_grad()
@@ -256,16 +313,27 @@ class Evaluator:
             return steering.logits_from_embeddings(embeddings, self.classifier), coverage
         if entry.kind == "final":
             final_cls, coverage = entry.steer(self, split, setting)
-        elif self._steers_every_token and entry.rowwise:
-            rows, coverage = entry.steer(self, self._token_view(split), setting)
-            final_cls = self._finish(rows.reshape(split.tokens[self.encoder.block].shape))
         else:
-            steered, coverage = entry.steer(self, split, setting)
-            at_last = self.encoder is None or self.encoder.at_last_block
-            final_cls = (
-                steered if at_last else self._finish(steering.with_cls(split.tokens[self.encoder.block], steered))
-            )
+            steered, coverage = entry.steer(self, self.steered_rows(split) if entry.rowwise else split, setting)
+            final_cls = self.final_cls(split, steered, every_token=entry.rowwise)
         return steering.classify(final_cls, self.head, self.classifier), coverage
+
+    def steered_rows(self, split: SplitData) -> SplitData:
+        """The rows a row-wise method steers: every token of the steering block (an all-token SAE inside the
+        encoder: n·T rows, an image's tokens consecutive), else the [CLS] tokens (n rows)."""
+        return self._token_view(split) if self._steers_every_token else split
+
+    def final_cls(self, split: SplitData, steered: torch.Tensor, every_token: bool = True) -> torch.Tensor:
+        """The last block's [CLS] (n, width) from steered rows of `split` at the steering block: [CLS] tokens
+        (n, width), or with `every_token` the rows of `steered_rows` (n·T, width); c copies of the split's
+        rows stacked (c·n rows, say c steered units) give c·n outputs."""
+        if self.encoder is None or self.encoder.at_last_block:
+            return steered
+        tokens = split.tokens[self.encoder.block]  # (n, T, width)
+        every = self._steers_every_token and every_token
+        copies = len(steered) // (tokens.shape[0] * tokens.shape[1] if every else tokens.shape[0])
+        tokens = tokens.repeat(copies, 1, 1)
+        return self._finish(steered.reshape(tokens.shape) if every else steering.with_cls(tokens, steered))
 
     def _finish(self, tokens_ntd: torch.Tensor) -> torch.Tensor:
         """The last block's [CLS] (n, width) from the steering block's tokens, through the real encoder."""
@@ -274,14 +342,24 @@ class Evaluator:
             raise ValueError(f"steering at block {encoder.block} needs the encoder's blocks (Encoder.run_block)")
         return steering.finish_forward(tokens_ntd, encoder.block + 1, encoder.num_blocks, encoder.run_block)[:, 0]
 
+    def _per_group(self, logits: torch.Tensor, split: SplitData) -> list[float] | None:
+        if not self.num_groups or split.groups is None:
+            return None
+        return group_accuracies(logits, split.labels, split.groups, self.num_groups)
+
     def evaluate(self, method: str, grid: Grid) -> MethodResult:
         """Every setting of `method` on validation and test."""
         settings = settings_for(method, grid)
-        result = MethodResult(method, settings)
+        result = MethodResult(method, settings, self.select_by)
         for setting in settings:
             for split in (self.val, self.test):
                 logits, coverage = self.logits(method, split, setting)
                 top1, top5, per_class = accuracy(logits, split.labels, self.num_classes)
+                per_group = self._per_group(logits, split)
+                if per_group is not None:
+                    (result.val_worst if split is self.val else result.test_worst).append(worst_group(per_group))
+                    if split is self.test:
+                        result.per_group_test.append(per_group)
                 if split is self.val:
                     result.val_top1.append(top1)
                     result.val_top5.append(top5)
@@ -294,17 +372,34 @@ class Evaluator:
         return result
 
     def validate(self, method: str, grid: Grid) -> dict[str, float]:
-        """`method`'s validation top-1 and top-5 at its best setting, without touching the test split."""
+        """`method`'s validation top-1 and top-5 (and worst-group accuracy) at its selected setting, without
+        touching the test split."""
         scores = []
         for setting in settings_for(method, grid):
             logits, _ = self.logits(method, self.val, setting)
-            scores.append(accuracy(logits, self.val.labels, self.num_classes)[:2])
-        top1, top5 = max(scores, key=lambda pair: pair[0])
-        return {metric_name("val_top1", method): top1, metric_name("val_top5", method): top5}
+            top1, top5, _ = accuracy(logits, self.val.labels, self.num_classes)
+            per_group = self._per_group(logits, self.val)
+            score = {metric_name("val_top1", method): top1, metric_name("val_top5", method): top5}
+            if per_group is not None:
+                score[metric_name("val_worst_group", method)] = worst_group(per_group)
+            scores.append(score)
+        key = metric_name("val_worst_group" if self.select_by == "worst_group" else "val_top1", method)
+        return max(scores, key=lambda score: score[key])
 
     def with_sae(self, sae: TopKSAE) -> Evaluator:
         """The same splits, head and encoder with another SAE (every SAE-derived cache starts empty)."""
-        return Evaluator(sae, self.head, self.classifier, self.pool, self.val, self.test, self.search, self.encoder)
+        return Evaluator(
+            sae,
+            self.head,
+            self.classifier,
+            self.pool,
+            self.val,
+            self.test,
+            self.search,
+            self.encoder,
+            self.num_groups,
+            self.select_by,
+        )
 
     def evaluate_all(self, methods: Sequence[str], grid: Grid) -> dict[str, MethodResult]:
         """Each method in `methods`, in that order."""
@@ -312,12 +407,16 @@ class Evaluator:
 
 
 def format_table(results: dict[str, MethodResult]) -> str:
-    """One row per method: validation top-1, test top-1 at the validation-selected setting, test-oracle best."""
+    """One row per method: validation top-1, test top-1 at the validation-selected setting, test-oracle best,
+    and on datasets with groups the test worst-group accuracy at that setting."""
     zero = results["zero_shot"].test_top1[0] if "zero_shot" in results else None
+    grouped = any(result.test_worst for result in results.values())
     width = max(18, *(len(method) for method in results))
+    worst_header = f" {'test worst-group':>16}" if grouped else ""
     lines = [
-        f"{'method':<{width}} {'val top-1':>9} {'test top-1':>10} {'Δ zero-shot':>11} {'test-oracle':>11}  selected",
-        "-" * (width + 68),
+        f"{'method':<{width}} {'val top-1':>9} {'test top-1':>10} {'Δ zero-shot':>11} {'test-oracle':>11}"
+        f"{worst_header}  selected",
+        "-" * (width + 68 + len(worst_header)),
     ]
     for method, result in results.items():
         i = result.selected
@@ -325,9 +424,10 @@ def format_table(results: dict[str, MethodResult]) -> str:
         chosen = ", ".join(f"{k}={v}" for k, v in result.settings[i].items())
         if result.coverage[i] is not None:
             chosen += f", coverage={result.coverage[i]:.3f}"
+        worst = f" {100 * result.test_worst[i]:>16.2f}" if grouped else ""
         lines.append(
             f"{method:<{width}} {100 * result.val_top1[i]:>9.2f} {100 * result.test_top1[i]:>10.2f} {delta:>11} "
-            f"{100 * max(result.test_top1):>11.2f}  {chosen}"
+            f"{100 * max(result.test_top1):>11.2f}{worst}  {chosen}"
         )
     return "\n".join(lines)
 

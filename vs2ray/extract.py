@@ -52,6 +52,7 @@ from vs2ray.models import (
     vision_head,
 )
 from vs2ray.store import (
+    INT_COLUMNS,
     STORE_FORMAT,
     column_shapes,
     content_key,
@@ -208,13 +209,14 @@ class ChunkEncoder:
         return {**summary, "rows": [len(columns["id"])], "worker": [json.dumps(worker)]}
 
     def encode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One decoded chunk -> its part file's columns: id, label, cls_/tokens_<block>, embedding, retrieval."""
+        """One decoded chunk -> its part file's columns: id, label, attribute, group, cls_/tokens_<block>, embedding,
+        retrieval."""
         import torch
 
         from vs2ray.models import capture_blocks, encode_images, encode_retrieval
 
         pixels = np.asarray(batch["pixels"][0])
-        out = {"id": np.asarray(batch["ids"][0]), "label": np.asarray(batch["labels"][0])}
+        out = {name: np.asarray(batch[f"{name}s"][0]) for name in INT_COLUMNS}
         width = self.bundle.model.visual.transformer.width
         embed_dim = self.bundle.model.visual.proj.shape[1]
         if not len(pixels):  # every image of the chunk failed: empty columns of the right width
@@ -398,6 +400,7 @@ def _plan_split(
         "key": store_dir.name,
         "inputs": inputs,
         "classes": dataset.classes,
+        "attributes": list(dataset.attribute_names),
         "prompt_templates": prompt_templates_for(config.dataset, dataset),
         "chunk_rows": chunk_rows,
         "complete": False,

@@ -28,7 +28,7 @@ from vs2ray.sae import TopKSAE
 
 Setting = dict[str, Any]
 Steered = tuple[torch.Tensor, float | None]  # (tokens or embeddings (n, ·), coverage)
-GRID_PARAMS = ("rule", "gamma", "lambda", "quantile", "a", "n_neighbors")  # the order settings are listed in
+GRID_PARAMS = ("rule", "gamma", "lambda", "quantile", "a", "n_neighbors", "score", "n_latents")  # the listing order
 
 
 class Split(Protocol):
@@ -38,6 +38,8 @@ class Split(Protocol):
     cls: torch.Tensor  # (n, width)
     embedding: torch.Tensor  # (n, embed)
     labels: torch.Tensor  # (n,)
+    attributes: torch.Tensor | None  # (n,) the nuisance attribute, on datasets with groups
+    groups: torch.Tensor | None  # (n,) class × attribute
 
 
 class Context(Protocol):
@@ -67,8 +69,12 @@ class Context(Protocol):
     def reconstruct_every_block(self, split: Split) -> torch.Tensor:
         """The last block's [CLS] (n, d) with every block's output replaced by its SAE's reconstruction."""
 
+    def latent_scores(self, score: str) -> torch.Tensor:
+        """Each latent's association with the nuisance attribute on the labelled pool rows (latents,)."""
+
 
 METHOD_METRICS = ("val_top1", "val_top5", "test_top1", "test_top5", "test_oracle_top1")  # reported per method
+GROUP_METRICS = ("val_worst_group", "test_worst_group")  # reported per method too, on datasets with groups
 
 
 def metric_name(kind: str, method: str) -> str:
@@ -132,6 +138,11 @@ def _vs2_gated(ctx: Context, split: Split, s: Setting) -> Steered:
 
 def _centroid_shift(ctx: Context, split: Split, s: Setting) -> Steered:
     return steering.centroid_shift(split.cls, ctx.sae.b_pre, s["lambda"] * (s["gamma"] - 1)), None
+
+
+def _ablate(ctx: Context, split: Split, s: Setting) -> Steered:
+    latents = ctx.latent_scores(s["score"]).topk(int(s["n_latents"])).indices
+    return steering.ablate(ctx.sae, split.cls, latents), None
 
 
 def _pseudo_positives(ctx: Context, split: Split, rows: torch.Tensor, s: Setting) -> torch.Tensor:
@@ -213,5 +224,6 @@ METHODS: dict[str, Method] = {
             uses_sae=False,
         ),
         Method("centroid_shift", "centroid shift (ours)", "token", ("gamma", "lambda"), _centroid_shift),
+        Method("ablate", "feature suppression", "token", ("score", "n_latents"), _ablate),
     )
 }

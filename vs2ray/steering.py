@@ -223,3 +223,98 @@ def clip_steer(
     """CLIP-space steering: q + strength·(mean_{S+} r − mean_{S−} r), renormalised. -> (n, e)."""
     moved = query_embeddings + strength * group_mean_difference(neighbour_embeddings, positives)
     return moved / moved.norm(dim=-1, keepdim=True)
+
+
+# ---------------------------------------------------------------- feature suppression (METHOD.md §8)
+
+AssociationScore = Literal["within_class", "correlation"]
+
+
+def mean_codes_per_image(codes: torch.Tensor, per_image: int) -> torch.Tensor:
+    """Mean code of each image's consecutive `per_image` rows: (n·per_image, latents) -> (n, latents)."""
+    return codes.reshape(-1, per_image, codes.shape[-1]).mean(dim=1)
+
+
+def association_scores(
+    codes: torch.Tensor, labels: torch.Tensor, attributes: torch.Tensor, score: AssociationScore
+) -> torch.Tensor:
+    """How strongly each latent tracks the nuisance attribute: codes (n, latents), labels (n,), attributes (n,)
+    -> (latents,).
+
+    'correlation': the largest |Pearson r| between a latent's activation and an attribute value's
+    indicator (one value against the rest). On a spurious train split the attribute agrees with the
+    class, so this also ranks the class's own latents high.
+    'within_class': for each class and attribute value, the mean activation where the attribute
+    takes that value minus where it does not, among that class's images only, over the latent's
+    standard deviation; averaged over the classes that have both, then the largest |·| over values.
+    Holding the class fixed leaves the attribute's own effect (the minority images carry the
+    contrast). A latent that never varies scores 0.
+    """
+    codes = codes.double()
+    spread = codes.std(dim=0).clamp_min(1e-12)
+    values = attributes.unique()
+    per_value = []
+    for value in values:
+        indicator = (attributes == value).double()
+        if score == "correlation":
+            centred_ind = indicator - indicator.mean()
+            covariance = (centred_ind[:, None] * (codes - codes.mean(dim=0))).mean(dim=0)
+            per_value.append(covariance / (spread * centred_ind.std().clamp_min(1e-12)))
+        elif score == "within_class":
+            differences = []
+            for label in labels.unique():
+                in_class = labels == label
+                with_value, without = in_class & (indicator > 0), in_class & (indicator == 0)
+                if with_value.any() and without.any():
+                    differences.append(codes[with_value].mean(dim=0) - codes[without].mean(dim=0))
+            if differences:
+                per_value.append(torch.stack(differences).mean(dim=0) / spread)
+        else:
+            raise ValueError(f"steering.ablate_score must be 'within_class' or 'correlation', got {score!r}")
+    if not per_value:
+        return torch.zeros(codes.shape[1], dtype=torch.float32)
+    scores = torch.stack(per_value).abs().amax(dim=0)
+    return torch.where(codes.std(dim=0) > 0, scores, torch.zeros_like(scores)).float()
+
+
+def ablate(sae: TopKSAE, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """Feature suppression: x with the selected latents' contribution Σ_{f∈S} c_f W_dec[f] removed. (n, d) -> (n, d).
+
+    The SAE's error term and every other latent stay, so an empty `latents` leaves x unchanged.
+    """
+    values, indices = sae.encode(x)
+    selected = torch.isin(indices, latents.to(indices.device))
+    return x - sae.decode_without_bias(values * selected, indices)
+
+
+# ---------------------------------------------------------------- steerability (METHOD.md §8)
+
+
+def clamp_latent(sae: TopKSAE, x: torch.Tensor, latent: int, value: float) -> torch.Tensor:
+    """x with latent `latent`'s activation set to `value` (the rest of the code and the error term kept). (n, d)."""
+    values, indices = sae.encode(x)
+    current = (values * (indices == latent)).sum(dim=1, keepdim=True)  # 0 where the latent is not in the top-k
+    return x + (value - current) * sae.W_dec[latent]
+
+
+def clamp_neuron(x: torch.Tensor, neuron: int, value: float) -> torch.Tensor:
+    """x with coordinate `neuron` of the residual stream set to `value`. (n, d) -> (n, d)."""
+    steered = x.clone()
+    steered[:, neuron] = value
+    return steered
+
+
+def concept_shift(default_probs: torch.Tensor, steered_probs: torch.Tensor) -> torch.Tensor:
+    """Mean change of the output distribution over the concept vocabulary: (n, V), (n, V) -> (V,)."""
+    return (steered_probs - default_probs).mean(dim=0)
+
+
+def steerability(shift: torch.Tensor, top: int = 1) -> tuple[float, list[int]]:
+    """S of one steered unit from its concept shift Δp (V,): the probability mass the `top` concepts gain,
+    Σ of the `top` largest max(Δp_j, 0), with those concepts (by gain, largest first).
+
+    Mass spread thinly over many concepts scores low; mass moved onto a few scores high: S measures how
+    precisely the unit moves the output toward specific concepts, in probability units (0 … 1).
+    """
+    gains, concepts = shift.clamp_min(0).topk(min(top, shift.numel()))
+    return float(gains.sum()), concepts.tolist()

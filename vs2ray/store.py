@@ -2,9 +2,9 @@
 
 Layout (DESIGN.md, "Activation store"):
 
-    part-00000.parquet ...   one file per chunk of rows: id, label, cls_<layer>..., embedding
+    part-00000.parquet ...   one file per chunk of rows: id, label, attribute, group, cls_<layer>..., embedding
                              (+ tokens_<layer>... with extraction.tokens: all, (tokens, width) each)
-    manifest.json            inputs of the key, classes, rows, shapes, versions, failures, complete
+    manifest.json            inputs of the key, classes, attributes, rows, shapes, versions, failures, complete
     head.safetensors         ln_post.weight, ln_post.bias, proj of the vision tower
     classifier.safetensors   the zero-shot text classifier (classes × embed dim)
 
@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: attribute and group columns (-1 for datasets without groups)
+INT_COLUMNS = ("id", "label", "attribute", "group")  # per-row integers; every other column is a float tensor
 PART_PATTERN = "part-{:05d}.parquet"
 FAILED_METADATA_KEY = b"vs2ray.failed"
 
@@ -89,13 +90,12 @@ def tensor_column(values: np.ndarray) -> pa.ExtensionArray:
 def write_part(store_dir: Path, chunk: int, columns: dict[str, np.ndarray], failed: list[dict[str, Any]]) -> Path:
     """Write one chunk's rows as `part-<chunk>.parquet`, atomically; `failed` goes into the file metadata.
 
-    columns: 'id' (n,), 'label' (n,) and any number of (n, d) float arrays.
+    columns: the INT_COLUMNS (n,) each and any number of (n, d) float arrays.
     """
     arrays = {
-        "id": pa.array(np.asarray(columns["id"], dtype=np.int64)),
-        "label": pa.array(np.asarray(columns["label"], dtype=np.int32)),
+        name: pa.array(np.asarray(columns[name], dtype=np.int64 if name == "id" else np.int32)) for name in INT_COLUMNS
     }
-    arrays.update({name: tensor_column(v) for name, v in columns.items() if name not in ("id", "label")})
+    arrays.update({name: tensor_column(v) for name, v in columns.items() if name not in INT_COLUMNS})
     table = pa.table(arrays).replace_schema_metadata({FAILED_METADATA_KEY: json.dumps(failed).encode()})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -136,6 +136,12 @@ class Activations:
     columns: dict[str, np.ndarray]  # name -> (n, d) or (n, tokens, d) float32
     manifest: dict[str, Any]
     store_dir: Path | None = None
+    attributes: np.ndarray | None = None  # (n,) int32, -1 where the dataset has no groups
+    groups: np.ndarray | None = None  # (n,) int32: label · len(manifest["attributes"]) + attribute, or -1
+
+    @property
+    def has_groups(self) -> bool:
+        return self.groups is not None and bool(len(self.groups)) and bool((self.groups >= 0).all())
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.columns and self.store_dir is not None and name in self.manifest.get("columns", {}):
@@ -181,15 +187,16 @@ def load_activations(
     names += [cls_column(manifest, layer, "tokens") for layer in token_layers]
     names += ["embedding"] * embedding + ["retrieval"] * retrieval
     columns = _read_columns(store_dir, names)
-    return Activations(columns.pop("id"), columns.pop("label"), columns, manifest, store_dir)
+    ids, labels, attributes, groups = (columns.pop(name) for name in INT_COLUMNS)
+    return Activations(ids, labels, columns, manifest, store_dir, attributes, groups)
 
 
 def _read_columns(store_dir: Path, names: list[str]) -> dict[str, np.ndarray]:
-    """id, label and every tensor column of `names` from every part file, rows sorted by id."""
+    """The INT_COLUMNS and every tensor column of `names` from every part file, rows sorted by id."""
     files = sorted(str(p) for p in Path(store_dir).glob("part-*.parquet"))
-    table = pa.concat_tables([pq.read_table(f, columns=["id", "label", *names]) for f in files])
+    table = pa.concat_tables([pq.read_table(f, columns=[*INT_COLUMNS, *names]) for f in files])
     order = np.argsort(table["id"].to_numpy(), kind="stable")
-    columns = {name: table[name].to_numpy()[order] for name in ("id", "label")}
+    columns = {name: table[name].to_numpy()[order] for name in INT_COLUMNS}
     columns.update({name: table[name].combine_chunks().to_numpy_ndarray()[order] for name in names})
     return columns
 

@@ -7,12 +7,20 @@ from collections.abc import Callable
 from vs2ray.config import DatasetConfig
 from vs2ray.data.base import DatasetUnavailable, ImageDataset, ImageRecord
 from vs2ray.data.cifar100 import Cifar100Dataset
+from vs2ray.data.groups import CelebADataset, WaterbirdsDataset
 from vs2ray.data.huggingface import HuggingFaceDataset
 from vs2ray.data.imagefolder import ImageFolderDataset
-from vs2ray.data.shapes import ShapesDataset
+from vs2ray.data.shapes import ShapesDataset, SpuriousShapesDataset
 
 DATASETS: dict[str, Callable[[DatasetConfig], ImageDataset]] = {
     "shapes": lambda c: ShapesDataset(seed=c.seed, split_sizes=dict(c.sizes)),
+    "shapes_spurious": lambda c: SpuriousShapesDataset(
+        seed=c.seed, split_sizes=dict(c.sizes), agreement=c.spurious_agreement
+    ),
+    "waterbirds": lambda c: WaterbirdsDataset(root=c.root),
+    "celeba": lambda c: CelebADataset(
+        root=c.root, target_attribute=c.target_attribute, group_attribute=c.group_attribute
+    ),
     "cifar100": lambda c: Cifar100Dataset(root=c.root, download=c.download),
     "imagefolder": lambda c: ImageFolderDataset(root=c.root, class_names=c.class_names),
     "huggingface": lambda c: HuggingFaceDataset(

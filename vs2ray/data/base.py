@@ -33,12 +33,14 @@ class DatasetUnavailable(RuntimeError):
 class ImageRecord:
     """One image of a split: a stable integer id, its label, and where to load it from.
 
-    `ref` is dataset-specific (a file path, or an index into an in-memory array).
+    `ref` is dataset-specific (a file path, or an index into an in-memory array). `attribute` is the
+    nuisance attribute of a dataset with groups (an index into `ImageDataset.attribute_names`), else -1.
     """
 
     id: int
     label: int
     ref: str
+    attribute: int = -1
 
 
 class ImageDataset(ABC):
@@ -46,6 +48,7 @@ class ImageDataset(ABC):
 
     name: str = ""
     prompt_templates: tuple[str, ...] = GENERIC_PROMPT_TEMPLATES
+    attribute_names: tuple[str, ...] = ()  # a dataset with groups (class × attribute) names its attribute values
 
     @property
     @abstractmethod
@@ -64,6 +67,15 @@ class ImageDataset(ABC):
     @abstractmethod
     def load_image(self, split: str, ref: str) -> Image.Image:
         """Decode one image of `split` as RGB. Raises on a corrupt or unreadable file."""
+
+    @property
+    def concept_words(self) -> list[str]:
+        """The concept vocabulary steerability measures over by default: class names, then attribute values."""
+        return list(dict.fromkeys([*self.classes, *self.attribute_names]))
+
+    def group_of(self, label: int, attribute: int) -> int:
+        """The group index of (class, attribute): label · len(attribute_names) + attribute; -1 without groups."""
+        return label * len(self.attribute_names) + attribute if attribute >= 0 else -1
 
     def num_images(self, split: str) -> int:
         """Number of images in `split`."""

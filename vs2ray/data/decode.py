@@ -40,13 +40,13 @@ def decode_chunk(
 
     In: {'split', 'store_dir', 'chunk', 'start', 'stop'} with one row. `transforms` maps an output column
     ('pixels' for CLIP, 'retrieval_pixels' for the retrieval encoder) to its PIL steps.
-    Out: one row with uint8 (n, H, W, 3) arrays per column, ids, labels, and the
-    images that failed to load as a JSON list.
+    Out: one row with uint8 (n, H, W, 3) arrays per column, ids, labels, attributes and groups (-1 without
+    groups), and the images that failed to load as a JSON list.
     """
     dataset, _ = _worker_dataset(config_json)
     split, start, stop = str(batch["split"][0]), int(batch["start"][0]), int(batch["stop"][0])
     pixels: dict[str, list[np.ndarray]] = {name: [] for name in transforms}
-    ids, labels, failed = [], [], []
+    ids, labels, attributes, groups, failed = [], [], [], [], []
     for record in _records(config_json, split)[start:stop]:
         try:
             image = dataset.load_image(split, record.ref)
@@ -58,10 +58,14 @@ def decode_chunk(
             pixels[name].append(array)
         ids.append(record.id)
         labels.append(record.label)
+        attributes.append(record.attribute)
+        groups.append(dataset.group_of(record.label, record.attribute))
     return {
         **{key: batch[key] for key in ("split", "store_dir", "chunk")},
         **{name: [np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)] for name, arrays in pixels.items()},
         "ids": [np.asarray(ids, dtype=np.int64)],
         "labels": [np.asarray(labels, dtype=np.int32)],
+        "attributes": [np.asarray(attributes, dtype=np.int32)],
+        "groups": [np.asarray(groups, dtype=np.int32)],
         "failed": [json.dumps(failed)],
     }

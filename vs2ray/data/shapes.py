@@ -56,6 +56,7 @@ CLASSES: list[tuple[str, str]] = [
 CLASS_NAMES: list[str] = [f"{colour} {shape}" for colour, shape in CLASSES]
 
 SPLIT_CODES: dict[str, int] = {"train": 1, "test": 2, "pretrain": 3}
+SPURIOUS_CODE = 7  # keeps the spurious world's random streams apart from the shapes world's
 DEFAULT_SPLIT_SIZES: dict[str, int] = {"train": 20_000, "test": 5_000, "pretrain": 30_000}
 
 BACKGROUNDS = ("plain", "striped", "checkered", "noisy")
@@ -93,6 +94,19 @@ PROMPT_TEMPLATES = (
     "a {} on a checkered background.",
     "a {} on a noisy background.",
 )
+
+
+# The words a steerability measurement scores the bundled worlds over: every colour, shape and class name,
+# and the background kinds, all of which vs2ray-tiny's captions contain.
+CONCEPT_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys([*COLOURS, *(shape for _, shape in CLASSES), *CLASS_NAMES, *(f"{b} background" for b in BACKGROUNDS)])
+)
+
+# The spurious world (the Waterbirds analogue): the class is the shape, the nuisance the colour family.
+SPURIOUS_CLASSES: tuple[str, ...] = ("circle", "square")
+SPURIOUS_ATTRIBUTES: dict[str, tuple[str, ...]] = {"warm": ("red", "orange"), "cool": ("blue", "purple")}
+SPURIOUS_SPLIT_SIZES: dict[str, int] = {"train": 10_000, "test": 4_000}
+SPURIOUS_TEST_AGREEMENT = 0.5  # the test split is group-balanced in expectation: colour says nothing about shape
 
 
 @dataclass(frozen=True)
@@ -192,7 +206,14 @@ def render_shape(seed: int, split: str, index: int) -> ShapeSample:
     """
     rng = _image_rng(seed, split, index)
     label = int(rng.integers(len(CLASSES)))  # must stay the first draw: see shape_label
-    colour_name, shape = CLASSES[label]
+    return render_object(rng, *CLASSES[label], label=label, name=CLASS_NAMES[label])
+
+
+def render_object(rng: np.random.Generator, colour_name: str, shape: str, label: int, name: str) -> ShapeSample:
+    """Paint one `colour_name` `shape` on a textured, cluttered background, drawing every other choice from `rng`.
+
+    `label` and `name` (the caption's object name) are passed through to the ShapeSample.
+    """
     canvas, background = _background(rng)
     _add_clutter(rng, canvas)
 
@@ -213,7 +234,7 @@ def render_shape(seed: int, split: str, index: int) -> ShapeSample:
 
     size_word = "small" if radius < 8.5 else "large"
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    caption = template.format(name=CLASS_NAMES[label], size=size_word, background=background)
+    caption = template.format(name=name, size=size_word, background=background)
     return ShapeSample(pixels=pixels, label=label, radius=float(radius), background=background, caption=caption)
 
 
@@ -226,6 +247,10 @@ class ShapesDataset(ImageDataset):
 
     name = "shapes"
     prompt_templates = PROMPT_TEMPLATES
+
+    @property
+    def concept_words(self) -> list[str]:
+        return list(CONCEPT_WORDS)
 
     def __init__(self, seed: int = 0, split_sizes: dict[str, int] | None = None) -> None:
         self.seed = seed
@@ -259,3 +284,64 @@ class ShapesDataset(ImageDataset):
     def caption(self, split: str, index: int) -> str:
         """The training caption of image `index` (used to train `vs2ray-tiny`)."""
         return render_shape(self.seed, split, index).caption
+
+
+class SpuriousShapesDataset(ShapesDataset):
+    """`shapes_spurious`: the bundled spurious-correlation world, a Waterbirds analogue with 2 classes × 2 attributes.
+
+    The class is the shape (circle, square); the nuisance attribute is the colour family (warm: red or
+    orange; cool: blue or purple), drawn to agree with the class (circle-warm, square-cool) with
+    probability `agreement` in `train` and 0.5 in `test`. vs2ray-tiny was pretrained on `shapes`,
+    where circles are mostly warm and squares only blue or purple, so its zero-shot leans on colour, as
+    CLIP leans on the background of a Waterbirds image. Everything else (background, clutter, size,
+    noise) is drawn as in `shapes`.
+    """
+
+    name = "shapes_spurious"
+    attribute_names = tuple(SPURIOUS_ATTRIBUTES)
+
+    def __init__(self, seed: int = 0, split_sizes: dict[str, int] | None = None, agreement: float = 0.95) -> None:
+        unknown = set(split_sizes or {}) - set(SPURIOUS_SPLIT_SIZES)
+        if unknown:
+            raise ValueError(
+                f"shapes_spurious has no split(s) {sorted(unknown)}; splits: {sorted(SPURIOUS_SPLIT_SIZES)}"
+            )
+        self.seed, self.agreement = seed, agreement
+        self.split_sizes = {**SPURIOUS_SPLIT_SIZES, **(split_sizes or {})}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(SPURIOUS_CLASSES)
+
+    def _rng(self, split: str, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, SPURIOUS_CODE, SPLIT_CODES[split], index])
+
+    def _draw_group(self, rng: np.random.Generator, split: str) -> tuple[int, int]:
+        """(label, attribute): the first two draws of an image's generator, so records never render."""
+        label = int(rng.integers(len(SPURIOUS_CLASSES)))
+        agreement = self.agreement if split == "train" else SPURIOUS_TEST_AGREEMENT
+        attribute = label if rng.random() < agreement else 1 - label
+        return label, attribute
+
+    def records(self, split: str) -> list[ImageRecord]:
+        self.check_split(split)
+        records = []
+        for i in range(self.split_sizes[split]):
+            label, attribute = self._draw_group(self._rng(split, i), split)
+            records.append(ImageRecord(id=i, label=label, ref=str(i), attribute=attribute))
+        return records
+
+    def render(self, split: str, index: int) -> ShapeSample:
+        """Image `index` of `split`: a shape of its class in a colour of its attribute's family."""
+        rng = self._rng(split, index)
+        label, attribute = self._draw_group(rng, split)
+        family = SPURIOUS_ATTRIBUTES[self.attribute_names[attribute]]
+        colour = family[int(rng.integers(len(family)))]
+        shape = SPURIOUS_CLASSES[label]
+        return render_object(rng, colour, shape, label=label, name=f"{colour} {shape}")
+
+    def load_image(self, split: str, ref: str) -> Image.Image:
+        return Image.fromarray(self.render(split, int(ref)).pixels)
+
+    def caption(self, split: str, index: int) -> str:
+        return self.render(split, index).caption
