@@ -42,9 +42,12 @@ from vs2ray.results import (
     load_results,
     load_sweep_config,
     method_table,
+    most_steerable,
     searched_keys,
+    steerability_table,
     trial_file,
     trial_predictions,
+    worst_group_table,
 )
 
 PER_CLASS_METHODS = ("vs2", "vs2pp")  # the paper's Table 2 / 15
@@ -138,14 +141,17 @@ def method_section(table: pd.DataFrame) -> str:
             "delta": "Δ zero-shot",
             "test_oracle_top1": "test-oracle best †",
             "coverage": "coverage",
+            "val_worst_group": "val worst-group",
+            "test_worst_group": "test worst-group",
             "trial_id": "trial",
             "selected": "selected on validation",
         }
     ).drop(columns=["key"])
     if shown["coverage"].isna().all():
         shown = shown.drop(columns=["coverage"])
+    criterion = "worst-group accuracy" if "val worst-group" in shown else "top-1"
     return (
-        "Each method at the trial (and, within it, the grid setting) with the best **validation** top-1; "
+        f"Each method at the trial (and, within it, the grid setting) with the best **validation** {criterion}; "
         "test top-1 (%) is reported there. † test-oracle best = the best test top-1 over every trial "
         "and setting, the paper's way of choosing γ and λ: optimistic, not a result. `rule` is the VS2++ "
         "positive rule the row used (`query`: S+ shares the query's label; `majority`: the neighbours' most "
@@ -167,13 +173,68 @@ def block_section(blocks: pd.DataFrame) -> str:
     )
 
 
+def worst_group_section(groups: pd.DataFrame) -> str:
+    """Average and worst-group test accuracy by block (the companion paper's suppression view)."""
+    shown = groups.rename(
+        columns={c: c.replace(m, METHOD_LABELS[m]) for c in groups for m in METHOD_LABELS if c.startswith(f"{m} ")}
+    )
+    return (
+        "Per block and token set, each method at the block's trial (and grid setting) with the best "
+        "**validation** worst-group accuracy: test top-1 (avg, %) and test worst-group accuracy (worst, %: the "
+        "lowest accuracy over the class × attribute groups). Zero-shot does not depend on the block; it is "
+        "repeated per block for comparison.\n\n" + _markdown(shown)
+    )
+
+
+def per_group_section(done: pd.DataFrame, config: Any) -> list[str]:
+    """Per-group test accuracy of every method in the trial that is best by the search metric (if it has groups)."""
+    metric = config.search.metrics[0] if config is not None else None
+    if metric is None or metric not in done or done[metric].isna().all():
+        return []
+    best = done.loc[done[metric].idxmax() if config.search.modes[0] == "max" else done[metric].idxmin()]
+    text = trial_file(best["trial_dir"], PER_CLASS_FILE)
+    accuracies = json.loads(text) if text is not None else {}
+    if "per_group_top1" not in accuracies:
+        return []
+    table = (
+        pd.DataFrame(
+            {METHOD_LABELS.get(m, m): [100 * a for a in values] for m, values in accuracies["per_group_top1"].items()},
+            index=accuracies["groups"],
+        )
+        .rename_axis("group")
+        .reset_index()
+    )
+    return [
+        f"Per-group test accuracy (%) in trial {best['trial_id']} (block {best.get('sae_block', '')}, "
+        f"best by `{metric}`), each method at its validation-selected setting:",
+        "",
+        _markdown(table),
+        "",
+    ]
+
+
+def steerability_section(shares: pd.DataFrame, ranked: pd.DataFrame, config: Any) -> str:
+    """Share of steerable latents against neurons by block, then the most steerable latents."""
+    threshold = f" (S ≥ {config.steerability.threshold})" if config is not None else ""
+    text = (
+        f"Share of the sampled SAE latents and of the block's neurons (residual-stream coordinates) that are "
+        f"steerable{threshold}: clamped alone at the block (amplified or suppressed), they move at least that much "
+        'probability onto their top concept(s) of the vocabulary (README, "Steerability").\n\n'
+        + _markdown(shares, "{:.1f}")
+    )
+    if len(ranked):
+        text += "\n\nMost steerable latents over every trial:\n\n" + _markdown(ranked, "{:.3f}")
+    return text
+
+
 def write_report(experiment: str, out: Path) -> Path:
     """Write report.md and the figures for `experiment` into `out`; return the report's path."""
     out.mkdir(parents=True, exist_ok=True)
     trials = load_results(experiment)
     config = load_sweep_config(experiment)
     done = trials[trials["status"] == STATUS_DONE] if len(trials) else trials
-    table = method_table(trials) if len(done) else pd.DataFrame()
+    select_by = config.steering.select_by if config is not None else "top1"
+    table = method_table(trials, select_by) if len(done) else pd.DataFrame()
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
     lines = [
         f"# Sweep report: {Path(experiment).name}",
@@ -235,6 +296,14 @@ def write_report(experiment: str, out: Path) -> Path:
     if len(blocks) > 1:
         lines += ["## By block (steering inside the encoder)", "", block_section(blocks), ""]
         figures.append(("Accuracy, FVU and L0 by block", plots.by_block(blocks, out / "by_block.png")))
+
+    groups = worst_group_table(trials) if len(done) else pd.DataFrame()
+    if len(groups):
+        lines += ["## Worst-group accuracy by block (feature suppression)", "", worst_group_section(groups), ""]
+        lines += per_group_section(done, config)
+    shares = steerability_table(trials) if len(done) else pd.DataFrame()
+    if len(shares):
+        lines += ["## Steerability by block", "", steerability_section(shares, most_steerable(trials), config), ""]
 
     selected = dict(zip(table["key"], table["trial_id"], strict=True)) if not table.empty else {}
     trial_dirs = dict(zip(trials["trial_id"], trials["trial_dir"], strict=True)) if len(trials) else {}

@@ -106,6 +106,16 @@ def test_cross_field_rules(tmp_path):
     assert any(p.startswith("dataset:") and "dataset.root" in p for p in problems), problems
 
 
+def test_suppression_and_worst_group_selection_need_a_dataset_with_groups(tmp_path):
+    problems = problems_of(tmp_path, "steering: {methods: [zero_shot, ablate], select_by: worst_group}\n")
+    assert any("ablate and select_by: worst_group" in p and "'shapes' has none" in p for p in problems), problems
+    valid = tmp_path / "spurious.yaml"
+    valid.write_text("dataset: {name: shapes_spurious}\nsteering: {methods: [ablate], select_by: worst_group}\n")
+    assert load_config(valid).steering.methods == ["ablate"]
+    bad = "dataset: {name: shapes_spurious}\nsteering: {ablate_score: [mutual_information]}\n"
+    assert any("steering.ablate_score[0]" in p and "within_class" in p for p in problems_of(tmp_path, bad))
+
+
 def test_yaml_syntax_error_and_missing_file(tmp_path):
     problems = problems_of(tmp_path, "sae: {k: [1, 2\n")
     assert len(problems) == 1 and problems[0].startswith("not valid YAML")

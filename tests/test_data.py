@@ -11,7 +11,15 @@ from PIL import Image
 
 from vs2ray.config import DatasetConfig
 from vs2ray.data import DATASETS, DatasetUnavailable, get_dataset
-from vs2ray.data.shapes import CLASS_BLOCKS, ShapesDataset, render_shape, shape_mask
+from vs2ray.data.shapes import (
+    CLASS_BLOCKS,
+    COLOURS,
+    SPURIOUS_ATTRIBUTES,
+    ShapesDataset,
+    SpuriousShapesDataset,
+    render_shape,
+    shape_mask,
+)
 
 
 def pixels_of(dataset, split, ids):
@@ -21,7 +29,19 @@ def pixels_of(dataset, split, ids):
 
 def test_config_names_exactly_the_registered_datasets():
     allowed = typing.get_args(DatasetConfig.model_fields["name"].annotation)
-    assert set(allowed) == set(DATASETS) == {"shapes", "cifar100", "imagefolder", "huggingface"}
+    assert (
+        set(allowed)
+        == set(DATASETS)
+        == {
+            "shapes",
+            "shapes_spurious",
+            "cifar100",
+            "imagefolder",
+            "huggingface",
+            "waterbirds",
+            "celeba",
+        }
+    )
 
 
 def test_shapes_meets_the_bundled_world_spec():
@@ -124,3 +144,72 @@ def test_huggingface_without_datasets_package_says_what_to_install(monkeypatch):
     dataset = get_dataset(DatasetConfig(name="huggingface", hf_path="uoft-cs/cifar100"))
     with pytest.raises(DatasetUnavailable, match=r"vs2ray\[hf\]"):
         dataset.records("train")
+
+
+def test_spurious_world_colour_agrees_with_shape_in_train_only_and_the_pixels_show_it():
+    dataset = SpuriousShapesDataset(seed=0, split_sizes={"train": 4000, "test": 2000})
+    train, test = dataset.records("train"), dataset.records("test")
+    agreement = {name: np.mean([r.label == r.attribute for r in rs]) for name, rs in (("train", train), ("test", test))}
+    assert 0.94 < agreement["train"] < 0.96 and 0.47 < agreement["test"] < 0.53
+    assert {dataset.group_of(r.label, r.attribute) for r in test} == {0, 1, 2, 3}
+    assert dataset.classes == ["circle", "square"] and dataset.attribute_names == ("warm", "cool")
+    # the object is painted in a colour of its attribute's family, its shape is its class (the caption names both)
+    for record in test[:60]:
+        colour, shape = next(
+            (c, s) for c in COLOURS for s in dataset.classes if f" {c} {s}" in " " + dataset.caption("test", record.id)
+        )
+        assert (
+            colour in SPURIOUS_ATTRIBUTES[dataset.attribute_names[record.attribute]]
+            and shape == dataset.classes[record.label]
+        )
+    again = SpuriousShapesDataset(seed=0, split_sizes={"train": 4000, "test": 2000})
+    assert np.array_equal(pixels_of(dataset, "test", [5, 9]), pixels_of(again, "test", [5, 9]))
+    assert not np.array_equal(pixels_of(dataset, "test", [5]), pixels_of(SpuriousShapesDataset(seed=1), "test", [5]))
+
+
+def _image(path, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+def test_waterbirds_and_celeba_read_their_metadata_with_groups(tmp_path):
+    birds = tmp_path / "waterbirds"
+    rows = [("a/1.jpg", 0, 0, 0), ("b/2.jpg", 1, 0, 1), ("a/3.jpg", 1, 2, 0), ("b/4.jpg", 0, 1, 1)]
+    for name, *_ in rows:
+        _image(birds / name, (10, 200, 10))
+    lines = ["img_id,img_filename,y,split,place,place_filename"]
+    lines += [f"{i},{name},{y},{split},{place},x.jpg" for i, (name, y, split, place) in enumerate(rows)]
+    (birds / "metadata.csv").write_text("\n".join(lines) + "\n")
+    waterbirds = get_dataset(DatasetConfig(name="waterbirds", root=str(birds)))
+    train = waterbirds.records("train")
+    assert [(r.label, r.attribute) for r in train] == [(0, 0), (1, 1)] and [r.id for r in train] == [0, 1]
+    assert [(r.label, r.attribute) for r in waterbirds.records("test")] == [(1, 0)]
+    assert waterbirds.group_of(1, 1) == 3 and waterbirds.load_image("val", waterbirds.records("val")[0].ref).size == (
+        8,
+        8,
+    )
+
+    celeb = tmp_path / "celeba"
+    _image(celeb / "img_align_celeba" / "img_align_celeba" / "000001.jpg", (250, 220, 120))
+    _image(celeb / "img_align_celeba" / "img_align_celeba" / "000002.jpg", (40, 30, 20))
+    (celeb / "list_attr_celeba.csv").write_text(
+        "image_id,Blond_Hair,Male,Smiling\n000001.jpg,1,-1,1\n000002.jpg,-1,1,-1\n"
+    )
+    (celeb / "list_eval_partition.csv").write_text("image_id,partition\n000001.jpg,0\n000002.jpg,2\n")
+    celeba = get_dataset(DatasetConfig(name="celeba", root=str(celeb)))
+    assert celeba.classes == ["no blond hair", "blond hair"] and celeba.attribute_names == ("not male", "male")
+    assert [(r.label, r.attribute) for r in celeba.records("train")] == [(1, 0)]
+    assert [(r.label, r.attribute) for r in celeba.records("test")] == [(0, 1)]
+    pixel = np.asarray(celeba.load_image("train", celeba.records("train")[0].ref))[0, 0].astype(int)
+    assert np.abs(pixel - [250, 220, 120]).max() <= 3  # the blond image, through JPEG
+    smiling = get_dataset(DatasetConfig(name="celeba", root=str(celeb), target_attribute="Smiling"))
+    assert [r.label for r in smiling.records("test")] == [0]
+    with pytest.raises(ValueError, match="has no attribute"):
+        get_dataset(DatasetConfig(name="celeba", root=str(celeb), group_attribute="Wearing_Hat"))
+
+
+def test_waterbirds_and_celeba_without_their_files_say_what_to_download(tmp_path):
+    with pytest.raises(DatasetUnavailable, match=r"metadata\.csv is missing.*group_DRO"):
+        get_dataset(DatasetConfig(name="waterbirds", root=str(tmp_path)))
+    with pytest.raises(DatasetUnavailable, match=r"list_attr_celeba\.csv is missing.*dataset\.root"):
+        get_dataset(DatasetConfig(name="celeba", root=str(tmp_path)))

@@ -465,3 +465,71 @@ def test_a_two_block_sweep_shares_each_blocks_sae_and_reports_by_block(storage, 
     selected = block_1.loc[block_1["val_top1_vs2"].idxmax()]
     assert body[0][header.index("VS2")].strip() == f"{100 * selected['test_top1_vs2']:.4g}"
     assert (tmp_path / "by_block.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_spurious_world_sweep_reports_worst_group_accuracy_and_steerability_by_block(storage, tmp_path, ray_session):
+    """shapes_spurious end to end: group columns in the stores, ablate selected on validation worst-group
+    accuracy at two blocks, steerability measured in every trial, and the report's two new tables."""
+    address = ray_session.get_runtime_context().gcs_address
+    paper = {"sae.tokens": "cls", "steering.gamma": 1.5, "steering.lambda": 2.1}
+    points = [{"sae.layer": 1, **paper}, {"sae.layer": -1, **paper}]
+    spurious = str(QUICKSTART.parent / "spurious_quickstart.yaml")
+    output = run_sweep(
+        storage,
+        address,
+        "spurious",
+        "dataset.sizes={train: 1500, test: 600}",
+        "sae.layer={choice: [1, -1]}",
+        "sae.k=16",
+        "sae.expansion=2",
+        "steering.methods=[zero_shot, ablate]",
+        "steering.ablate_latents=[1, 4, 16]",
+        "steerability.units=6",
+        "steerability.probe_images=16",
+        "search.num_samples=2",
+        f"search.points_to_evaluate={json.dumps(points)}",
+        extra=("--config", spurious),
+    )
+    assert output.returncode == 0, output.stderr[-3000:]
+    from vs2ray.config import DatasetConfig
+    from vs2ray.data import get_dataset
+    from vs2ray.store import load_activations
+
+    dataset = get_dataset(DatasetConfig(name="shapes_spurious", sizes={"train": 1500, "test": 600}))
+    manifests = {p.parent: json.loads(p.read_text()) for p in (storage / "activations").glob("*/manifest.json")}
+    stores = {
+        m["inputs"]["split"]: d for d, m in manifests.items() if m["inputs"]["dataset"]["name"] == "shapes_spurious"
+    }
+    for split, store in stores.items():
+        acts = load_activations(store, layers=[-1], embedding=False)
+        records = dataset.records(split)
+        assert acts.attributes.tolist() == [r.attribute for r in records]
+        assert acts.groups.tolist() == [dataset.group_of(r.label, r.attribute) for r in records]
+    assert set(stores) == {"train", "test"}
+
+    trials = load_results(storage / "experiments" / "spurious")
+    assert (trials["status"] == "TERMINATED").all() and sorted(trials["sae_block"]) == [1, 3]
+    for _, trial in trials.iterrows():
+        # selection by validation worst-group accuracy, over the ablate grid
+        methods = json.loads(trial_file(trial["trial_dir"], "methods.json"))
+        assert len(methods["ablate"]["settings"]) == 6
+        steer = json.loads(trial_file(trial["trial_dir"], "steerability.json"))
+        assert steer["block"] == trial["sae_block"] and len(steer["units"]) == 12
+        assert trial["steerable_latents"] == sum(u["score"] >= 0.1 for u in steer["units"] if u["kind"] == "latent") / 6
+    # vs2ray-tiny's zero-shot follows colour: its worst group is far below its average
+    zero = trials.iloc[0]
+    assert zero["test_worst_group_zero_shot"] < zero["test_top1_zero_shot"] - 0.25
+
+    from analysis.report import write_report
+
+    text = write_report(str(storage / "experiments" / "spurious"), tmp_path).read_text()
+    section = text.split("## Worst-group accuracy by block")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in section.splitlines() if line.startswith("| ")]
+    header, body = rows[0], rows[1:]
+    assert header[:3] == ["block", "tokens", "trials"] and "feature suppression worst" in header
+    assert [row[0] for row in body] == ["1", "3"]
+    block_3 = trials[trials["sae_block"] == 3].iloc[0]
+    assert body[1][header.index("feature suppression worst")] == f"{100 * block_3['test_worst_group_ablate']:.2f}"
+    assert body[1][header.index("zero-shot CLIP avg")] == f"{100 * block_3['test_top1_zero_shot']:.2f}"
+    steer_section = text.split("## Steerability by block")[1].split("\n## ")[0]
+    assert "latents steerable %" in steer_section and "Most steerable latents" in steer_section

@@ -167,8 +167,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
         prepare_data,
         sae_params,
         start_retrieval,
+        steerability,
         steering_grid,
     )
+    from vs2ray.steerability import format_steerability
 
     config = _config(args)
     data = prepare_data(config, _say)
@@ -189,6 +191,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
     results = evaluator.evaluate_all(config.steering.methods, grid)
     print(f"{len(evaluator.val.labels)} validation rows (carved from train), {len(evaluator.test.labels)} test rows")
     print(format_table(results))
+    measured = steerability(config, data, evaluator)
+    if measured is not None:
+        print(format_steerability(measured))
     del index
     return 0
 

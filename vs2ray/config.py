@@ -161,6 +161,9 @@ class ModelConfig(Section):
         return self
 
 
+DATASETS_WITH_GROUPS = ("shapes_spurious", "waterbirds", "celeba")  # their records carry a nuisance attribute
+
+
 class DatasetConfig(Section):
     name: Literal["shapes", "shapes_spurious", "cifar100", "imagefolder", "huggingface", "waterbirds", "celeba"] = (
         "shapes"
@@ -265,6 +268,36 @@ class SteeringConfig(Section):
     lambda_: NonNegativeFloat = Field(2.1, alias="lambda")
     gate_quantiles: list[Annotated[float, Field(gt=0, le=1)]] = [0.9, 0.95, 0.99, 0.995]
     rag_alpha: UnitFloat = 0.5
+    ablate_latents: list[PositiveInt] = Field(
+        [1, 2, 4, 8, 16], min_length=1, description="ablate: how many of the top-scoring latents to zero (a grid)"
+    )
+    ablate_score: list[Literal["within_class", "correlation"]] = Field(
+        ["within_class", "correlation"], min_length=1, description="ablate: latent-attribute association (a grid)"
+    )
+    select_by: Literal["top1", "worst_group"] = Field(
+        "top1", description="pick each method's setting by validation top-1 or worst-group accuracy (groups only)"
+    )
+
+
+class SteerabilityConfig(Section):
+    enabled: bool = Field(False, description="measure S of sampled latents and neurons in every trial")
+    probe_images: PositiveInt = Field(64, description="validation images each steered unit is measured on")
+    units: PositiveInt = Field(64, description="latents sampled, and neurons sampled, per trial")
+    strength: PositiveFloat = Field(10.0, description="amplify clamps a unit to strength × its on-level")
+    quantile: float = Field(0.9, gt=0.0, le=1.0, description="a unit's on-level: this quantile of its positive values")
+    top: PositiveInt = Field(1, description="S is the probability mass the `top` most-gaining concepts receive")
+    threshold: float = Field(0.1, gt=0.0, le=1.0, description="S at which a unit counts as steerable")
+    vocabulary: str | None = Field(
+        None, description="word list file (one concept per line); default: the dataset's class and attribute words"
+    )
+    template: str = Field("a photo of a {}.", description="prompt each concept word fills (one '{}')")
+
+    @field_validator("template")
+    @classmethod
+    def _one_slot(cls, template: str) -> str:
+        if template.count("{}") != 1:
+            raise PydanticCustomError("model_template", f"steerability.template needs exactly one '{{}}': {template!r}")
+        return template
 
 
 class RetrievalConfig(Section):
@@ -376,6 +409,7 @@ class ExperimentConfig(Section):
     sae: SAEConfig = Field(default_factory=SAEConfig)
     pass_: PassConfig = Field(default_factory=PassConfig, alias="pass")
     steering: SteeringConfig = Field(default_factory=SteeringConfig)
+    steerability: SteerabilityConfig = Field(default_factory=SteerabilityConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -396,6 +430,14 @@ class ExperimentConfig(Section):
         if "all" in values_of(self.sae.tokens) and self.extraction.tokens != "all":
             raise PydanticCustomError(
                 "model_tokens", "sae.tokens: all needs extraction.tokens: all (the store must hold every token)"
+            )
+        needs_groups = ["ablate"] * ("ablate" in self.steering.methods)
+        needs_groups += ["select_by: worst_group"] * (self.steering.select_by == "worst_group")
+        if needs_groups and self.dataset.name not in DATASETS_WITH_GROUPS:
+            raise PydanticCustomError(
+                "model_groups",
+                f"steering: {' and '.join(needs_groups)}: needs group labels, and dataset.name "
+                f"{self.dataset.name!r} has none (datasets with groups: {', '.join(DATASETS_WITH_GROUPS)})",
             )
         return self
 

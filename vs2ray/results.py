@@ -37,6 +37,7 @@ STOPPED_FILE = "vs2ray_stopped.json"  # trial id -> SAE step at which the schedu
 # the files a trial leaves in its checkpoint (vs2ray.trainable writes them)
 PER_CLASS_FILE, METHODS_FILE, PREDICTIONS_FILE = "per_class.json", "methods.json", "predictions.npz"
 METRICS_FILE = "metrics.json"  # the reported result, kept so that a restarted trial need not rerun
+STEERABILITY_FILE = "steerability.json"  # with steerability.enabled: S of every sampled latent and neuron
 CHECKPOINT_FILES = (PER_CLASS_FILE, METHODS_FILE, PREDICTIONS_FILE, METRICS_FILE)
 SWEEP_CONFIG_FILE = "vs2ray_config.yaml"  # the sweep's config, saved in the experiment dir for --resume and analysis
 TRIAL_DIR_PREFIX = "trial_"
@@ -184,10 +185,12 @@ def trial_predictions(trial_dir: str) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- the method table
 
 
-def method_table(trials: pd.DataFrame) -> pd.DataFrame:
+def method_table(trials: pd.DataFrame, select_by: str = "top1") -> pd.DataFrame:
     """Each method at its validation-selected trial (paper Table 1, with selection done on validation).
 
-    For method m the selected trial is the finished one with the highest `val_top1_m`;
+    For method m the selected trial is the finished one with the highest `val_top1_m` (with
+    `select_by="worst_group"`, the highest `val_worst_group_m`; the table then also shows the selected
+    trial's validation and test worst-group accuracy);
     `test_top1` is its test accuracy, `test_oracle_top1` the best test accuracy of m
     over every trial and grid setting (the paper's way; optimistic). VS2 is split into
     plain SAEs (w_aux = 0) and PASS SAEs (w_aux > 0) when the sweep has both.
@@ -200,11 +203,12 @@ def method_table(trials: pd.DataFrame) -> pd.DataFrame:
         subsets = [(method, done)]
         if method == "vs2":
             subsets = [("vs2", done[w_aux == 0]), ("vs2_pass", done[w_aux > 0])]
+        selection = metric_name("val_worst_group" if select_by == "worst_group" else "val_top1", method)
         for key, subset in subsets:
-            subset = subset.dropna(subset=[metric_name("val_top1", method)])
+            subset = subset.dropna(subset=[selection]) if selection in subset else subset.iloc[:0]
             if subset.empty:
                 continue
-            best = subset.loc[subset[metric_name("val_top1", method)].idxmax()]
+            best = subset.loc[subset[selection].idxmax()]
             chosen = {k: best[k] for k in _relevant_keys(subset, method) if pd.notna(best[k])}
             for column in _selected(best, method):  # the setting chosen within the trial (γ, λ, q, a, N)
                 chosen[column.removeprefix("selected_").removesuffix(f"_{method}")] = best[column]
@@ -216,6 +220,14 @@ def method_table(trials: pd.DataFrame) -> pd.DataFrame:
                     "test_top1": 100 * best[metric_name("test_top1", method)],
                     "test_oracle_top1": 100 * subset[metric_name("test_oracle_top1", method)].max(),
                     "coverage": best.get(metric_name("coverage", method), np.nan),
+                    **(
+                        {
+                            "val_worst_group": 100 * best[metric_name("val_worst_group", method)],
+                            "test_worst_group": 100 * best[metric_name("test_worst_group", method)],
+                        }
+                        if select_by == "worst_group"
+                        else {}
+                    ),
                     "trial_id": best["trial_id"],
                     "selected": ", ".join(f"{k}={_short(v)}" for k, v in chosen.items()),
                 }
@@ -237,11 +249,8 @@ def block_table(trials: pd.DataFrame) -> pd.DataFrame:
     L0 averaged over the group's distinct SAEs; then per method the test top-1 (%) at the
     group's trial with the best validation top-1 for that method (selection as in `method_table`).
     """
-    done = trials[trials["status"] == STATUS_DONE] if "status" in trials else trials
-    if done.empty or not set(BLOCK_COLUMNS) <= set(done):
-        return pd.DataFrame()
     rows = []
-    for (block, tokens), group in done.groupby(list(BLOCK_COLUMNS), sort=True):
+    for (block, tokens), group in _done_by_block(trials):
         saes = group.drop_duplicates("sae_dir")
         row: dict[str, Any] = {"block": int(block), "tokens": tokens, "trials": len(group)}
         row.update({name: saes[name].mean() for name in ("fvu", "val_fvu", "l0") if name in saes})
@@ -251,6 +260,83 @@ def block_table(trials: pd.DataFrame) -> pd.DataFrame:
             row[method] = 100 * best[metric_name("test_top1", method)]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _done_by_block(trials: pd.DataFrame) -> Any:
+    done = trials[trials["status"] == STATUS_DONE] if "status" in trials else trials
+    if done.empty or not set(BLOCK_COLUMNS) <= set(done):
+        return []
+    return done.groupby(list(BLOCK_COLUMNS), sort=True)
+
+
+def worst_group_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Average and worst-group test accuracy (%) by block and token set, for every method that reports groups.
+
+    Per (block, tokens) and method, the trial with the best validation worst-group accuracy for that
+    method gives its test top-1 ("avg") and test worst-group accuracy ("worst"). Empty without groups.
+    """
+    rows = []
+    for (block, tokens), group in _done_by_block(trials):
+        row: dict[str, Any] = {"block": int(block), "tokens": tokens, "trials": len(group)}
+        for method in methods_in(group):
+            selection = metric_name("val_worst_group", method)
+            if selection not in group or group[selection].isna().all():
+                continue
+            best = group.loc[group[selection].idxmax()]
+            row[f"{method} avg"] = 100 * best[metric_name("test_top1", method)]
+            row[f"{method} worst"] = 100 * best[metric_name("test_worst_group", method)]
+        if len(row) > 3:
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def steerability_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """The share (%) of steerable latents and of steerable neurons by block and token set, and the numbers of
+    steerable units they imply (share × the block's latents or width), averaged over the block's trials that
+    measured them (steerability.enabled). Empty when none did."""
+    rows = []
+    for (block, tokens), group in _done_by_block(trials):
+        measured = group.dropna(subset=["steerable_latents"]) if "steerable_latents" in group else group.iloc[:0]
+        if len(measured):
+            rows.append(
+                {
+                    "block": int(block),
+                    "tokens": tokens,
+                    "trials": len(measured),
+                    "latents steerable %": 100 * measured["steerable_latents"].mean(),
+                    "neurons steerable %": 100 * measured["steerable_neurons"].mean(),
+                    "steerable latents (est.)": measured["steerable_latents_count"].mean(),
+                    "steerable neurons (est.)": measured["steerable_neurons_count"].mean(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def most_steerable(trials: pd.DataFrame, limit: int = 10) -> pd.DataFrame:
+    """The `limit` latents with the largest S over every finished trial's steerability file, with their concepts."""
+    rows = []
+    done = trials[trials["status"] == STATUS_DONE] if "status" in trials else trials
+    for _, trial in done.iterrows():
+        text = trial_file(trial["trial_dir"], STEERABILITY_FILE)
+        if text is None:
+            continue
+        measured = json.loads(text)
+        for unit in measured["units"]:
+            if unit["kind"] == "latent":
+                concepts = ", ".join(f"{w} (+{g:.3f})" for w, g in zip(unit["concepts"], unit["gains"], strict=True))
+                rows.append(
+                    {
+                        "trial": trial["trial_id"],
+                        "block": measured["block"],
+                        "tokens": trial.get("sae_tokens", ""),
+                        "latent": unit["unit"],
+                        "S": unit["score"],
+                        "direction": unit["direction"],
+                        "top concepts (gain)": concepts,
+                    }
+                )
+    ranked = pd.DataFrame(rows)
+    return ranked.sort_values("S", ascending=False).head(limit) if len(ranked) else ranked
 
 
 def _relevant_keys(trials: pd.DataFrame, method: str) -> list[str]:
@@ -282,9 +368,10 @@ def format_summary(trials: pd.DataFrame, config: Any, top: int = 5) -> str:
         shown = ["trial_id", *searched_keys(best), metric, "fvu", "sae_cache_hit", "trial_seconds"]
         shown = [c for c in dict.fromkeys(shown) if c in best]
         lines += ["", f"best trials by {metric} ({mode}):", best[shown].to_string(index=False, float_format="%.4g")]
-    table = method_table(trials)
+    table = method_table(trials, config.steering.select_by)
     if not table.empty:
-        shown = [c for c in ("method", "val_top1", "test_top1", "delta", "test_oracle_top1", "trial_id") if c in table]
+        wanted = ("method", "val_top1", "test_top1", "delta", "test_oracle_top1", "val_worst_group", "test_worst_group")
+        shown = [c for c in (*wanted, "trial_id") if c in table]
         lines += [
             "",
             "each method at its validation-selected trial (top-1 %; test-oracle = best test figure, optimistic):",

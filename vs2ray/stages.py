@@ -236,10 +236,23 @@ class SweepData:
     head: dict[str, np.ndarray]  # ln_post.weight, ln_post.bias, proj
     text_classifier: np.ndarray  # (classes, embed)
     retrieval_index: str | None = None  # name of the FAISS actors, set once they run
+    concepts: np.ndarray | None = None  # (V, embed) text embeddings of the steerability vocabulary
+    concept_words: list[str] | None = None
 
     @property
     def classes(self) -> list[str]:
         return list(self.split.acts.manifest["classes"])
+
+    @property
+    def group_names(self) -> list[str]:
+        """'<class> / <attribute>' in group order when both splits carry group labels, else []."""
+        if not (self.split.acts.has_groups and self.test.has_groups):
+            return []
+        return [f"{c} / {a}" for c in self.classes for a in self.split.acts.manifest.get("attributes", [])]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
 
 
 def prepare_data(config: ExperimentConfig, log: Log = lambda _: None) -> SweepData:
@@ -255,7 +268,31 @@ def prepare_data(config: ExperimentConfig, log: Log = lambda _: None) -> SweepDa
     test = load_activations(test_store, layers=cls_blocks, retrieval=config.retrieval.space == "dinov2")
     head = load_file(test_store / "head.safetensors")
     classifier = load_file(test_store / "classifier.safetensors")["classifier"]
-    return SweepData(split, test, head, classifier)
+    data = SweepData(split, test, head, classifier)
+    if config.steerability.enabled:
+        data.concept_words = concept_vocabulary(config)
+        data.concepts = concept_embeddings(config, data.concept_words)
+    return data
+
+
+def concept_vocabulary(config: ExperimentConfig) -> list[str]:
+    """The steerability vocabulary: `steerability.vocabulary`'s words (one per line), else the dataset's words."""
+    path = config.steerability.vocabulary
+    if path is None:
+        return get_dataset(config.dataset).concept_words
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError([f"steerability.vocabulary: {str(file)!r} does not exist (a word list, one per line)"])
+    words = list(dict.fromkeys(line.strip() for line in file.read_text().splitlines() if line.strip()))
+    if not words:
+        raise ConfigError([f"steerability.vocabulary: {str(file)!r} has no words"])
+    return words
+
+
+def concept_embeddings(config: ExperimentConfig, words: list[str]) -> np.ndarray:
+    """(V, embed) unit-norm CLIP text embeddings of `steerability.template` filled with each word."""
+    bundle = load_clip(config.model)
+    return build_text_classifier(bundle, words, [config.steerability.template]).cpu().numpy()
 
 
 def needs_retrieval(config: ExperimentConfig) -> bool:
@@ -303,19 +340,25 @@ def evaluation_splits(
     the pool with every token of `pool_token_blocks` only (all-token calibration: these are the large ones)."""
     split = data.split
     with_retrieval = "retrieval" in split.acts.columns
+    grouped = data.num_groups > 0
     cls = split.column(layer)
 
     def rows(acts: Activations, mask: np.ndarray, name: str, blocks: tuple[int, ...]) -> SplitData:
         def take(column: str) -> torch.Tensor:
             return _tensor(acts[column])[torch.from_numpy(mask)].to(device)
 
+        def integers(values: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(values.astype(np.int64))[torch.from_numpy(mask)].to(device)
+
         return SplitData(
             name=name,
             cls=take(cls),
             embedding=take("embedding"),
-            labels=torch.from_numpy(acts.labels.astype(np.int64))[torch.from_numpy(mask)].to(device),
+            labels=integers(acts.labels),
             retrieval=take("retrieval") if with_retrieval else None,
             tokens={block: take(split.column(block, "all")) for block in blocks},
+            attributes=integers(acts.attributes) if grouped else None,
+            groups=integers(acts.groups) if grouped else None,
         )
 
     everything = np.ones(len(data.test.ids), dtype=bool)
@@ -337,6 +380,8 @@ def steering_grid(
         rag_alphas=grid_values(config.steering.rag_alpha, 3),
         n_neighbors=int(_first(config.retrieval.n_neighbors)),
         positive_rules=_all_values(config.retrieval.positive_rule),
+        ablate_scores=config.steering.ablate_score,
+        ablate_counts=config.steering.ablate_latents,
     )
 
 
@@ -391,7 +436,22 @@ def build_evaluator(
     pool_blocks = (block,) if inside and all_tokens else ()
     pool, val, test = evaluation_splits(data, layer, device, tuple(sorted(token_blocks)), pool_blocks)
     head = {name: _tensor(value).to(device) for name, value in data.head.items()}
-    return Evaluator(sae.to(device), head, _tensor(data.text_classifier).to(device), pool, val, test, search, encoder)
+    classifier = _tensor(data.text_classifier).to(device)
+    return Evaluator(
+        sae.to(device), head, classifier, pool, val, test, search, encoder, data.num_groups, config.steering.select_by
+    )
+
+
+def steerability(config: ExperimentConfig, data: SweepData, evaluator: Evaluator) -> Any:
+    """S of the sampled latents and neurons at the evaluator's block (`steerability.*`), or None when disabled."""
+    if not config.steerability.enabled or data.concepts is None:
+        return None
+    from vs2ray.steerability import SteerabilitySettings, measure_steerability
+
+    s = config.steerability
+    settings = SteerabilitySettings(s.probe_images, s.units, s.strength, s.quantile, s.top, s.threshold, config.seed)
+    concepts = _tensor(data.concepts).to(evaluator.pool.cls.device)
+    return measure_steerability(evaluator, concepts, list(data.concept_words), settings)
 
 
 def zero_shot_evaluate(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vs2ray.config import (
+    DATASETS_WITH_GROUPS,
     ConfigError,
     Distribution,
     ExperimentConfig,
@@ -27,7 +28,7 @@ from vs2ray.config import (
     search_space,
 )
 from vs2ray.files import is_uri, list_dirs, modified, storage_filesystem
-from vs2ray.methods import METHOD_METRICS, metric_name
+from vs2ray.methods import GROUP_METRICS, METHOD_METRICS, metric_name
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 
@@ -66,7 +67,9 @@ def allowed_metrics(config: ExperimentConfig) -> list[str]:
     from vs2ray.stages import SAE_METRICS
 
     methods = config.steering.methods
-    return [metric_name(kind, m) for m in methods for kind in METHOD_METRICS] + [*SAE_METRICS, "trial_seconds"]
+    kinds = METHOD_METRICS + GROUP_METRICS * (config.dataset.name in DATASETS_WITH_GROUPS)
+    steerability = ["steerable_latents", "steerable_neurons"] * config.steerability.enabled
+    return [metric_name(kind, m) for m in methods for kind in kinds] + [*SAE_METRICS, "trial_seconds", *steerability]
 
 
 def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
@@ -101,6 +104,9 @@ def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
             config_with(config, point, f"search.points_to_evaluate[{i}]")
         except ConfigError as error:
             problems += error.problems
+    vocabulary = config.steerability.vocabulary
+    if config.steerability.enabled and vocabulary and not Path(vocabulary).expanduser().is_file():
+        problems.append(f"steerability.vocabulary: {vocabulary!r} does not exist (a word list, one concept per line)")
     problems += _scheduler_problems(config) + tracker_problems(config.tracking, experiments_root(config))
     if problems:
         raise ConfigError(problems, "sweep")

@@ -21,13 +21,14 @@ from ray.tune import Callback
 
 from vs2ray.config import ExperimentConfig, config_with, full_steps, validate_config
 from vs2ray.evaluate import Evaluator, MethodResult
-from vs2ray.methods import METHOD_METRICS, method_of
+from vs2ray.methods import GROUP_METRICS, METHOD_METRICS, method_of
 from vs2ray.results import (
     CHECKPOINT_FILES,
     METHODS_FILE,
     METRICS_FILE,
     PER_CLASS_FILE,
     PREDICTIONS_FILE,
+    STEERABILITY_FILE,
     record_stopped,
 )
 from vs2ray.sae import TopKSAE, evaluate_sae
@@ -39,6 +40,7 @@ from vs2ray.stages import (
     build_evaluator,
     get_or_train_sae,
     sae_params,
+    steerability,
     steering_grid,
 )
 
@@ -68,7 +70,8 @@ class IntermediateReports:
 
     def __init__(self, config: ExperimentConfig, data: SweepData, device: str, started: float) -> None:
         self.config, self.data, self.device, self.started = config, data, device, started
-        searched = {method_of(metric, kind) for metric in config.search.metrics for kind in METHOD_METRICS}
+        kinds = METHOD_METRICS + GROUP_METRICS
+        searched = {method_of(metric, kind) for metric in config.search.metrics for kind in kinds}
         self.methods = [m for m in config.steering.methods if m in searched]
         self.samples: dict[str, torch.Tensor] = {}  # drawn at the first report: a cached SAE never needs them
         self.evaluator: Evaluator | None = None
@@ -131,17 +134,24 @@ class StoppedTrials(Callback):
             record_stopped(self.experiment, trial.trial_id, int(result["sae_step"]))
 
 
-def write_trial_files(directory: Path, classes: list[str], labels: np.ndarray, results: dict[str, MethodResult]):
-    """Per-class test accuracy and test predictions of each method at its selected setting, plus every setting."""
+def write_trial_files(directory: Path, data: SweepData, results: dict[str, MethodResult], measured: Any = None) -> None:
+    """Per-class (and per-group) test accuracy and test predictions of each method at its selected setting,
+    every setting's figures, and the steerability measurement if there is one."""
     per_class = {m: r.per_class_test[r.selected] for m, r in results.items()}
-    (directory / PER_CLASS_FILE).write_text(json.dumps({"classes": classes, "per_class_top1": per_class}))
+    accuracies: dict[str, Any] = {"classes": data.classes, "per_class_top1": per_class}
+    if data.group_names:
+        accuracies["groups"] = data.group_names
+        accuracies["per_group_top1"] = {m: r.per_group_test[r.selected] for m, r in results.items()}
+    (directory / PER_CLASS_FILE).write_text(json.dumps(accuracies))
+    if measured is not None:
+        (directory / STEERABILITY_FILE).write_text(json.dumps(measured.to_json()))
     every_setting = {
         m: {"settings": r.settings, "val_top1": r.val_top1, "test_top1": r.test_top1, "coverage": r.coverage}
         for m, r in results.items()
     }
     (directory / METHODS_FILE).write_text(json.dumps(every_setting))
     predictions = {m: np.asarray(r.test_predictions[r.selected], dtype=np.int32) for m, r in results.items()}
-    np.savez(directory / PREDICTIONS_FILE, labels=labels.astype(np.int32), **predictions)
+    np.savez(directory / PREDICTIONS_FILE, labels=data.test.labels.astype(np.int32), **predictions)
 
 
 def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepData, experiment: str) -> None:
@@ -172,6 +182,14 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     evaluator = build_evaluator(config, data, trained.sae, device, every_block)
     results = evaluator.evaluate_all(config.steering.methods, steering_grid(config))
     metrics = trial_metrics(trained, results)
+    measured = steerability(config, data, evaluator)
+    if measured is not None:
+        metrics.update(
+            steerable_latents=measured.share("latent"),
+            steerable_neurons=measured.share("neuron"),
+            steerable_latents_count=measured.estimated_count("latent"),
+            steerable_neurons_count=measured.estimated_count("neuron"),
+        )
     metrics.update(
         sae_block=evaluator.encoder.block,  # the block index, whatever way sae.layer was written
         sae_tokens=config.sae.tokens,
@@ -186,6 +204,6 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
         vs2ray_complete=True,
     )
     with tempfile.TemporaryDirectory() as staging:
-        write_trial_files(Path(staging), data.classes, data.test.labels, results)
+        write_trial_files(Path(staging), data, results, measured)
         (Path(staging) / METRICS_FILE).write_text(json.dumps(metrics))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))

@@ -1,0 +1,172 @@
+"""Steerability S_f (METHOD.md §8, Joseph et al. 2025): how precisely steering one unit alone moves CLIP's output
+over a concept vocabulary, for every sampled SAE latent and, as the paper's comparison, the block's neurons.
+
+What the paper's code (ViT-Prisma) shows, and we follow: the unit's activation is clamped to a value on every
+token the SAE reads (the SAE's error term kept), the rest of the forward runs, and the output distribution
+is softmax(100 · e · Vᵀ) over the text embeddings V of the vocabulary; its change against the unsteered
+distribution is what steering did. What it leaves open, and we chose (README, "Steerability"):
+
+- units: a seeded sample of `units` latents and of `units` neurons (ViT-Prisma samples 1/20 of the latents);
+  a neuron is one coordinate of the residual stream at the steering block, the basis the SAE decomposes;
+- on-level h_u: the `quantile` of the unit's positive activations on the SAE's training rows; amplify
+  clamps the unit to `strength` · h_u, suppress to 0, the same rule for latents and neurons; a latent
+  never active there is never steered and counts as not steerable;
+- probe images: the first `probe_images` validation rows;
+- S_u = the probability mass the `top` concepts with the largest mean gain receive (steering.steerability),
+  the larger of amplify and suppress; a unit is steerable when S_u ≥ `threshold`.
+
+This module knows neither Ray nor the config: the trial builds the settings and the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from vs2ray import steering
+from vs2ray.evaluate import Evaluator, SplitData
+
+UnitKind = Literal["latent", "neuron"]
+
+
+@dataclass(frozen=True)
+class SteerabilitySettings:
+    probe_images: int = 64
+    units: int = 64  # latents sampled, and neurons sampled
+    strength: float = 10.0  # amplify clamps a unit to strength × its on-level
+    quantile: float = 0.9  # on-level: this quantile of the unit's positive activations
+    top: int = 1  # concepts whose gain makes S
+    threshold: float = 0.1  # S at which a unit counts as steerable (probability mass)
+    seed: int = 0
+
+
+@dataclass
+class UnitSteerability:
+    kind: UnitKind
+    unit: int
+    score: float  # S: the larger of amplify's and suppress's
+    direction: str  # "amplify" or "suppress", whichever gave S
+    concepts: list[str]  # the `top` concepts that gained most, largest gain first
+    gains: list[float]  # their mean probability gain
+
+
+@dataclass
+class SteerabilityResult:
+    block: int
+    settings: SteerabilitySettings
+    totals: dict[str, int]  # units of each kind the sample was drawn from: {"latent": n_latents, "neuron": width}
+    units: list[UnitSteerability] = field(default_factory=list)
+
+    def of(self, kind: UnitKind) -> list[UnitSteerability]:
+        return [u for u in self.units if u.kind == kind]
+
+    def share(self, kind: UnitKind) -> float:
+        """The share of sampled units of `kind` with S ≥ threshold."""
+        units = self.of(kind)
+        return sum(u.score >= self.settings.threshold for u in units) / max(1, len(units))
+
+    def estimated_count(self, kind: UnitKind) -> float:
+        """The number of steerable units of `kind` the block has, estimated from the sample's share."""
+        return self.share(kind) * self.totals[kind]
+
+    def ranked(self, kind: UnitKind = "latent", limit: int = 10) -> list[UnitSteerability]:
+        return sorted(self.of(kind), key=lambda u: -u.score)[:limit]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "block": self.block,
+            "settings": asdict(self.settings),
+            "share_latents": self.share("latent"),
+            "share_neurons": self.share("neuron"),
+            "totals": self.totals,
+            "units": [asdict(u) for u in self.units],
+        }
+
+
+def _probe(split: SplitData, rows: int) -> SplitData:
+    """The first `rows` rows of `split` (and of its tokens)."""
+    return SplitData(
+        name=f"{split.name}/probe",
+        cls=split.cls[:rows],
+        embedding=split.embedding[:rows],
+        labels=split.labels[:rows],
+        tokens={block: tokens[:rows] for block, tokens in split.tokens.items()},
+    )
+
+
+def on_levels(activations: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Per column of (n, units), the `quantile` of its positive values; 0 for a column never positive."""
+    positive = torch.where(activations > 0, activations, torch.nan)
+    levels = torch.nanquantile(positive.double(), quantile, dim=0)
+    return torch.nan_to_num(levels, nan=0.0).float()
+
+
+@torch.no_grad()
+def measure_steerability(
+    evaluator: Evaluator, concepts: torch.Tensor, words: list[str], settings: SteerabilitySettings
+) -> SteerabilityResult:
+    """S of sampled latents and neurons at the evaluator's steering block.
+
+    concepts: (V, embed) unit-norm text embeddings of `words`. Each steered unit costs one forward of the
+    probe images through the blocks after the steering block (none at the last block with [CLS] only).
+    """
+    sae = evaluator.sae
+    probe = _probe(evaluator.val, settings.probe_images)
+    rows = evaluator.steered_rows(probe).cls  # (P, d) or (P·T, d)
+    calibration = evaluator.steered_rows(evaluator.pool).cls
+
+    def distribution(final_cls: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(
+            steering.logits_from_embeddings(steering.apply_head(final_cls, evaluator.head), concepts), 1
+        )
+
+    default = distribution(evaluator.final_cls(probe, rows))
+    latent_levels = on_levels(
+        torch.cat([sae.dense_codes(*sae.encode(calibration[s : s + 8192])) for s in range(0, len(calibration), 8192)]),
+        settings.quantile,
+    )
+    neuron_levels = on_levels(calibration, settings.quantile)
+    generator = torch.Generator().manual_seed(settings.seed)
+    block = evaluator.encoder.block if evaluator.encoder else -1
+    result = SteerabilityResult(block, settings, {"latent": len(latent_levels), "neuron": len(neuron_levels)})
+    for kind, levels, clamp in (
+        ("latent", latent_levels, lambda x, u, v: steering.clamp_latent(sae, x, u, v)),
+        ("neuron", neuron_levels, steering.clamp_neuron),
+    ):
+        sampled = torch.randperm(len(levels), generator=generator)[: settings.units].sort().values.tolist()
+        for unit in sampled:
+            if kind == "latent" and levels[unit] <= 0:  # a dead latent: nothing to clamp it from or to
+                result.units.append(UnitSteerability(kind, unit, 0.0, "amplify", [], []))
+                continue
+            best: tuple[float, str, list[int], torch.Tensor] | None = None
+            steered = torch.cat([clamp(rows, unit, settings.strength * float(levels[unit])), clamp(rows, unit, 0.0)])
+            probs = distribution(evaluator.final_cls(probe, steered))
+            for direction, half in zip(("amplify", "suppress"), probs.chunk(2), strict=True):
+                shift = steering.concept_shift(default, half)
+                score, top = steering.steerability(shift, settings.top)
+                if best is None or score > best[0]:
+                    best = (score, direction, top, shift)
+            score, direction, top, shift = best
+            result.units.append(
+                UnitSteerability(kind, unit, score, direction, [words[c] for c in top], [float(shift[c]) for c in top])
+            )
+    return result
+
+
+def format_steerability(result: SteerabilityResult, limit: int = 10) -> str:
+    """The shares of steerable latents and neurons, then the most steerable latents with their top concepts."""
+    s = result.settings
+    lines = [
+        f"block {result.block}: steerable (S ≥ {s.threshold}, strength {s.strength}) latents "
+        f"{100 * result.share('latent'):.1f}% of {len(result.of('latent'))} sampled (about "
+        f"{result.estimated_count('latent'):.0f} of {result.totals['latent']}), neurons "
+        f"{100 * result.share('neuron'):.1f}% of {len(result.of('neuron'))} sampled (about "
+        f"{result.estimated_count('neuron'):.0f} of {result.totals['neuron']})",
+        f"{'latent':>7} {'S':>6}  direction  top concepts (gain)",
+    ]
+    for u in result.ranked("latent", limit):
+        concepts = ", ".join(f"{w} (+{g:.3f})" for w, g in zip(u.concepts, u.gains, strict=True))
+        lines.append(f"{u.unit:>7} {u.score:>6.3f}  {u.direction:<9}  {concepts}")
+    return "\n".join(lines)
