@@ -524,9 +524,17 @@ def test_a_spurious_world_sweep_reports_worst_group_accuracy_and_steerability_by
 
     text = write_report(str(storage / "experiments" / "spurious"), tmp_path).read_text()
     section = text.split("## Worst-group accuracy by block")[1].split("\n## ")[0]
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in section.splitlines() if line.startswith("| ")]
-    header, body = rows[0], rows[1:]
+    tables = [
+        [[c.strip() for c in line.split("|")[1:-1]] for line in chunk.splitlines() if line.startswith("| ")]
+        for chunk in section.split("\n\n")
+        if chunk.startswith("| ")
+    ]
+    (header, *body), (group_header, *groups) = tables  # by block, then the best trial's groups
     assert header[:3] == ["block", "tokens", "trials"] and "feature suppression worst" in header
+    assert group_header == ["group", "zero-shot CLIP", "feature suppression"]
+    assert [row[0] for row in groups] == ["circle / warm", "circle / cool", "square / warm", "square / cool"]
+    best = trials.loc[trials["val_worst_group_ablate"].idxmax()]
+    assert min(float(row[2]) for row in groups) == pytest.approx(100 * best["test_worst_group_ablate"], abs=0.01)
     assert [row[0] for row in body] == ["1", "3"]
     block_3 = trials[trials["sae_block"] == 3].iloc[0]
     assert body[1][header.index("feature suppression worst")] == f"{100 * block_3['test_worst_group_ablate']:.2f}"

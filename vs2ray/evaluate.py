@@ -288,15 +288,17 @@ class Evaluator:
             pool = self.pool
             if pool.attributes is None:
                 raise ValueError("ablate needs the nuisance attribute of the pool rows (a dataset with groups)")
-            rows = self._token_view(pool) if self._steers_every_token else pool
-            per_image = len(rows.cls) // len(pool.cls)
-            codes = torch.cat(
+            rows = self.steered_rows(pool).cls
+            per_image = len(rows) // len(pool.cls)
+            chunk = 256 * per_image  # 256 images: dense (rows, latents) codes stay small even for every token
+            image_codes = torch.cat(
                 [
-                    self.sae.dense_codes(*self.sae.encode(rows.cls[start : start + 4096 * per_image]))
-                    for start in range(0, len(rows.cls), 4096 * per_image)
+                    steering.mean_codes_per_image(
+                        self.sae.dense_codes(*self.sae.encode(rows[i : i + chunk])), per_image
+                    )
+                    for i in range(0, len(rows), chunk)
                 ]
             )
-            image_codes = steering.mean_codes_per_image(codes, per_image)
             self._latent_scores[score] = steering.association_scores(image_codes, pool.labels, pool.attributes, score)
         return self._latent_scores[score]
 

@@ -28,6 +28,7 @@ from vs2ray.evaluate import Encoder, Evaluator, Grid, SplitData, accuracy
 from vs2ray.methods import METHODS
 from vs2ray.models import block_runner, build_text_classifier, encode_images, load_clip
 from vs2ray.sae import SAETrainParams, TopKSAE, evaluate_sae, train_sae
+from vs2ray.steerability import SteerabilityResult, SteerabilitySettings, measure_steerability
 from vs2ray.store import (
     Activations,
     block_index,
@@ -442,12 +443,10 @@ def build_evaluator(
     )
 
 
-def steerability(config: ExperimentConfig, data: SweepData, evaluator: Evaluator) -> Any:
+def steerability(config: ExperimentConfig, data: SweepData, evaluator: Evaluator) -> SteerabilityResult | None:
     """S of the sampled latents and neurons at the evaluator's block (`steerability.*`), or None when disabled."""
     if not config.steerability.enabled or data.concepts is None:
         return None
-    from vs2ray.steerability import SteerabilitySettings, measure_steerability
-
     s = config.steerability
     settings = SteerabilitySettings(s.probe_images, s.units, s.strength, s.quantile, s.top, s.threshold, config.seed)
     concepts = _tensor(data.concepts).to(evaluator.pool.cls.device)

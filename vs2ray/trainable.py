@@ -43,6 +43,7 @@ from vs2ray.stages import (
     steerability,
     steering_grid,
 )
+from vs2ray.steerability import SteerabilityResult
 
 # ---------------------------------------------------------------- the Tune trainable
 
@@ -134,7 +135,9 @@ class StoppedTrials(Callback):
             record_stopped(self.experiment, trial.trial_id, int(result["sae_step"]))
 
 
-def write_trial_files(directory: Path, data: SweepData, results: dict[str, MethodResult], measured: Any = None) -> None:
+def write_trial_files(
+    directory: Path, data: SweepData, results: dict[str, MethodResult], measured: SteerabilityResult | None = None
+) -> None:
     """Per-class (and per-group) test accuracy and test predictions of each method at its selected setting,
     every setting's figures, and the steerability measurement if there is one."""
     per_class = {m: r.per_class_test[r.selected] for m, r in results.items()}
