@@ -8,7 +8,7 @@ distribution is what steering did. What it leaves open, and we chose (README, "S
 
 - units: a seeded sample of `units` latents and of `units` neurons (ViT-Prisma samples 1/20 of the latents);
   a neuron is one coordinate of the residual stream at the steering block, the basis the SAE decomposes;
-- on-level h_u: the `quantile` of the unit's positive activations on the SAE's training rows; amplify
+- on-level h_u: the `quantile` of the unit's positive activations on (up to 8,192 of) the SAE's training rows; amplify
   clamps the unit to `strength` · h_u, suppress to 0, the same rule for latents and neurons; a latent
   never active there is never steered and counts as not steerable;
 - probe images: the first `probe_images` validation rows;
@@ -29,6 +29,7 @@ from vs2ray import steering
 from vs2ray.evaluate import Evaluator, SplitData
 
 UnitKind = Literal["latent", "neuron"]
+CALIBRATION_ROWS = 8192  # training rows (seeded sample) a unit's on-level is measured on
 
 
 @dataclass(frozen=True)
@@ -123,32 +124,36 @@ def measure_steerability(
         )
 
     default = distribution(evaluator.final_cls(probe, rows))
-    latent_levels = on_levels(
-        torch.cat([sae.dense_codes(*sae.encode(calibration[s : s + 8192])) for s in range(0, len(calibration), 8192)]),
-        settings.quantile,
-    )
-    neuron_levels = on_levels(calibration, settings.quantile)
     generator = torch.Generator().manual_seed(settings.seed)
+    totals = {"latent": sae.n_latents, "neuron": calibration.shape[1]}
+    sampled = {
+        kind: torch.randperm(n, generator=generator)[: settings.units].sort().values for kind, n in totals.items()
+    }
+    # on-levels from at most CALIBRATION_ROWS training rows, and only the sampled latents' dense columns
+    calibration = calibration[torch.randperm(len(calibration), generator=generator)[:CALIBRATION_ROWS]]
+    latent_acts = [
+        sae.dense_codes(*sae.encode(calibration[start : start + 1024]))[:, sampled["latent"]]
+        for start in range(0, len(calibration), 1024)
+    ]
+    levels = {
+        "latent": on_levels(torch.cat(latent_acts), settings.quantile),
+        "neuron": on_levels(calibration[:, sampled["neuron"]], settings.quantile),
+    }
     block = evaluator.encoder.block if evaluator.encoder else -1
-    result = SteerabilityResult(block, settings, {"latent": len(latent_levels), "neuron": len(neuron_levels)})
-    for kind, levels, clamp in (
-        ("latent", latent_levels, lambda x, u, v: steering.clamp_latent(sae, x, u, v)),
-        ("neuron", neuron_levels, steering.clamp_neuron),
-    ):
-        sampled = torch.randperm(len(levels), generator=generator)[: settings.units].sort().values.tolist()
-        for unit in sampled:
-            if kind == "latent" and levels[unit] <= 0:  # a dead latent: nothing to clamp it from or to
+    result = SteerabilityResult(block, settings, totals)
+    clamps = {"latent": lambda x, u, v: steering.clamp_latent(sae, x, u, v), "neuron": steering.clamp_neuron}
+    for kind, clamp in clamps.items():
+        for unit, level in zip(sampled[kind].tolist(), levels[kind].tolist(), strict=True):
+            if kind == "latent" and level <= 0:  # never active on the training rows: nothing to clamp it from
                 result.units.append(UnitSteerability(kind, unit, 0.0, "amplify", [], []))
                 continue
-            best: tuple[float, str, list[int], torch.Tensor] | None = None
-            steered = torch.cat([clamp(rows, unit, settings.strength * float(levels[unit])), clamp(rows, unit, 0.0)])
+            steered = torch.cat([clamp(rows, unit, settings.strength * level), clamp(rows, unit, 0.0)])
             probs = distribution(evaluator.final_cls(probe, steered))
+            scored = []
             for direction, half in zip(("amplify", "suppress"), probs.chunk(2), strict=True):
                 shift = steering.concept_shift(default, half)
-                score, top = steering.steerability(shift, settings.top)
-                if best is None or score > best[0]:
-                    best = (score, direction, top, shift)
-            score, direction, top, shift = best
+                scored.append((*steering.steerability(shift, settings.top), direction, shift))
+            score, top, direction, shift = max(scored, key=lambda entry: entry[0])
             result.units.append(
                 UnitSteerability(kind, unit, score, direction, [words[c] for c in top], [float(shift[c]) for c in top])
             )

@@ -24,6 +24,11 @@ from vs2ray.data.base import DatasetUnavailable, ImageDataset, ImageRecord
 SPLITS = ("train", "val", "test")  # partition / split codes 0, 1, 2 in both datasets
 
 
+def _readable(attribute: str) -> str:
+    """CelebA's attribute name in words: 'Blond_Hair' -> 'blond hair'."""
+    return attribute.replace("_", " ").lower()
+
+
 def _read_csv(path: Path, dataset: str, hint: str) -> list[dict[str, str]]:
     if not path.is_file():
         raise DatasetUnavailable(f"{dataset}: {path} is missing. {hint}")
@@ -102,10 +107,8 @@ class CelebADataset(_GroupCSVDataset):
         images = self.root / "img_align_celeba"
         images = images / "img_align_celeba" if (images / "img_align_celeba").is_dir() else images
         self.target_attribute, self.group_attribute = target_attribute, group_attribute
-        self.attribute_names = (
-            f"not {group_attribute.replace('_', ' ').lower()}",
-            group_attribute.replace("_", " ").lower(),
-        )
+        group = _readable(group_attribute)
+        self.attribute_names = (f"not {group}", group)
         super().__init__(
             [
                 (
@@ -120,5 +123,5 @@ class CelebADataset(_GroupCSVDataset):
 
     @property
     def classes(self) -> list[str]:
-        readable = self.target_attribute.replace("_", " ").lower()
-        return [f"no {readable}", readable]
+        target = _readable(self.target_attribute)
+        return [f"no {target}", target]
