@@ -215,7 +215,8 @@ def per_group_section(done: pd.DataFrame, config: Any) -> list[str]:
 
 def steerability_section(shares: pd.DataFrame, ranked: pd.DataFrame, config: Any) -> str:
     """Share of steerable latents against neurons by block, then the most steerable latents."""
-    threshold = f" (S ≥ {config.steerability.threshold})" if config is not None else ""
+    s = config.steerability if config is not None else None
+    threshold = f" (S ≥ {s.threshold} at clamp strength {s.strength} × the on-level)" if s is not None else ""
     text = (
         f"Share of the sampled SAE latents and of the block's neurons (residual-stream coordinates) that are "
         f"steerable{threshold}: clamped alone at the block (amplified or suppressed), they move at least that much "
