@@ -358,19 +358,20 @@ class Evaluator:
                 logits, coverage = self.logits(method, split, setting)
                 top1, top5, per_class = accuracy(logits, split.labels, self.num_classes)
                 per_group = self._per_group(logits, split)
-                if per_group is not None:
-                    (result.val_worst if split is self.val else result.test_worst).append(worst_group(per_group))
-                    if split is self.test:
-                        result.per_group_test.append(per_group)
                 if split is self.val:
                     result.val_top1.append(top1)
                     result.val_top5.append(top5)
+                    if per_group is not None:
+                        result.val_worst.append(worst_group(per_group))
                 else:
                     result.test_top1.append(top1)
                     result.test_top5.append(top5)
                     result.coverage.append(coverage)
                     result.per_class_test.append(per_class)
                     result.test_predictions.append(logits.argmax(dim=1).cpu().numpy())
+                    if per_group is not None:
+                        result.test_worst.append(worst_group(per_group))
+                        result.per_group_test.append(per_group)
         return result
 
     def validate(self, method: str, grid: Grid) -> dict[str, float]:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from vs2ray.files import list_dirs, modified, read_bytes, read_text, write_text
 from vs2ray.methods import METHODS, method_of, metric_name
+from vs2ray.steerability import format_concepts
 
 # row label of each method in tables, in registry order; "vs2_pass" is VS2 on the PASS-trained SAEs
 METHOD_LABELS: dict[str, str] = {}
@@ -196,7 +197,7 @@ def method_table(trials: pd.DataFrame, select_by: str = "top1") -> pd.DataFrame:
     plain SAEs (w_aux = 0) and PASS SAEs (w_aux > 0) when the sweep has both.
     Accuracies are in %; `delta` is test_top1 minus zero-shot's, in points.
     """
-    done = trials[trials["status"] == STATUS_DONE] if "status" in trials else trials
+    done = _done(trials)
     rows = []
     w_aux = done["pass.w_aux"] if "pass.w_aux" in done else pd.Series(0.0, index=done.index)
     for method in methods_in(done):
@@ -262,8 +263,13 @@ def block_table(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _done(trials: pd.DataFrame) -> pd.DataFrame:
+    """The finished trials (every row of a frame without a status column)."""
+    return trials[trials["status"] == STATUS_DONE] if "status" in trials else trials
+
+
 def _done_by_block(trials: pd.DataFrame) -> Any:
-    done = trials[trials["status"] == STATUS_DONE] if "status" in trials else trials
+    done = _done(trials)
     if done.empty or not set(BLOCK_COLUMNS) <= set(done):
         return []
     return done.groupby(list(BLOCK_COLUMNS), sort=True)
@@ -315,15 +321,14 @@ def steerability_table(trials: pd.DataFrame) -> pd.DataFrame:
 def most_steerable(trials: pd.DataFrame, limit: int = 10) -> pd.DataFrame:
     """The `limit` latents with the largest S over every finished trial's steerability file, with their concepts."""
     rows = []
-    done = trials[trials["status"] == STATUS_DONE] if "status" in trials else trials
-    for _, trial in done.iterrows():
+    for _, trial in _done(trials).iterrows():
         text = trial_file(trial["trial_dir"], STEERABILITY_FILE)
         if text is None:
             continue
         measured = json.loads(text)
         for unit in measured["units"]:
             if unit["kind"] == "latent":
-                concepts = ", ".join(f"{w} (+{g:.3f})" for w, g in zip(unit["concepts"], unit["gains"], strict=True))
+                concepts = format_concepts(unit["concepts"], unit["gains"])
                 rows.append(
                     {
                         "trial": trial["trial_id"],

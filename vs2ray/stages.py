@@ -276,17 +276,29 @@ def prepare_data(config: ExperimentConfig, log: Log = lambda _: None) -> SweepDa
     return data
 
 
+def _vocabulary_file(config: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """(words of `steerability.vocabulary`, one per line, first occurrences; problems with the file)."""
+    file = Path(config.steerability.vocabulary).expanduser()
+    if not file.is_file():
+        return [], [f"steerability.vocabulary: {str(file)!r} does not exist (a word list, one concept per line)"]
+    words = list(dict.fromkeys(line.strip() for line in file.read_text().splitlines() if line.strip()))
+    return words, [] if words else [f"steerability.vocabulary: {str(file)!r} has no words"]
+
+
+def vocabulary_problems(config: ExperimentConfig) -> list[str]:
+    """What is wrong with a steerability vocabulary file the config names (checked before a sweep starts)."""
+    if not (config.steerability.enabled and config.steerability.vocabulary):
+        return []
+    return _vocabulary_file(config)[1]
+
+
 def concept_vocabulary(config: ExperimentConfig) -> list[str]:
     """The steerability vocabulary: `steerability.vocabulary`'s words (one per line), else the dataset's words."""
-    path = config.steerability.vocabulary
-    if path is None:
+    if config.steerability.vocabulary is None:
         return get_dataset(config.dataset).concept_words
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError([f"steerability.vocabulary: {str(file)!r} does not exist (a word list, one per line)"])
-    words = list(dict.fromkeys(line.strip() for line in file.read_text().splitlines() if line.strip()))
-    if not words:
-        raise ConfigError([f"steerability.vocabulary: {str(file)!r} has no words"])
+    words, problems = _vocabulary_file(config)
+    if problems:
+        raise ConfigError(problems)
     return words
 
 
@@ -447,8 +459,8 @@ def steerability(config: ExperimentConfig, data: SweepData, evaluator: Evaluator
     """S of the sampled latents and neurons at the evaluator's block (`steerability.*`), or None when disabled."""
     if not config.steerability.enabled or data.concepts is None:
         return None
-    s = config.steerability
-    settings = SteerabilitySettings(s.probe_images, s.units, s.strength, s.quantile, s.top, s.threshold, config.seed)
+    measured = config.steerability.model_dump(exclude={"enabled", "vocabulary", "template"})
+    settings = SteerabilitySettings(**measured, seed=config.seed)
     concepts = _tensor(data.concepts).to(evaluator.pool.cls.device)
     return measure_steerability(evaluator, concepts, list(data.concept_words), settings)
 

@@ -75,6 +75,15 @@ class SteerabilityResult:
     def ranked(self, kind: UnitKind = "latent", limit: int = 10) -> list[UnitSteerability]:
         return sorted(self.of(kind), key=lambda u: -u.score)[:limit]
 
+    def metrics(self) -> dict[str, float]:
+        """What a trial reports: the shares of steerable latents and neurons and the counts they imply."""
+        return {
+            "steerable_latents": self.share("latent"),
+            "steerable_neurons": self.share("neuron"),
+            "steerable_latents_count": self.estimated_count("latent"),
+            "steerable_neurons_count": self.estimated_count("neuron"),
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {
             "block": self.block,
@@ -160,6 +169,11 @@ def measure_steerability(
     return result
 
 
+def format_concepts(concepts: list[str], gains: list[float]) -> str:
+    """'red (+0.909), purple (+0.120)': a unit's top concepts with their mean probability gains."""
+    return ", ".join(f"{word} (+{gain:.3f})" for word, gain in zip(concepts, gains, strict=True))
+
+
 def format_steerability(result: SteerabilityResult, limit: int = 10) -> str:
     """The shares of steerable latents and neurons, then the most steerable latents with their top concepts."""
     s = result.settings
@@ -172,6 +186,5 @@ def format_steerability(result: SteerabilityResult, limit: int = 10) -> str:
         f"{'latent':>7} {'S':>6}  direction  top concepts (gain)",
     ]
     for u in result.ranked("latent", limit):
-        concepts = ", ".join(f"{w} (+{g:.3f})" for w, g in zip(u.concepts, u.gains, strict=True))
-        lines.append(f"{u.unit:>7} {u.score:>6.3f}  {u.direction:<9}  {concepts}")
+        lines.append(f"{u.unit:>7} {u.score:>6.3f}  {u.direction:<9}  {format_concepts(u.concepts, u.gains)}")
     return "\n".join(lines)

@@ -251,7 +251,8 @@ def association_scores(
     contrast). A latent that never varies scores 0.
     """
     codes = codes.double()
-    spread = codes.std(dim=0).clamp_min(1e-12)
+    std = codes.std(dim=0)
+    spread = std.clamp_min(1e-12)
     values = attributes.unique()
     per_value = []
     for value in values:
@@ -274,7 +275,7 @@ def association_scores(
     if not per_value:
         return torch.zeros(codes.shape[1], dtype=torch.float32)
     scores = torch.stack(per_value).abs().amax(dim=0)
-    return torch.where(codes.std(dim=0) > 0, scores, torch.zeros_like(scores)).float()
+    return torch.where(std > 0, scores, torch.zeros_like(scores)).float()
 
 
 def ablate(sae: TopKSAE, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,8 @@ def allowed_metrics(config: ExperimentConfig) -> list[str]:
 
 def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
     """The search space, after checking what pydantic cannot: metric names and points_to_evaluate (ConfigError)."""
+    from vs2ray.stages import vocabulary_problems
+
     space = list(search_space(config))
     problems = []
     allowed = allowed_metrics(config)
@@ -104,9 +106,7 @@ def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
             config_with(config, point, f"search.points_to_evaluate[{i}]")
         except ConfigError as error:
             problems += error.problems
-    vocabulary = config.steerability.vocabulary
-    if config.steerability.enabled and vocabulary and not Path(vocabulary).expanduser().is_file():
-        problems.append(f"steerability.vocabulary: {vocabulary!r} does not exist (a word list, one concept per line)")
+    problems += vocabulary_problems(config)
     problems += _scheduler_problems(config) + tracker_problems(config.tracking, experiments_root(config))
     if problems:
         raise ConfigError(problems, "sweep")

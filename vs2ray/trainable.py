@@ -187,12 +187,7 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     metrics = trial_metrics(trained, results)
     measured = steerability(config, data, evaluator)
     if measured is not None:
-        metrics.update(
-            steerable_latents=measured.share("latent"),
-            steerable_neurons=measured.share("neuron"),
-            steerable_latents_count=measured.estimated_count("latent"),
-            steerable_neurons_count=measured.estimated_count("neuron"),
-        )
+        metrics.update(measured.metrics())
     metrics.update(
         sae_block=evaluator.encoder.block,  # the block index, whatever way sae.layer was written
         sae_tokens=config.sae.tokens,

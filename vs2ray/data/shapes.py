@@ -247,6 +247,7 @@ class ShapesDataset(ImageDataset):
 
     name = "shapes"
     prompt_templates = PROMPT_TEMPLATES
+    default_split_sizes: dict[str, int] = DEFAULT_SPLIT_SIZES  # also the splits it has
 
     @property
     def concept_words(self) -> list[str]:
@@ -254,10 +255,12 @@ class ShapesDataset(ImageDataset):
 
     def __init__(self, seed: int = 0, split_sizes: dict[str, int] | None = None) -> None:
         self.seed = seed
-        self.split_sizes = {**DEFAULT_SPLIT_SIZES, **(split_sizes or {})}
-        unknown = set(self.split_sizes) - set(SPLIT_CODES)
+        self.split_sizes = {**self.default_split_sizes, **(split_sizes or {})}
+        unknown = set(self.split_sizes) - set(self.default_split_sizes)
         if unknown:
-            raise ValueError(f"shapes has no split(s) {sorted(unknown)}; splits: {sorted(SPLIT_CODES)}")
+            raise ValueError(
+                f"{self.name} has no split(s) {sorted(unknown)}; splits: {sorted(self.default_split_sizes)}"
+            )
 
     @property
     def classes(self) -> list[str]:
@@ -299,15 +302,11 @@ class SpuriousShapesDataset(ShapesDataset):
 
     name = "shapes_spurious"
     attribute_names = tuple(SPURIOUS_ATTRIBUTES)
+    default_split_sizes = SPURIOUS_SPLIT_SIZES
 
     def __init__(self, seed: int = 0, split_sizes: dict[str, int] | None = None, agreement: float = 0.95) -> None:
-        unknown = set(split_sizes or {}) - set(SPURIOUS_SPLIT_SIZES)
-        if unknown:
-            raise ValueError(
-                f"shapes_spurious has no split(s) {sorted(unknown)}; splits: {sorted(SPURIOUS_SPLIT_SIZES)}"
-            )
-        self.seed, self.agreement = seed, agreement
-        self.split_sizes = {**SPURIOUS_SPLIT_SIZES, **(split_sizes or {})}
+        super().__init__(seed, split_sizes)
+        self.agreement = agreement
 
     @property
     def classes(self) -> list[str]:
