@@ -141,14 +141,14 @@ def method_section(table: pd.DataFrame) -> str:
             "delta": "Δ zero-shot",
             "test_oracle_top1": "test-oracle best †",
             "coverage": "coverage",
+            "empty_negatives": "S− empty",
             "val_worst_group": "val worst-group",
             "test_worst_group": "test worst-group",
             "trial_id": "trial",
             "selected": "selected on validation",
         }
     ).drop(columns=["key"])
-    if shown["coverage"].isna().all():
-        shown = shown.drop(columns=["coverage"])
+    shown = shown.drop(columns=[c for c in ("coverage", "S− empty") if c in shown and shown[c].isna().all()])
     criterion = "worst-group accuracy" if "val worst-group" in shown else "top-1"
     return (
         f"Each method at the trial (and, within it, the grid setting) with the best **validation** {criterion}; "
@@ -156,8 +156,10 @@ def method_section(table: pd.DataFrame) -> str:
         "and setting, the paper's way of choosing γ and λ: optimistic, not a result. `rule` is the VS2++ "
         "positive rule the row used (`query`: S+ shares the query's label; `majority`: the neighbours' most "
         "frequent label); the oracle's S+ shares the query's true label. Coverage: for the FVU gate the share "
-        "steered; for VS2++ and CLIP-space steering the share of queries with both S+ and S− non-empty (the "
-        "rest stay unsteered).\n\n" + _markdown(shown)
+        "steered; for VS2++ and CLIP-space steering the share of queries steered (an empty S+ stays unsteered). "
+        "S− empty: the share of queries whose neighbours were all positives; `retrieval.empty_negatives: "
+        "pool_mean` steered them against the pool's mean code (or embedding), `skip` left them unsteered.\n\n"
+        + _markdown(shown)
     )
 
 

@@ -109,6 +109,7 @@ def test_neighbour_methods_run_on_a_faiss_index(evaluator):
     pseudo = steering.logits_from_embeddings(evaluator.test.embedding, evaluator.classifier).argmax(1)
     values, indices = evaluator.sae.encode(evaluator.pool.cls[rows.reshape(-1)])
     codes = evaluator.sae.dense_codes(values, indices).reshape(*rows.shape, -1)
+    pool_mean_code = evaluator.sae.dense_codes(*evaluator.sae.encode(evaluator.pool.cls)).mean(0)
     positives_of = {
         "vs2pp_oracle": lambda _rule: truth == evaluator.test.labels[:, None],  # the query's true label
         "vs2pp_oracle_neighbours": lambda rule: steering.positive_mask(pseudo, truth, rule, CLASSES),
@@ -117,13 +118,22 @@ def test_neighbour_methods_run_on_a_faiss_index(evaluator):
         result = results[method]
         for setting, top1, coverage in zip(result.settings, result.test_top1, result.coverage, strict=True):
             positives = positives_for(setting.get("rule", "query"))
-            direction = steering.vs2pp_direction(evaluator.sae, codes, positives, setting["gamma"])
+            # an empty S− takes the pool's mean code; an empty S+ stays unsteered
+            mean_negative = (~positives).float().sum(1, keepdim=True).clamp_min(1)
+            negatives = torch.where(
+                positives.all(1, keepdim=True),
+                pool_mean_code,
+                ((~positives)[..., None] * codes).sum(1) / mean_negative,
+            )
+            positive = (positives[..., None] * codes).sum(1) / positives.float().sum(1, keepdim=True).clamp_min(1)
+            direction = (setting["gamma"] - 1) * (positive - negatives) @ evaluator.sae.W_dec
             moved = steering.vs2pp(evaluator.test.cls, direction, setting["lambda"])
-            steerable = positives.any(1) & (~positives).any(1)
+            steerable = positives.any(1)
             steered = torch.where(steerable[:, None], moved, evaluator.test.cls)
             logits = steering.classify(steered, evaluator.head, evaluator.classifier)
             assert accuracy(logits, evaluator.test.labels, CLASSES)[0] == pytest.approx(top1, abs=2e-3)
             assert coverage == pytest.approx(steerable.float().mean().item())
+        assert result.empty_negatives[0] == pytest.approx(positives.all(1).float().mean().item())
     # both positive rules are gridded by default, the oracle has none
     assert {s["rule"] for s in results["vs2pp"].settings} == {"query", "majority"}
     assert all("rule" not in s for s in results["vs2pp_oracle"].settings)
@@ -212,26 +222,75 @@ def confused_world():
     return sae, head, classifier, splits
 
 
-def test_queries_without_a_positive_or_a_negative_neighbour_stay_unsteered(ray_session, confused_world):
+@pytest.mark.parametrize("empty_negatives", ["skip", "pool_mean"])
+def test_a_unanimous_neighbourhood_is_skipped_or_steered_against_the_pool_mean(
+    ray_session, confused_world, empty_negatives
+):
     from vs2ray.retrieval import RetrievalIndex
 
     sae, head, classifier, splits = confused_world
     pool = splits["pool"]
     index = RetrievalIndex("test-oracle-world-empty", pool.retrieval.numpy(), np.arange(len(pool.labels)))
-    evaluator = Evaluator(sae, head, classifier, pool, splits["val"], splits["test"], search=index.search)
+    evaluator = Evaluator(
+        sae, head, classifier, pool, splits["val"], splits["test"], index.search, empty_negatives=empty_negatives
+    )
     # with 5 neighbours in a space that separates the classes, most queries have no negative neighbour
     grid = Grid(gammas=(3.0,), lambdas=(8.0,), n_neighbors=5, positive_rules=("query",))
     result = evaluator.evaluate("vs2pp_oracle", grid)
     coverage = result.coverage[0]
     rows = torch.from_numpy(index.search(splits["test"].retrieval.numpy(), 5)[1]).long()
     same_class = pool.labels[rows] == splits["test"].labels[:, None]
-    both = same_class.any(1) & (~same_class).any(1)
-    assert coverage == pytest.approx(both.float().mean().item())
-    assert coverage < 0.5
-    zero_predictions = evaluator.evaluate("zero_shot", grid).test_predictions[0]
-    unsteered = ~both.numpy()
-    np.testing.assert_array_equal(result.test_predictions[0][unsteered], zero_predictions[unsteered])
+    unanimous = same_class.all(1)
+    assert unanimous.float().mean() > 0.5
+    assert result.summary()["empty_negatives_vs2pp_oracle"] == pytest.approx(unanimous.float().mean().item())
+    steered = same_class.any(1) & ~unanimous if empty_negatives == "skip" else same_class.any(1)
+    assert coverage == pytest.approx(steered.float().mean().item())
+    zero_shot = evaluator.evaluate("zero_shot", grid)
+    unsteered = ~steered.numpy()
+    np.testing.assert_array_equal(result.test_predictions[0][unsteered], zero_shot.test_predictions[0][unsteered])
     assert result.summary()["coverage_vs2pp_oracle"] == coverage
+    moved = result.test_predictions[0][unanimous.numpy()] != zero_shot.test_predictions[0][unanimous.numpy()]
+    assert moved.any() == (empty_negatives == "pool_mean")  # a unanimous query is steered only against the pool mean
+
+
+def _fixed_neighbours(rows: np.ndarray):
+    """A search callable that returns the same pool rows (q, N) for the q queries (cosines of 1)."""
+
+    def search(queries: np.ndarray, k: int, key: str) -> tuple[np.ndarray, np.ndarray]:
+        return np.ones(rows.shape, dtype=np.float32), rows
+
+    return search
+
+
+def test_empty_s_minus_steers_against_the_pool_mean_code_and_empty_s_plus_stays_unsteered(evaluator):
+    from vs2ray.methods import METHODS
+
+    pool, sae, test = evaluator.pool, evaluator.sae, evaluator.test
+    labels = pool.labels.numpy()
+    queries = SplitData("hand", test.cls[:3], test.embedding[:3], test.labels[:3])
+    own = np.flatnonzero(labels == int(queries.labels[0]))[:6]
+    other = np.flatnonzero(labels != int(queries.labels[1]))[:6]
+    same, different = (labels == int(queries.labels[2])), (labels != int(queries.labels[2]))
+    mixed = np.concatenate([np.flatnonzero(same)[:3], np.flatnonzero(different)[:3]])
+    rows = np.stack([own, other, mixed])  # query 0: all its own class; query 1: none; query 2: half
+    hand = Evaluator(sae, evaluator.head, evaluator.classifier, pool, evaluator.val, test, _fixed_neighbours(rows))
+    gamma, lam = 2.0, 1.5
+    steered = METHODS["vs2pp_oracle"].steer(hand, queries, {"gamma": gamma, "lambda": lam, "n_neighbors": 6})
+    # by hand: dense codes of every pool row at once, the mean of the query's neighbours' codes, W_dec
+    pool_codes = sae.dense_codes(*sae.encode(pool.cls))
+    pool_mean = pool_codes.mean(0)
+    toward = (gamma - 1) * (pool_codes[torch.from_numpy(own)].mean(0) - pool_mean) @ sae.W_dec
+    x = queries.cls[0]
+    expected = (x + lam * toward) * x.norm() / (x + lam * toward).norm()
+    torch.testing.assert_close(steered.rows[0], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(steered.rows[0], x)
+    torch.testing.assert_close(steered.rows[1], queries.cls[1], atol=0, rtol=0)  # empty S+: unchanged
+    half = pool_codes[torch.from_numpy(mixed[:3])].mean(0) - pool_codes[torch.from_numpy(mixed[3:])].mean(0)
+    move = (gamma - 1) * half @ sae.W_dec
+    x = queries.cls[2]
+    expected = (x + lam * move) * x.norm() / (x + lam * move).norm()
+    torch.testing.assert_close(steered.rows[2], expected, atol=1e-5, rtol=1e-5)
+    assert steered.coverage == pytest.approx(2 / 3) and steered.empty_negatives == pytest.approx(1 / 3)
 
 
 def test_neighbours_are_memoised_per_split_and_count(evaluator):

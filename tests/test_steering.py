@@ -11,6 +11,7 @@ from vs2ray.sae import per_sample_fvu as fvu_of_reconstruction
 from vs2ray.steering import (
     centroid_shift,
     classify,
+    clip_steer,
     code_direction,
     gate_threshold,
     gated,
@@ -19,6 +20,7 @@ from vs2ray.steering import (
     positive_mask,
     sae_rec_amplified,
     sae_rec_final,
+    steerable_queries,
     vs2,
     vs2_from_direction,
     vs2pp,
@@ -162,6 +164,29 @@ def test_vs2pp_direction_on_a_hand_built_case(world):
     torch.testing.assert_close(none, -codes[0].mean(dim=0, keepdim=True))
     steered = vs2pp(x[:2], expected, 2.0)
     torch.testing.assert_close(steered.norm(dim=1), x[:2].norm(dim=1))
+    # with the pool's mean code, query 2's empty S− takes it: 2·e2 − pool mean; query 1 keeps its S−
+    pool_mean = torch.zeros(n_latents, dtype=torch.float64)
+    pool_mean[2], pool_mean[9] = 0.5, 1.0
+    expected_codes[1] -= pool_mean
+    expected = (gamma - 1) * expected_codes @ sae.W_dec
+    torch.testing.assert_close(vs2pp_direction(sae, codes, positives, gamma, pool_mean), expected)
+    assert steerable_queries(positives, "pool_mean").tolist() == [True, True]
+    assert steerable_queries(positives, "skip").tolist() == [True, False]
+    no_positives = torch.zeros(1, 3, dtype=torch.bool)  # an empty S+ is never steered
+    assert not steerable_queries(no_positives, "pool_mean").any() and not steerable_queries(no_positives, "skip").any()
+    with pytest.raises(ValueError, match="empty_negatives"):
+        steerable_queries(positives, "zero")
+
+
+def test_clip_steer_takes_the_pool_mean_embedding_for_an_empty_s_minus():
+    q = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), dim=1)
+    neighbours = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])
+    positives = torch.tensor([[True, True], [True, False]])
+    pool_mean = torch.tensor([0.2, 0.2, 0.2])
+    moved = clip_steer(q, neighbours, positives, 2.0, pool_mean)
+    unanimous = q[0] + 2.0 * (torch.tensor([0.0, 0.5, 0.5]) - pool_mean)  # S− empty: the pool mean instead
+    by_hand = torch.stack([unanimous, q[1] + 2.0 * torch.tensor([1.0, 0.0, -1.0])])
+    torch.testing.assert_close(moved, F.normalize(by_hand, dim=1))
 
 
 def test_weighted_rag_weights_by_similarity():

@@ -313,6 +313,11 @@ class RetrievalConfig(Section):
         "query",
         "majority",
     )
+    empty_negatives: Literal["pool_mean", "skip"] = Field(
+        "pool_mean",
+        description="VS2++ and CLIP-space steering when every neighbour is a positive (S− empty): pool_mean steers "
+        "toward S+ against the pool's mean code (or embedding); skip leaves the query unsteered",
+    )
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     num_shards: int = Field(1, ge=1)
     use_gpu: Literal["auto", "yes", "no"] = "auto"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vs2ray import steering
-from vs2ray.methods import GRID_PARAMS, METHODS, Setting, metric_name
+from vs2ray.methods import GRID_PARAMS, METHODS, Setting, Steered, metric_name
 from vs2ray.sae import TopKSAE, per_sample_fvu
 
 Search = Callable[[np.ndarray, int, str], tuple[np.ndarray, np.ndarray]]
@@ -101,6 +101,7 @@ class MethodResult:
     test_top1: list[float] = field(default_factory=list)
     test_top5: list[float] = field(default_factory=list)
     coverage: list[float | None] = field(default_factory=list)
+    empty_negatives: list[float | None] = field(default_factory=list)  # share of test queries with an empty S−
     per_class_test: list[list[float]] = field(default_factory=list, repr=False)
     test_predictions: list[np.ndarray] = field(default_factory=list, repr=False)  # (n_test,) each
     val_worst: list[float] = field(default_factory=list)  # empty without groups
@@ -127,6 +128,8 @@ class MethodResult:
         out.update({metric_name(f"selected_{name}", m): value for name, value in self.settings[i].items()})
         if self.coverage[i] is not None:
             out[metric_name("coverage", m)] = self.coverage[i]
+        if self.empty_negatives[i] is not None:
+            out[metric_name("empty_negatives", m)] = self.empty_negatives[i]
         return out
 
 
@@ -178,8 +181,10 @@ class Evaluator:
         encoder: Encoder | None = None,
         num_groups: int = 0,
         select_by: str = "top1",
+        empty_negatives: steering.EmptyNegatives = "pool_mean",
     ) -> None:
         self.sae, self.head, self.classifier = sae.eval(), head, text_classifier
+        self.empty_negatives = empty_negatives
         self.pool, self.val, self.test = pool, val, test
         self.search = search
         self.encoder = encoder
@@ -191,7 +196,8 @@ class Evaluator:
         self._sae_passes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._zero_shot: dict[str, torch.Tensor] = {}
         self._neighbours: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._code_differences: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._code_differences: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pool_mean_code: torch.Tensor | None = None
         self._token_rows: dict[str, SplitData] = {}
         calibration = self._token_view(pool) if self._steers_every_token else pool
         self.mean = calibration.cls.mean(dim=0)
@@ -251,8 +257,9 @@ class Evaluator:
     @torch.no_grad()
     def code_difference(
         self, split: SplitData, k: int, key: tuple, positives_of: Callable[[torch.Tensor], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_dec (mean S+ codes − mean S− codes) (n, d) and which queries have both groups (n,).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_dec (mean S+ codes − mean S− codes) (n, d), which queries are steered (n,) and which have an
+        empty S− (n,). An empty S−'s mean code is the pool's mean code under `empty_negatives='pool_mean'`.
 
         Depends on neither γ nor λ, so it is computed once per (split, k, key) for the whole grid.
         """
@@ -260,14 +267,34 @@ class Evaluator:
         if memo not in self._code_differences:
             rows = self.neighbours(split, k)[1]
             positives = positives_of(rows)
+            pool_mean = self.pool_mean_code() if self.empty_negatives == "pool_mean" else None
             differences = []
             for start in range(0, len(rows), 256):  # (chunk, N, n_latents) dense codes stay small
                 chunk = rows[start : start + 256]
-                values, indices = self.sae.encode(self.pool.cls[chunk.reshape(-1)])
-                codes = self.sae.dense_codes(values, indices).reshape(*chunk.shape, -1)
-                differences.append(steering.vs2pp_direction(self.sae, codes, positives[start : start + 256], 2.0))
-            self._code_differences[memo] = (torch.cat(differences), steering.has_both_groups(positives))
+                codes = self._dense_codes(self.pool.cls[chunk.reshape(-1)]).reshape(*chunk.shape, -1)
+                differences.append(
+                    steering.vs2pp_direction(self.sae, codes, positives[start : start + 256], 2.0, pool_mean)
+                )
+            steered = steering.steerable_queries(positives, self.empty_negatives)
+            self._code_differences[memo] = (torch.cat(differences), steered, steering.lacks_negatives(positives))
         return self._code_differences[memo]
+
+    def _dense_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense sparse codes (n, n_latents) of rows x (n, d)."""
+        return self.sae.dense_codes(*self.sae.encode(x))
+
+    @torch.no_grad()
+    def pool_mean_code(self) -> torch.Tensor:
+        """The pool's mean sparse code over its [CLS] rows (n_latents,): an empty S−'s mean code in VS2++."""
+        if self._pool_mean_code is None:
+            cls = self.pool.cls
+            total = sum(self._dense_codes(cls[start : start + 4096]).sum(0) for start in range(0, len(cls), 4096))
+            self._pool_mean_code = total / len(cls)
+        return self._pool_mean_code
+
+    def pool_mean_embedding(self) -> torch.Tensor:
+        """The pool's mean CLIP embedding (embed,): an empty S−'s mean in CLIP-space steering."""
+        return self.pool.embedding.mean(dim=0)
 
     @torch.no_grad()
     def reconstruct_every_block(self, split: SplitData) -> torch.Tensor:
@@ -293,9 +320,7 @@ class Evaluator:
             chunk = 256 * per_image  # 256 images: dense (rows, latents) codes stay small even for every token
             image_codes = torch.cat(
                 [
-                    steering.mean_codes_per_image(
-                        self.sae.dense_codes(*self.sae.encode(rows[i : i + chunk])), per_image
-                    )
+                    steering.mean_codes_per_image(self._dense_codes(rows[i : i + chunk]), per_image)
                     for i in range(0, len(rows), chunk)
                 ]
             )
@@ -305,20 +330,19 @@ class Evaluator:
     # ------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def logits(self, method: str, split: SplitData, setting: Setting) -> tuple[torch.Tensor, float | None]:
-        """Logits (n, classes) of `method` at `setting` on `split`, and its coverage."""
+    def logits(self, method: str, split: SplitData, setting: Setting) -> tuple[torch.Tensor, Steered]:
+        """Logits (n, classes) of `method` at `setting` on `split`, and what its function returned (the steered
+        rows, their coverage and the share of queries whose S− was empty)."""
         entry = METHODS[method]
         if entry.steer is None:
             raise ValueError(f"{method} is not available: {entry.unavailable}")
+        # a plain (rows, coverage) tuple is a Steered too: methods written before empty_negatives keep working
+        rows = self.steered_rows(split) if entry.kind == "token" and entry.rowwise else split
+        steered = Steered(*entry.steer(self, rows, setting))
         if entry.kind == "embedding":
-            embeddings, coverage = entry.steer(self, split, setting)
-            return steering.logits_from_embeddings(embeddings, self.classifier), coverage
-        if entry.kind == "final":
-            final_cls, coverage = entry.steer(self, split, setting)
-        else:
-            steered, coverage = entry.steer(self, self.steered_rows(split) if entry.rowwise else split, setting)
-            final_cls = self.final_cls(split, steered, every_token=entry.rowwise)
-        return steering.classify(final_cls, self.head, self.classifier), coverage
+            return steering.logits_from_embeddings(steered.rows, self.classifier), steered
+        final_cls = steered.rows if entry.kind == "final" else self.final_cls(split, steered.rows, entry.rowwise)
+        return steering.classify(final_cls, self.head, self.classifier), steered
 
     def steered_rows(self, split: SplitData) -> SplitData:
         """The rows a row-wise method steers: every token of the steering block (an all-token SAE inside the
@@ -355,7 +379,7 @@ class Evaluator:
         result = MethodResult(method, settings, self.select_by)
         for setting in settings:
             for split in (self.val, self.test):
-                logits, coverage = self.logits(method, split, setting)
+                logits, steered = self.logits(method, split, setting)
                 top1, top5, per_class = accuracy(logits, split.labels, self.num_classes)
                 per_group = self._per_group(logits, split)
                 if split is self.val:
@@ -366,7 +390,8 @@ class Evaluator:
                 else:
                     result.test_top1.append(top1)
                     result.test_top5.append(top5)
-                    result.coverage.append(coverage)
+                    result.coverage.append(steered.coverage)
+                    result.empty_negatives.append(steered.empty_negatives)
                     result.per_class_test.append(per_class)
                     result.test_predictions.append(logits.argmax(dim=1).cpu().numpy())
                     if per_group is not None:
@@ -402,6 +427,7 @@ class Evaluator:
             self.encoder,
             self.num_groups,
             self.select_by,
+            self.empty_negatives,
         )
 
     def evaluate_all(self, methods: Sequence[str], grid: Grid) -> dict[str, MethodResult]:
@@ -427,6 +453,8 @@ def format_table(results: dict[str, MethodResult]) -> str:
         chosen = ", ".join(f"{k}={v}" for k, v in result.settings[i].items())
         if result.coverage[i] is not None:
             chosen += f", coverage={result.coverage[i]:.3f}"
+        if result.empty_negatives[i] is not None:
+            chosen += f", S− empty={result.empty_negatives[i]:.3f}"
         worst = f" {100 * result.test_worst[i]:>16.2f}" if grouped else ""
         lines.append(
             f"{method:<{width}} {100 * result.val_top1[i]:>9.2f} {100 * result.test_top1[i]:>10.2f} {delta:>11} "

@@ -4,7 +4,8 @@ Everything that lists, labels, dispatches or grids the methods reads `METHODS`: 
 allowed values, the Evaluator, the result tables. A method's function maps one evaluation
 split to steered [CLS] tokens of the steering block (kind "token": the Evaluator finishes the
 forward and classifies through the head), to the last block's [CLS] tokens (kind "final"), or
-to CLIP embeddings (kind "embedding"), plus its coverage (the share of rows it steered, or None).
+to CLIP embeddings (kind "embedding"), plus its coverage (the share of rows it steered, or None) and,
+for the neighbour-group methods, the share of queries whose S− was empty (METHOD.md §4).
 A "rowwise" token method treats each row alone, so with an all-token SAE inside the encoder the
 Evaluator hands it every token of the block as rows.
 It reads what it needs from a `Context` (the Evaluator), which shares the expensive parts
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
@@ -27,7 +28,16 @@ from vs2ray import steering
 from vs2ray.sae import TopKSAE
 
 Setting = dict[str, Any]
-Steered = tuple[torch.Tensor, float | None]  # (tokens or embeddings (n, ·), coverage)
+
+
+class Steered(NamedTuple):
+    """What a method function returns."""
+
+    rows: torch.Tensor  # steered tokens or embeddings (n, ·)
+    coverage: float | None = None  # share of rows steered; None: every row
+    empty_negatives: float | None = None  # share of queries whose S− was empty (VS2++ and CLIP-space steering)
+
+
 GRID_PARAMS = ("rule", "gamma", "lambda", "quantile", "a", "n_neighbors", "score", "n_latents")  # the listing order
 
 
@@ -48,6 +58,7 @@ class Context(Protocol):
     sae: TopKSAE
     pool: Split
     num_classes: int
+    empty_negatives: steering.EmptyNegatives  # what an empty S− becomes: the pool's mean, or no steering
 
     def sae_pass(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_dec c (n, d), per-sample FVU (n,)) of a split."""
@@ -63,8 +74,11 @@ class Context(Protocol):
 
     def code_difference(
         self, split: Split, k: int, key: tuple, positives_of: Callable[[torch.Tensor], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_dec (mean S+ codes − mean S− codes) (n, d), steerable (n,)), memoised per (split, k, key)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_dec (mean S+ codes − mean S− codes) (n, d), steered (n,), S− empty (n,)), memoised per (split, k, key)."""
+
+    def pool_mean_embedding(self) -> torch.Tensor:
+        """The pool's mean CLIP embedding (embed,): an empty S−'s mean in CLIP-space steering."""
 
     def reconstruct_every_block(self, split: Split) -> torch.Tensor:
         """The last block's [CLS] (n, d) with every block's output replaced by its SAE's reconstruction."""
@@ -110,39 +124,39 @@ class Method:
 
 
 def _zero_shot(ctx: Context, split: Split, s: Setting) -> Steered:
-    return split.cls, None
+    return Steered(split.cls)
 
 
 def _sae_rec_final(ctx: Context, split: Split, s: Setting) -> Steered:
-    return steering.sae_rec_final(ctx.sae, split.cls), None
+    return Steered(steering.sae_rec_final(ctx.sae, split.cls))
 
 
 def _sae_rec_all(ctx: Context, split: Split, s: Setting) -> Steered:
-    return ctx.reconstruct_every_block(split), None
+    return Steered(ctx.reconstruct_every_block(split))
 
 
 def _sae_rec_amplified(ctx: Context, split: Split, s: Setting) -> Steered:
-    return steering.sae_rec_amplified(ctx.sae, split.cls, s["gamma"]), None
+    return Steered(steering.sae_rec_amplified(ctx.sae, split.cls, s["gamma"]))
 
 
 def _vs2(ctx: Context, split: Split, s: Setting) -> Steered:
     direction, _ = ctx.sae_pass(split)  # one SAE pass serves the whole (γ, λ) grid
-    return steering.vs2_from_direction(split.cls, direction, s["gamma"], s["lambda"]), None
+    return Steered(steering.vs2_from_direction(split.cls, direction, s["gamma"], s["lambda"]))
 
 
 def _vs2_gated(ctx: Context, split: Split, s: Setting) -> Steered:
     direction, fvu = ctx.sae_pass(split)
     steered = steering.vs2_from_direction(split.cls, direction, s["gamma"], s["lambda"])
-    return steering.gated(split.cls, steered, fvu, ctx.gate_threshold(s["quantile"]))
+    return Steered(*steering.gated(split.cls, steered, fvu, ctx.gate_threshold(s["quantile"])))
 
 
 def _centroid_shift(ctx: Context, split: Split, s: Setting) -> Steered:
-    return steering.centroid_shift(split.cls, ctx.sae.b_pre, s["lambda"] * (s["gamma"] - 1)), None
+    return Steered(steering.centroid_shift(split.cls, ctx.sae.b_pre, s["lambda"] * (s["gamma"] - 1)))
 
 
 def _ablate(ctx: Context, split: Split, s: Setting) -> Steered:
     latents = ctx.latent_scores(s["score"]).topk(int(s["n_latents"])).indices
-    return steering.ablate(ctx.sae, split.cls, latents), None
+    return Steered(steering.ablate(ctx.sae, split.cls, latents))
 
 
 def _pseudo_positives(ctx: Context, split: Split, rows: torch.Tensor, s: Setting) -> torch.Tensor:
@@ -162,29 +176,33 @@ def _true_neighbour_positives(ctx: Context, split: Split, rows: torch.Tensor, s:
 
 
 def _vs2pp_with(positives: Callable[[Context, Split, torch.Tensor, Setting], torch.Tensor]):
-    """A VS2++ method whose S+ comes from `positives`; a query lacking S+ or S− stays unsteered."""
+    """A VS2++ method whose S+ comes from `positives`; a query with an empty S+ stays unsteered, and one with an
+    empty S− is steered against the pool's mean code (or left unsteered, by `ctx.empty_negatives`)."""
 
     def steer(ctx: Context, split: Split, s: Setting) -> Steered:
         key = (positives.__name__, s.get("rule"))
-        difference, steerable = ctx.code_difference(
+        difference, steerable, no_negatives = ctx.code_difference(
             split, int(s["n_neighbors"]), key, lambda rows: positives(ctx, split, rows, s)
         )
         moved = steering.vs2pp(split.cls, (s["gamma"] - 1) * difference, s["lambda"])
-        return steering.steer_where(split.cls, moved, steerable)
+        return Steered(*steering.steer_where(split.cls, moved, steerable), no_negatives.float().mean().item())
 
     return steer
 
 
 def _weighted_rag(ctx: Context, split: Split, s: Setting) -> Steered:
     similarities, rows = ctx.neighbours(split, int(s["n_neighbors"]))
-    return steering.weighted_rag(split.embedding, ctx.pool.embedding[rows], similarities, s["a"]), None
+    return Steered(steering.weighted_rag(split.embedding, ctx.pool.embedding[rows], similarities, s["a"]))
 
 
 def _clip_steer(ctx: Context, split: Split, s: Setting) -> Steered:
     _, rows = ctx.neighbours(split, int(s["n_neighbors"]))
     positives = _pseudo_positives(ctx, split, rows, s)
-    moved = steering.clip_steer(split.embedding, ctx.pool.embedding[rows], positives, s["lambda"])
-    return steering.steer_where(split.embedding, moved, steering.has_both_groups(positives))
+    pool_mean = ctx.pool_mean_embedding() if ctx.empty_negatives == "pool_mean" else None
+    moved = steering.clip_steer(split.embedding, ctx.pool.embedding[rows], positives, s["lambda"], pool_mean)
+    steerable = steering.steerable_queries(positives, ctx.empty_negatives)
+    no_negatives = steering.lacks_negatives(positives).float().mean().item()
+    return Steered(*steering.steer_where(split.embedding, moved, steerable), no_negatives)
 
 
 _VS2PP = ("rule", "gamma", "lambda", "n_neighbors")

@@ -221,6 +221,7 @@ def method_table(trials: pd.DataFrame, select_by: str = "top1") -> pd.DataFrame:
                     "test_top1": 100 * best[metric_name("test_top1", method)],
                     "test_oracle_top1": 100 * subset[metric_name("test_oracle_top1", method)].max(),
                     "coverage": best.get(metric_name("coverage", method), np.nan),
+                    "empty_negatives": best.get(metric_name("empty_negatives", method), np.nan),
                     **(
                         {
                             "val_worst_group": 100 * best[metric_name("val_worst_group", method)],

@@ -451,7 +451,17 @@ def build_evaluator(
     head = {name: _tensor(value).to(device) for name, value in data.head.items()}
     classifier = _tensor(data.text_classifier).to(device)
     return Evaluator(
-        sae.to(device), head, classifier, pool, val, test, search, encoder, data.num_groups, config.steering.select_by
+        sae.to(device),
+        head,
+        classifier,
+        pool,
+        val,
+        test,
+        search,
+        encoder,
+        data.num_groups,
+        config.steering.select_by,
+        config.retrieval.empty_negatives,
     )
 
 

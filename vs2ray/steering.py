@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from vs2ray.sae import TopKSAE
 
 PositiveRule = Literal["query", "majority"]
+EmptyNegatives = Literal["pool_mean", "skip"]  # what an empty S− becomes in VS2++ (METHOD.md §4)
 
 
 # ---------------------------------------------------------------- classification step
@@ -175,26 +176,57 @@ def positive_mask(
 
 
 def has_both_groups(positives: torch.Tensor) -> torch.Tensor:
-    """(n, N) bool -> (n,): whether a query has at least one positive and one negative neighbour.
-
-    A query without one of the groups is left unsteered: a mean over an empty group would
-    push it away from (or toward) its whole neighbourhood.
-    """
+    """(n, N) bool -> (n,): whether a query has at least one positive and one negative neighbour."""
     return positives.any(dim=1) & (~positives).any(dim=1)
 
 
-def group_mean_difference(features: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """mean over S+ minus mean over S− of neighbour features (n, N, f) -> (n, f); an empty group's mean is 0."""
+def lacks_negatives(positives: torch.Tensor) -> torch.Tensor:
+    """(n, N) bool -> (n,): queries whose S+ holds every neighbour (a unanimous neighbourhood, S− empty)."""
+    return positives.all(dim=1)
+
+
+def steerable_queries(positives: torch.Tensor, empty_negatives: EmptyNegatives) -> torch.Tensor:
+    """(n, N) bool -> (n,): the queries VS2++ steers (METHOD.md §4).
+
+    An empty S+ leaves a query unsteered: there is nothing to steer toward. An empty S− takes the
+    pool's mean in its place ('pool_mean'), or leaves the query unsteered too ('skip').
+    """
+    if empty_negatives == "pool_mean":
+        return positives.any(dim=1)
+    if empty_negatives == "skip":
+        return has_both_groups(positives)
+    raise ValueError(f"retrieval.empty_negatives must be 'pool_mean' or 'skip', got {empty_negatives!r}")
+
+
+def group_mean_difference(
+    features: torch.Tensor, positives: torch.Tensor, pool_mean: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mean over S+ minus mean over S− of neighbour features (n, N, f) -> (n, f).
+
+    An empty group's mean is 0, except an empty S−'s when `pool_mean` (f,) is given: then the pool's
+    mean feature takes its place, so the difference points from the average image toward S+.
+    """
     weights_pos = positives.to(features.dtype)
     weights_neg = 1.0 - weights_pos
     mean_pos = (weights_pos[..., None] * features).sum(1) / weights_pos.sum(1, keepdim=True).clamp_min(1.0)
     mean_neg = (weights_neg[..., None] * features).sum(1) / weights_neg.sum(1, keepdim=True).clamp_min(1.0)
+    if pool_mean is not None:
+        mean_neg = torch.where(lacks_negatives(positives)[:, None], pool_mean.to(features.dtype), mean_neg)
     return mean_pos - mean_neg
 
 
-def vs2pp_direction(sae: TopKSAE, neighbour_codes: torch.Tensor, positives: torch.Tensor, gamma: float) -> torch.Tensor:
-    """v̄ = (γ − 1) W_dec (mean_{S+} c − mean_{S−} c) from dense neighbour codes (n, N, n_latents) -> (n, d)."""
-    return (gamma - 1) * (group_mean_difference(neighbour_codes, positives) @ sae.W_dec)
+def vs2pp_direction(
+    sae: TopKSAE,
+    neighbour_codes: torch.Tensor,
+    positives: torch.Tensor,
+    gamma: float,
+    pool_mean_code: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """v̄ = (γ − 1) W_dec (mean_{S+} c − mean_{S−} c) from dense neighbour codes (n, N, n_latents) -> (n, d).
+
+    With `pool_mean_code` (n_latents,), an empty S−'s mean code is the pool's mean code.
+    """
+    return (gamma - 1) * (group_mean_difference(neighbour_codes, positives, pool_mean_code) @ sae.W_dec)
 
 
 def vs2pp(x: torch.Tensor, direction: torch.Tensor, lam: float) -> torch.Tensor:
@@ -218,10 +250,17 @@ def weighted_rag(
 
 
 def clip_steer(
-    query_embeddings: torch.Tensor, neighbour_embeddings: torch.Tensor, positives: torch.Tensor, strength: float
+    query_embeddings: torch.Tensor,
+    neighbour_embeddings: torch.Tensor,
+    positives: torch.Tensor,
+    strength: float,
+    pool_mean_embedding: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CLIP-space steering: q + strength·(mean_{S+} r − mean_{S−} r), renormalised. -> (n, e)."""
-    moved = query_embeddings + strength * group_mean_difference(neighbour_embeddings, positives)
+    """CLIP-space steering: q + strength·(mean_{S+} r − mean_{S−} r), renormalised: (n, e), (n, N, e) -> (n, e).
+
+    With `pool_mean_embedding` (e,), an empty S−'s mean is the pool's mean embedding.
+    """
+    moved = query_embeddings + strength * group_mean_difference(neighbour_embeddings, positives, pool_mean_embedding)
     return moved / moved.norm(dim=-1, keepdim=True)
 
 

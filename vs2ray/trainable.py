@@ -149,7 +149,13 @@ def write_trial_files(
     if measured is not None:
         (directory / STEERABILITY_FILE).write_text(json.dumps(measured.to_json()))
     every_setting = {
-        m: {"settings": r.settings, "val_top1": r.val_top1, "test_top1": r.test_top1, "coverage": r.coverage}
+        m: {
+            "settings": r.settings,
+            "val_top1": r.val_top1,
+            "test_top1": r.test_top1,
+            "coverage": r.coverage,
+            "empty_negatives": r.empty_negatives,
+        }
         for m, r in results.items()
     }
     (directory / METHODS_FILE).write_text(json.dumps(every_setting))
