@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -57,3 +58,84 @@ def train_with_three_seeds(script: Path, tmp_path: Path, *extra: str) -> tuple[d
     assert all(a[name].equal(b[name]) for name in a)
     assert not all(a[name].equal(c[name]) for name in a)
     return scores, outputs
+
+
+class LocalAutoscalingCluster:
+    """Ray's own autoscaler (`ray.cluster_utils.AutoscalingCluster`'s fake multi-node provider) with the
+    node types of cluster/aws.yaml, on this machine, beside the session's Ray instance.
+
+    `AutoscalingCluster` itself runs `ray stop --force`, which would end every Ray process here (the
+    session fixture's included), and its base config file is not in the installed wheel; so this starts
+    the same head (`ray start --head --autoscaling-config`, `RAY_FAKE_CLUSTER=1`) on a port of its own
+    and stops only the processes that belong to that port. Every process it starts sees
+    `VS2RAY_FAKE_GPUS=1`: the GPU resources are fake, and vs2ray is told so.
+    """
+
+    def __init__(self, head_resources: dict, worker_node_types: dict, idle_timeout_minutes: float = 5) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            self.port = probe.getsockname()[1]
+        self.head_resources = dict(head_resources)
+        self.config = {
+            "cluster_name": "vs2ray-fake",
+            "max_workers": sum(node["max_workers"] for node in worker_node_types.values()),
+            "provider": {
+                "type": "fake_multinode",
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+            },
+            "available_node_types": {
+                **worker_node_types,
+                "ray.head.default": {"resources": self.head_resources, "node_config": {}, "max_workers": 0},
+            },
+            "head_node_type": "ray.head.default",
+            "auth": {},
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": idle_timeout_minutes,
+            "docker": {},
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            "rsync_exclude": [],
+            "rsync_filter": [],
+            **{name: [] for name in ("initialization_commands", "setup_commands", "head_setup_commands")},
+            **{name: [] for name in ("worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")},
+        }
+        self.address = ""
+
+    def start(self, tmp_path: Path) -> str:
+        """Start the head (no worker yet: the autoscaler adds them on demand) and return its address."""
+        import ray._private.services as services
+
+        self.address = f"{services.get_node_ip_address()}:{self.port}"
+        self.config["provider"]["gcs_address"] = self.address  # where the fake nodes join (default: port 6379)
+        config_file = tmp_path / "autoscaling.json"
+        config_file.write_text(json.dumps(self.config))
+        ray_bin = Path(sys.executable).with_name("ray")
+        command = [str(ray_bin), "start", "--head", f"--port={self.port}", f"--autoscaling-config={config_file}"]
+        cpus, gpus = self.head_resources.get("CPU", 0), self.head_resources.get("GPU", 0)
+        command += [f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--include-dashboard=false", "--disable-usage-stats"]
+        env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", "VS2RAY_FAKE_GPUS": "1"}
+        env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"
+        subprocess.run(command, check=True, env=env, capture_output=True, timeout=120)
+        return self.address
+
+    def shutdown(self) -> None:
+        """Stop every process of this cluster (those whose command line names its port), and nothing else."""
+        import psutil
+
+        mine = []
+        for process in psutil.process_iter(["cmdline"]):
+            words = process.info["cmdline"] or []
+            if any(word.endswith(f":{self.port}") or word.endswith(f"_port={self.port}") for word in words):
+                mine.append(process)
+        for process in mine:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(mine, timeout=10)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()

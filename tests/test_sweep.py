@@ -330,33 +330,59 @@ def test_resume_refuses_an_experiment_whose_state_was_cut_short(tmp_path):
     assert f"python -m analysis.report {experiment}" in output.stderr
 
 
-def test_trials_take_their_gpu_share_on_the_worker_node_and_find_the_retrieval_actor(storage, ray_session):
-    from ray.cluster_utils import Cluster
+def test_the_shipped_cluster_shape_extracts_on_gpu_actors_it_asks_the_autoscaler_for(tmp_path, monkeypatch):
+    """cluster/aws.yaml's node types on Ray's own autoscaler: a head with CPU 0 and GPU workers from
+    min_workers 0, so the cluster has no GPU when the sweep starts. The extraction must ask for GPU
+    actors and wait for the nodes (not start one CPU actor), and the trials must land on GPU workers."""
+    from conftest import LocalAutoscalingCluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    shipped = yaml.safe_load((QUICKSTART.parents[1] / "cluster" / "aws.yaml").read_text())
+    nodes = shipped["available_node_types"]
+    gpu_x1 = nodes["gpu_x1"]
+    assert nodes[shipped["head_node_type"]]["resources"] == {"CPU": 0} and gpu_x1["min_workers"] == 0
+    # the shipped type, capped at 2 nodes so that this 2-core machine can hold them
+    workers = {"gpu_x1": {"resources": gpu_x1["resources"], "node_config": {}, "min_workers": 0, "max_workers": 2}}
+    cluster = LocalAutoscalingCluster({"CPU": 0}, workers)
+    monkeypatch.setenv("VS2RAY_FAKE_GPUS", "1")  # the drivers below, like the cluster's processes, are told
     try:
-        gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
-        cluster.wait_for_nodes()
+        address = cluster.start(tmp_path)
         output = run_sweep(
-            storage,
-            cluster.address,
-            "two-node",
+            tmp_path,
+            address,
+            "autoscaled",
+            "dataset.sizes={train: 1000, test: 300}",
+            "extraction.layers=[-1]",
+            "extraction.tokens=cls",
+            "model.device=cuda",  # GPU work by the config, whatever the cold cluster shows
+            "extraction.max_workers=2",
             "sae.k={choice: [8, 16]}",
             "sae.expansion=2",
             "steering.methods=[zero_shot, vs2, vs2pp]",
             "resources.gpus_per_trial=0.5",
-            "search.num_samples=3",
+            "search.num_samples=2",
             "search.max_concurrent_trials=2",
+            timeout=500,
         )
-        assert output.returncode == 0, output.stderr[-3000:]
+        assert output.returncode == 0, output.stdout[-3000:] + output.stderr[-3000:]
+        list_nodes = f"import json, ray; ray.init(address={address!r}); print(json.dumps(ray.nodes()))"
+        nodes = json.loads(subprocess.run([sys.executable, "-c", list_nodes], capture_output=True, text=True).stdout)
     finally:
         cluster.shutdown()
-    trials = load_results(storage / "experiments" / "two-node")
-    assert len(trials) == 3 and (trials["status"] == "TERMINATED").all()
-    assert set(trials["node_id"]) == {gpu_node.node_id}  # the head has no GPU, so trials went to the worker
+    gpu_nodes = {node["NodeID"] for node in nodes if node["Resources"].get("GPU")}
+    head = {node["NodeID"] for node in nodes if not node["Resources"].get("GPU")}
+    assert gpu_nodes and len(head) == 1  # the autoscaler started GPU workers; the head has none
+    assert "1 to 2 encoder actor(s) (1.0 GPU" in output.stdout, output.stdout[-3000:]
+    store = next(path for path in (tmp_path / "activations").iterdir() if "-train-" in path.name)
+    workers = json.loads((store / "manifest.json").read_text())["workers"]
+    assert workers and all(w["gpus"] and w["device"] == "cpu" and w["fake_gpus"] for w in workers)
+    assert {w["node"] for w in workers} <= gpu_nodes  # GPU encoder actors, on the nodes they asked for
+    trials = load_results(tmp_path / "experiments" / "autoscaled")
+    assert len(trials) == 2 and (trials["status"] == "TERMINATED").all()
+    assert set(trials["node_id"]) <= gpu_nodes  # trials on the GPU workers (the head has CPU 0)
     assert (trials["gpu_ids"].astype(str).str.len() > 0).all()  # each trial was given a (fake) GPU share
     assert trials["retrieval_index"].nunique() == 1 and trials["test_top1_vs2pp"].notna().all()
-    assert (trials["device"] == "cpu").all()  # fake GPUs: torch stays on the CPU
+    assert (trials["device"] == "cpu").all() and trials["env_fake_gpus"].all()  # fake, and recorded as such
+    assert (trials["env_torch"] == __import__("torch").__version__).all()
 
 
 @pytest.mark.parametrize("path", sorted((QUICKSTART.parent).glob("*.yaml")), ids=lambda p: p.name)

@@ -6,6 +6,7 @@
     python -m vs2ray evaluate   [--config YAML] [--set K=V ...] [--gammas G,..] [--lambdas L,..] [--address ADDR]
     python -m vs2ray sweep      [--config YAML] [--name NAME] [--set K=V ...] [--resume] [--address ADDR]
     python -m vs2ray report     EXPERIMENT_DIR [--out DIR]
+    python -m vs2ray devices    [--require-cuda]
 
 `python -m vs2ray.extract`, `.models`, `.sae`, `.evaluate` and `.sweep` are shims for the same
 commands. This is the only module that prints; an invalid config exits 2 with one line per
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vs2ray.config import ConfigError, ExperimentConfig, config_to_yaml, config_with, load_config
+from vs2ray.devices import GpuUnavailable
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -278,6 +280,24 @@ def sweep_command(args: argparse.Namespace) -> int:
     return 0 if finished else 1  # a sweep in which no trial finished is a failed command
 
 
+def devices_command(args: argparse.Namespace) -> int:
+    """torch, its CUDA build, the NVIDIA driver and the GPUs torch sees; with --require-cuda, exit 1 without one."""
+    import torch
+
+    from vs2ray.devices import cuda_diagnosis, environment
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, value in environment(device).items():
+        print(f"{name:>12}: {value}")
+    for index in range(torch.cuda.device_count()):
+        _, total = torch.cuda.mem_get_info(index)
+        print(f"{'cuda:' + str(index):>12}: {torch.cuda.get_device_name(index)}, {total / 2**30:.1f} GiB")
+    if device == "cpu":
+        print(f"no CUDA device: {cuda_diagnosis()}", file=sys.stderr if args.require_cuda else sys.stdout)
+        return 1 if args.require_cuda else 0
+    return 0
+
+
 def report_command(args: argparse.Namespace) -> int:
     """report.md and PNG figures for a finished (or interrupted) sweep; no Ray needed."""
     from analysis.report import main as report_main
@@ -327,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("report", report_command)
     sub.add_argument("experiment", help="the sweep's experiment dir (local path or s3:// / gs:// URI)")
     sub.add_argument("--out", help="where to write (default: <experiment>/report, or ./report-<name> for a URI)")
+    sub = command("devices", devices_command)
+    sub.add_argument("--require-cuda", action="store_true", help="exit 1 when torch sees no CUDA device")
     return parser
 
 
@@ -338,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except ClusterRefused as error:
+    except (ClusterRefused, GpuUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

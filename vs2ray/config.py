@@ -147,8 +147,15 @@ class ModelConfig(Section):
         "bundled", description="open_clip tag (openai), a local checkpoint file, 'bundled', or 'random' (benchmarks)"
     )
     cache_dir: str | None = Field(None, description="where open_clip caches downloaded weights")
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="the encoder's forward passes (extraction, zero-shot, steering inside the encoder): fp32, "
+        "tf32 (CUDA matmuls in TensorFloat-32), or bf16 / fp16 autocast with fp32 weights; part of the store key",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="auto: the GPUs Ray gives a worker (none: the CPU); cpu: never a GPU; cuda: a GPU or an error",
+    )
 
     @model_validator(mode="after")
     def _bundled_only_for_tiny(self) -> ModelConfig:
@@ -209,7 +216,10 @@ class ExtractionConfig(Section):
         "cls", description="cls: the [CLS] token of each block; all: every token too (steering inside the encoder)"
     )
     batch_size: int = Field(256, ge=1)
-    num_workers: int | None = Field(None, ge=1, description="encoder actors; default one per GPU (1 on CPU)")
+    num_workers: int | None = Field(None, ge=1, description="encoder actors, a fixed pool; default: a pool that grows")
+    max_workers: int | None = Field(
+        None, ge=1, description="the most GPU encoder actors the pool grows to; default: the cluster's GPUs"
+    )
     gpus_per_worker: float = Field(1.0, ge=0.0, le=8.0)
     cpus_per_worker: float = Field(0.25, gt=0.0)
 
@@ -228,6 +238,9 @@ class SAEConfig(Section):
         "linear", description="linear: sparsify's initialisation; tied: encoder = the unit-norm decoder"
     )
     encoder_bias: bool = Field(True, description="a trained encoder bias b_enc, as sparsify's SAEs have")
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+        "fp32", description="SAE training's forward passes (fp32 master weights and loss); part of the SAE key"
+    )
     lr: PositiveFloat = 5e-4
     lr_scale_with_width: bool = False
     warmup_steps: int = Field(100, ge=0)

@@ -249,9 +249,14 @@ class Evaluator:
         if (split.name, k) not in self._neighbours:
             if self.search is None:
                 raise ValueError("VS2++ and the retrieval baselines need a retrieval index (search=...)")
-            queries = (split.retrieval if split.retrieval is not None else split.embedding).numpy()
+            # the split lives on the trial's device; FAISS takes host arrays
+            queries = (split.retrieval if split.retrieval is not None else split.embedding).cpu().numpy()
             scores, rows = self.search(queries, k, split.name)
-            self._neighbours[(split.name, k)] = (torch.from_numpy(scores).to(split.cls), torch.from_numpy(rows).long())
+            device = split.cls.device
+            self._neighbours[(split.name, k)] = (
+                torch.from_numpy(scores).to(split.cls),
+                torch.from_numpy(rows).long().to(device),
+            )
         return self._neighbours[(split.name, k)]
 
     @torch.no_grad()

@@ -40,6 +40,7 @@ from vs2ray import __version__
 from vs2ray.config import BUNDLED_RETRIEVAL_ENCODER, ExperimentConfig, RetrievalConfig
 from vs2ray.data import ImageDataset, get_dataset, prompt_templates_for
 from vs2ray.data.decode import decode_chunk
+from vs2ray.devices import environment, worker_device
 from vs2ray.files import is_uri
 from vs2ray.models import (
     BUNDLED_RETRIEVAL_WEIGHTS,
@@ -155,13 +156,21 @@ def _split_preprocess(preprocess: Any) -> SplitPreprocess:
     )
 
 
-def normalise_pixels(pixels_nhwc: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
-    """uint8 (n, H, W, 3) -> float32 (n, 3, H, W), the same arithmetic as ToTensor + Normalize."""
+def normalise_pixels(pixels_nhwc: Any, mean: Sequence[float], std: Sequence[float], device: Any = "cpu") -> Any:
+    """uint8 (n, H, W, 3) -> float32 (n, 3, H, W) on `device`, the same arithmetic as ToTensor + Normalize.
+
+    The uint8 pixels cross to a GPU (from pinned memory, asynchronously) and are normalised there: a quarter
+    of the bytes of float32, and no CPU core spends its time on the arithmetic.
+    """
     import torch
 
-    images = torch.from_numpy(np.array(pixels_nhwc, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(255)
-    mean_t = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    device = torch.device(device)
+    pixels = torch.from_numpy(np.array(pixels_nhwc, dtype=np.uint8))
+    if device.type == "cuda":
+        pixels = pixels.pin_memory().to(device, non_blocking=True)
+    images = pixels.permute(0, 3, 1, 2).float().div(255)
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=device).view(1, -1, 1, 1)
     return images.sub(mean_t).div(std_t)
 
 
@@ -189,14 +198,18 @@ class ChunkEncoder:
 
         config = ExperimentConfig.model_validate_json(config_json)
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
+        device = worker_device(config.model.device, self.gpu_ids, "this encoder actor")
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: pick the fastest conv once
         self.bundle = load_clip(config.model, device=device)
         self.retrieval = (
-            load_retrieval_encoder(config.retrieval, device) if "retrieval_pixels" in normalisation else None
+            load_retrieval_encoder(config.retrieval, device, precision=config.model.precision)
+            if "retrieval_pixels" in normalisation
+            else None
         )
         self.layers, self.normalisation = layers, normalisation
         self.all_tokens = config.extraction.tokens == "all"
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.environment = environment(device)  # torch, CUDA build, driver, device and GPU, in the manifest
         self._encoder_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -204,7 +217,7 @@ class ChunkEncoder:
             columns = self.encode(batch)
         failed = json.loads(str(batch["failed"][0]))
         write_part(Path(str(batch["store_dir"][0])), int(batch["chunk"][0]), columns, failed)
-        worker = {"node": self.node_id, "gpus": self.gpu_ids, "device": str(self.bundle.device)}
+        worker = {"node": self.node_id, "gpus": self.gpu_ids, **self.environment}
         summary = {key: batch[key] for key in ("split", "chunk", "failed")}
         return {**summary, "rows": [len(columns["id"])], "worker": [json.dumps(worker)]}
 
@@ -229,7 +242,7 @@ class ChunkEncoder:
                 out["retrieval"] = np.zeros((0, self.retrieval.model.num_features), np.float32)
         else:
             with torch.inference_mode(), capture_blocks(self.bundle, self.layers, self.all_tokens) as captured:
-                images = normalise_pixels(pixels, *self.normalisation["pixels"])
+                images = normalise_pixels(pixels, *self.normalisation["pixels"], self.bundle.device)
                 out["embedding"] = encode_images(self.bundle, images).cpu().numpy()
                 for layer in self.layers:
                     tokens = captured[layer].float().cpu().numpy()
@@ -239,7 +252,9 @@ class ChunkEncoder:
                         out[f"tokens_{layer}"] = tokens
             if self.retrieval is not None:
                 retrieval_images = np.asarray(batch["retrieval_pixels"][0])
-                images = normalise_pixels(retrieval_images, *self.normalisation["retrieval_pixels"])
+                images = normalise_pixels(
+                    retrieval_images, *self.normalisation["retrieval_pixels"], self.retrieval.device
+                )
                 out["retrieval"] = encode_retrieval(self.retrieval, images).cpu().numpy()
         return out
 
@@ -247,17 +262,49 @@ class ChunkEncoder:
 # ---------------------------------------------------------------- driver side
 
 
-def _encoder_resources(config: ExperimentConfig) -> tuple[int, float]:
-    """(number of encoder actors, GPUs per actor) for the connected cluster."""
+@dataclass(frozen=True)
+class EncoderPool:
+    """The encoder actor pool: Ray Data grows it from `min_size` to `max_size` actors, each reserving `gpus`."""
+
+    min_size: int
+    max_size: int
+    gpus: float
+
+
+def encoder_pool(config: ExperimentConfig, gpus_now: float, gpus_max: float | None) -> EncoderPool:
+    """Size the encoder pool from the config and the cluster: `gpus_now` GPUs in it now, and `gpus_max` the
+    most its autoscaler can add (None: unknown, e.g. Ray's v1 autoscaler does not publish it).
+
+    GPU use follows the config, not what a cold autoscaling cluster shows at start: `model.device: cuda`
+    always asks for GPU actors (pending ones make the autoscaler start GPU nodes); `auto` does when the
+    cluster has or can have GPUs; `cpu` never. `extraction.num_workers` fixes the size; otherwise the pool
+    starts with one actor and grows to `extraction.max_workers` or to as many as the GPUs allow.
+    """
+    extraction, device = config.extraction, config.model.device
+    gpus = extraction.gpus_per_worker
+    wants_gpu = device == "cuda" or (device == "auto" and max(gpus_now, gpus_max or 0.0) > 0)
+    if device == "cuda" and gpus <= 0:
+        raise ValueError("model.device: cuda needs extraction.gpus_per_worker > 0 (each encoder actor's GPU share)")
+    if not wants_gpu or gpus <= 0:
+        size = extraction.num_workers or 1
+        return EncoderPool(size, size, 0.0)
+    if extraction.num_workers is not None:
+        return EncoderPool(extraction.num_workers, extraction.num_workers, gpus)
+    capacity = max(gpus_now, gpus_max or 0.0)
+    most = extraction.max_workers or max(1, int(capacity // gpus))
+    return EncoderPool(1, most, gpus)
+
+
+def _cluster_gpus() -> tuple[float, float | None]:
+    """(GPUs in the cluster now, the most its autoscaler's node types allow, or None when it does not say)."""
     import ray
 
-    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
-    gpus = config.extraction.gpus_per_worker if cluster_gpus > 0 else 0.0
-    if config.extraction.num_workers is not None:
-        return config.extraction.num_workers, gpus
-    if gpus > 0:
-        return max(1, int(cluster_gpus // gpus)), gpus
-    return 1, 0.0
+    now = ray.cluster_resources().get("GPU", 0.0)
+    try:  # published by Ray's v2 autoscaler only; a private API, so any failure means "unknown"
+        declared = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:
+        declared = None
+    return now, (float(declared.get("GPU", 0)) if declared else None)
 
 
 def _run_pipeline(
@@ -274,7 +321,13 @@ def _run_pipeline(
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # we print rows/s ourselves
-    num_workers, gpus = _encoder_resources(config)
+    gpus_now, gpus_max = _cluster_gpus()
+    pool = encoder_pool(config, gpus_now, gpus_max)
+    if pool.gpus == 0 and config.model.device == "auto" and gpus_max is None:
+        log(
+            "  the cluster has no GPU now and its autoscaler does not say whether it can add some: encoding on "
+            "CPU actors (set model.device: cuda to ask an autoscaling cluster for GPU actors)"
+        )
     config_json = config.model_dump_json(by_alias=True)
     items = [
         {"split": plan.split, "store_dir": str(plan.store_dir), "chunk": c, "start": start, "stop": stop}
@@ -282,9 +335,10 @@ def _run_pipeline(
         for c, start, stop in plan.todo
     ]
     todo_rows = sum(item["stop"] - item["start"] for item in items)  # failed images count as done rows here
+    size = f"{pool.min_size}" if pool.min_size == pool.max_size else f"{pool.min_size} to {pool.max_size}"
     log(
         f"extracting {todo_rows} images ({', '.join(p.split for p in plans if p.todo)}) in {len(items)} chunks "
-        f"with {num_workers} encoder actor(s) ({gpus or 0} GPU, {config.extraction.cpus_per_worker} CPU each)"
+        f"with {size} encoder actor(s) ({pool.gpus or 0} GPU, {config.extraction.cpus_per_worker} CPU each)"
     )
     preprocess = models.preprocess
     dataset = (
@@ -300,9 +354,12 @@ def _run_pipeline(
             batch_size=1,
             # two calls per actor: the second one's forward pass runs while the first one writes
             compute=ActorPoolStrategy(
-                size=num_workers, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
+                min_size=pool.min_size,
+                max_size=pool.max_size,
+                max_concurrent_calls_per_actor=2,
+                enable_true_multi_threading=True,
             ),
-            num_gpus=gpus,
+            num_gpus=pool.gpus,
             num_cpus=config.extraction.cpus_per_worker,
             fn_constructor_kwargs={
                 "config_json": config_json,
@@ -440,6 +497,7 @@ def _finish_split(config: ExperimentConfig, plan: _SplitPlan, num_layers: int, w
             "columns": column_shapes(store_dir),
             "model": {"arch": config.model.arch, "num_layers": num_layers},
             "versions": _versions(),
+            "environment": environment(),  # the driver's; each worker's device is in "workers"
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "workers": [json.loads(w) for w in sorted({json.dumps(w, sort_keys=True) for w in workers})],
         }

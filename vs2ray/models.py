@@ -21,6 +21,7 @@ import open_clip
 import torch
 
 from vs2ray.config import BUNDLED_MODEL, BUNDLED_RETRIEVAL_ENCODER, ModelConfig, RetrievalConfig
+from vs2ray.devices import precision_scope, worker_device
 
 ASSETS = resources.files("vs2ray") / "assets"
 BUNDLED_CONFIG = Path(str(ASSETS / f"{BUNDLED_MODEL}.json"))
@@ -43,15 +44,7 @@ class ClipBundle:
     arch: str
     pretrained: str
     device: torch.device
-
-
-def resolve_device(setting: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailable("model.device: cuda was asked for but torch sees no CUDA device")
-    return torch.device(setting)
+    precision: str = "fp32"  # of every forward pass through `model` (devices.precision_scope); weights are fp32
 
 
 def register_bundled_model() -> None:
@@ -122,10 +115,11 @@ def load_clip(config: ModelConfig, device: torch.device | str | None = None) -> 
     """Load the CLIP model named by `config` in eval mode with its preprocessing and tokenizer.
 
     Raises ModelUnavailable with a one-line reason (unknown arch or tag, missing file,
-    download impossible offline) instead of open_clip's traceback.
+    download impossible offline) instead of open_clip's traceback. The weights stay fp32 whatever
+    `model.precision` says: the forward passes (`encode_images`, `block_runner`) autocast.
     """
     register_bundled_model()
-    device = torch.device(device) if device is not None else resolve_device(config.device)
+    device = torch.device(device) if device is not None else worker_device(config.device, None)
     weights = _resolve_weights(config.arch, config.pretrained)
     is_tag = weights is not None and not Path(weights).is_file()
     offline = is_tag and not _hub_reachable()
@@ -136,7 +130,7 @@ def load_clip(config: ModelConfig, device: torch.device | str | None = None) -> 
             model, _, preprocess = open_clip.create_model_and_transforms(
                 config.arch,
                 pretrained=weights,
-                precision=config.precision,
+                precision="fp32",  # LayerNorm and the weights in fp32; lower precisions are autocast
                 device=device,
                 cache_dir=config.cache_dir,
                 weights_only=True,
@@ -158,6 +152,7 @@ def load_clip(config: ModelConfig, device: torch.device | str | None = None) -> 
         arch=config.arch,
         pretrained=config.pretrained,
         device=device,
+        precision=config.precision,
     )
 
 
@@ -169,6 +164,7 @@ class RetrievalEncoder:
     preprocess: Callable[[Any], torch.Tensor]  # PIL image -> (3, S, S) float tensor
     name: str
     device: torch.device
+    precision: str = "fp32"  # of its forward passes; the weights stay fp32
 
 
 def _bundled_retrieval_model(config: RetrievalConfig, weights: Path | None) -> Any:
@@ -227,9 +223,10 @@ def _timm_retrieval_model(config: RetrievalConfig) -> Any:
 
 
 def load_retrieval_encoder(
-    config: RetrievalConfig, device: torch.device | str = "cpu", weights: Path | None = None
+    config: RetrievalConfig, device: torch.device | str = "cpu", weights: Path | None = None, precision: str = "fp32"
 ) -> RetrievalEncoder:
-    """Load `retrieval.encoder` (a timm model, or the bundled one; `weights` overrides its file) in eval mode."""
+    """Load `retrieval.encoder` (a timm model, or the bundled one; `weights` overrides its file) in eval mode;
+    its forward passes run at `precision` (`model.precision` in extraction)."""
     from timm.data import create_transform, resolve_data_config
 
     if config.encoder == BUNDLED_RETRIEVAL_ENCODER:
@@ -243,13 +240,15 @@ def load_retrieval_encoder(
         preprocess=create_transform(**data_config, is_training=False),
         name=config.encoder,
         device=torch.device(device),
+        precision=precision,
     )
 
 
 @torch.no_grad()
 def encode_retrieval(encoder: RetrievalEncoder, images: torch.Tensor) -> torch.Tensor:
-    """Normalised retrieval embeddings (n, features) of preprocessed images (n, 3, S, S)."""
-    features = encoder.model(images.to(encoder.device)).float()
+    """Normalised retrieval embeddings (n, features) float32 of preprocessed images (n, 3, S, S)."""
+    with precision_scope(encoder.device, encoder.precision):
+        features = encoder.model(images.to(encoder.device, non_blocking=True)).float()
     return features / features.norm(dim=-1, keepdim=True)
 
 
@@ -273,8 +272,11 @@ def build_text_classifier(bundle: ClipBundle, class_names: Sequence[str], templa
 
 @torch.no_grad()
 def encode_images(bundle: ClipBundle, images: torch.Tensor) -> torch.Tensor:
-    """Normalised CLIP image embeddings (n, embed_dim) of preprocessed images (n, 3, H, W)."""
-    return bundle.model.encode_image(images.to(bundle.device), normalize=True).float()
+    """Normalised CLIP image embeddings (n, embed_dim) float32 of preprocessed images (n, 3, H, W), computed at
+    the bundle's precision."""
+    with precision_scope(bundle.device, bundle.precision):
+        embeddings = bundle.model.encode_image(images.to(bundle.device, non_blocking=True))
+    return torch.nn.functional.normalize(embeddings.float(), dim=-1)
 
 
 def num_vision_layers(bundle: ClipBundle) -> int:
@@ -324,19 +326,19 @@ def capture_blocks(
 def block_runner(bundle: ClipBundle, batch_size: int = 1024) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """A function running one block of the real vision tower: (tokens (n, T, width) batch first, block) -> tokens.
 
-    It runs on the bundle's device in batches of `batch_size` images and returns float32
-    tokens on the input's device; steering inside the encoder calls it for blocks L+1 … end.
+    It runs on the bundle's device at the bundle's precision in batches of `batch_size` images and
+    returns float32 tokens on the input's device; steering inside the encoder calls it for blocks L+1 … end.
     """
     transformer = bundle.model.visual.transformer
-    dtype = next(transformer.parameters()).dtype
 
     @torch.no_grad()
     def run_block(tokens_ntw: torch.Tensor, block: int) -> torch.Tensor:
         outputs = []
         for start in range(0, len(tokens_ntw), batch_size):
-            x = tokens_ntw[start : start + batch_size].to(bundle.device, dtype)
+            x = tokens_ntw[start : start + batch_size].to(bundle.device, torch.float32)
             x = x if transformer.batch_first else x.transpose(0, 1)
-            x = transformer.resblocks[block](x)
+            with precision_scope(bundle.device, bundle.precision):
+                x = transformer.resblocks[block](x)
             outputs.append((x if transformer.batch_first else x.transpose(0, 1)).float().to(tokens_ntw.device))
         return torch.cat(outputs) if outputs else tokens_ntw.clone()
 

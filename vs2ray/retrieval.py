@@ -1,8 +1,11 @@
 """FAISS neighbour search inside Ray actors, for VS2++ (METHOD.md §4).
 
 `IndexShard` holds a FAISS inner-product index over unit-normalised vectors (flat by
-default, IVF or HNSW by config), on a GPU through `faiss.StandardGpuResources` when the
-actor sees one. `RetrievalIndex` is what trials use: it gets or creates one named actor
+default, IVF or HNSW by config), on a GPU through `faiss.StandardGpuResources` when Ray gave
+the actor one (`retrieval.gpus_per_shard`): an actor given no GPU builds a CPU index even on a
+GPU node, and one given a GPU that its FAISS build cannot use stops with a message naming the
+build (faiss-cpu, or a GPU build without kernels for the card) instead of reserving it idle.
+`RetrievalIndex` is what trials use: it gets or creates one named actor
 per shard (`get_if_exists`, so every trial finds the same ones), searches all shards,
 merges their top-k, and memoises results per (query-set key, k). Actors restart when
 they die (`max_restarts`) and calls are retried (`max_task_retries`).
@@ -22,10 +25,83 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
 
 
+class FaissGpuUnavailable(RuntimeError):
+    """A FAISS shard was meant to run on a GPU and its FAISS build cannot; the message says which and why."""
+
+
+def _faiss_has_gpu(faiss: Any) -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _shard_gpu_ids() -> list[Any] | None:
+    """The GPUs Ray gave this shard's actor, or None outside a Ray worker (a local index in a test or script)."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None
+    return list(ray.get_gpu_ids())
+
+
+def _on_gpu(faiss: Any, kind: str, use_gpu: str, gpu_ids: list[Any] | None) -> bool:
+    """Whether to build the index on a GPU: given one by Ray (or, outside Ray, one FAISS sees), and a GPU kind."""
+    from vs2ray.devices import FAKE_GPUS_ENV, fake_gpus
+
+    if use_gpu == "no" or kind == "hnsw":  # FAISS has no GPU HNSW
+        if use_gpu == "yes":
+            raise ValueError("retrieval.use_gpu: yes, but FAISS has no GPU HNSW index; use index: flat or ivf")
+        return False
+    if gpu_ids is not None and not gpu_ids:  # a Ray actor given no GPU: never the node's GPU 0 unreserved
+        if use_gpu == "yes":
+            raise FaissGpuUnavailable(
+                "retrieval.use_gpu: yes, but Ray gave this shard no GPU (retrieval.gpus_per_shard)"
+            )
+        return False
+    if gpu_ids is None:
+        if use_gpu == "yes" and not _faiss_has_gpu(faiss):
+            raise FaissGpuUnavailable("retrieval.use_gpu: yes, but this process sees no GPU that FAISS can use")
+        return _faiss_has_gpu(faiss)
+    if fake_gpus():
+        return False
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise FaissGpuUnavailable(
+            f"Ray gave this FAISS shard GPU {gpu_ids}, but the installed FAISS is a CPU build (faiss-cpu): install "
+            f"vs2ray[gpu] on the GPU nodes (never beside faiss-cpu), or set retrieval.gpus_per_shard: 0. If the GPU "
+            f"resources are fake (a test cluster), set {FAKE_GPUS_ENV}=1."
+        )
+    if faiss.get_num_gpus() == 0:
+        from vs2ray.devices import cuda_diagnosis
+
+        raise FaissGpuUnavailable(f"Ray gave this FAISS shard GPU {gpu_ids}, but FAISS sees none ({cuda_diagnosis()})")
+    return True
+
+
+def _check_gpu_kernels(faiss: Any, index: Any, dim: int) -> None:
+    """Search once on the GPU: a FAISS build without kernels for this card fails here, with a message that says
+    so, not in the middle of a trial (faiss-gpu-cu12 carries sm_70 / sm_80 code only, so Hopper fails)."""
+    probe = np.zeros((1, dim), dtype=np.float32)
+    probe[0, 0] = 1.0
+    try:
+        index.search(probe, 1)
+    except RuntimeError as error:
+        raise FaissGpuUnavailable(
+            f"FAISS {faiss.__version__} cannot search on this GPU ({str(error).splitlines()[-1][:200]}): its build "
+            f"has no kernels for the card's compute capability; install vs2ray[gpu-hopper] on H100/H200 nodes, or "
+            f"set retrieval.use_gpu: no"
+        ) from None
+
+
 class IndexShard:
     """One FAISS index over (n, dim) vectors with their int64 ids; cosine similarity via inner product."""
 
-    def __init__(self, vectors: np.ndarray, ids: np.ndarray, kind: str = "flat", use_gpu: str = "auto") -> None:
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        kind: str = "flat",
+        use_gpu: str = "auto",
+        gpu_ids: list[Any] | None = None,
+    ) -> None:
+        """`gpu_ids`: the GPUs Ray gave the actor (default: asked of Ray inside a worker, None outside one)."""
         import faiss
 
         if kind not in INDEX_KINDS:
@@ -42,15 +118,15 @@ class IndexShard:
             index.nprobe = max(1, nlist // 4)
         else:
             index = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
-        self.on_gpu = use_gpu != "no" and kind != "hnsw" and hasattr(faiss, "StandardGpuResources")
-        self.on_gpu = self.on_gpu and faiss.get_num_gpus() > 0
-        if use_gpu == "yes" and not self.on_gpu:
-            raise RuntimeError("retrieval.use_gpu: yes, but this actor sees no GPU that FAISS can use")
+        self.on_gpu = _on_gpu(faiss, kind, use_gpu, gpu_ids if gpu_ids is not None else _shard_gpu_ids())
         if self.on_gpu:
             self._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
+            index = faiss.index_cpu_to_gpu(self._resources, 0, index)  # device 0: Ray limits the visible GPUs
+            _check_gpu_kernels(faiss, index, self.dim)
         index.add(vectors)
         self.index = index
+        where = "GPU" if self.on_gpu else "CPU"
+        print(f"FAISS shard: {type(index).__name__} over {len(self.ids)} vectors of dim {self.dim} on the {where}")
         self._memo: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def size(self) -> int:

@@ -19,10 +19,12 @@ z̄_class is a running mean of each class's codes, updated every step and detach
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vs2ray.devices import precision_scope, worker_device
 from vs2ray.store import write_json, write_tensors
 
 TopKMode = Literal["relu", "abs"]
@@ -216,10 +219,19 @@ class SAETrainParams:
     pass_momentum: float = 0.9
     init: SAEInit = "linear"
     encoder_bias: bool = True
+    precision: str = "fp32"  # the forward passes' precision (devices.precision_scope); weights stay fp32
     seed: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def key_dict(self) -> dict:
+        """The parameters an SAE checkpoint's key hashes: `as_dict` without an fp32 precision, so that fp32
+        SAEs keep the keys they had before `sae.precision` existed."""
+        values = self.as_dict()
+        if values["precision"] == "fp32":
+            del values["precision"]
+        return values
 
 
 @dataclass
@@ -295,14 +307,15 @@ def auxk_loss(
     so its reconstruction uses W_dec alone: adding b_pre here would count the decoder
     bias twice (the pitfall the issue warns about).
     """
-    num_dead = int(dead.sum())
-    k_aux = min(auxk_k, num_dead)
+    # no host sync (a GPU step never waits for the CPU here): always `auxk_k` latents, and when fewer are dead
+    # the live ones picked beside them carry a value of 0 (relu of -inf, or the masked 0), so they add nothing
+    num_dead = dead.sum()
     # detached: AuxK trains the dead latents' decoder rows only, as sparsify's fused encoder does (its backward
     # drops the pre-activations' gradient); with the encoder trained too, 11% of latents stayed dead at expansion 8
     masked = pre.detach().masked_fill(~dead, -torch.inf if sae.topk == "relu" else 0.0)
-    values, indices = sae.select(masked, k_aux)  # relu maps the -inf of live latents to 0
+    values, indices = sae.select(masked, min(auxk_k, sae.n_latents))  # relu maps the -inf of live latents to 0
     residual_hat = sae.decode_without_bias(values, indices)
-    scale = min(num_dead / auxk_k, 1.0)
+    scale = (num_dead / auxk_k).clamp(max=1.0)
     return scale * (residual_hat - residual).pow(2).sum() / total_variance
 
 
@@ -317,6 +330,7 @@ def train_sae(
     init: TopKSAE | None = None,
     on_report: Callable[[int, TopKSAE, float], None] | None = None,
     report_every: int = 0,
+    val_acts: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train a top-k SAE on activations (N, d), deterministically for a given `params.seed`.
 
@@ -324,9 +338,12 @@ def train_sae(
     `init` continues training from a copy of an existing SAE (its b_pre is kept).
     `on_report(step, sae, dead_fraction)` is called after every `report_every` steps (not
     after the last one), with the SAE as it is; it must not change it.
-    Runs on CUDA when available unless `device` says otherwise.
+    `val_acts` (M, d), held-out rows, add `val_<metric>` figures measured on the training device.
+    `device` defaults to CUDA when torch sees one (a Ray worker passes the device of the GPU it was given).
+    On CUDA the loop never waits for the host between log steps, Adam is fused, and deterministic
+    kernels are used, so the same seed gives the same SAE on the same GPU.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else worker_device("auto", None)
     if params.w_aux > 0 and labels is None:
         raise ValueError("pass.w_aux > 0 needs labels for the training activations")
     generator = torch.Generator().manual_seed(params.seed)
@@ -335,25 +352,80 @@ def train_sae(
     if params.epochs is not None:
         params = SAETrainParams(**{**params.as_dict(), "steps": math.ceil(params.epochs * n / params.batch_size)})
     n_latents = params.expansion * d
-    sae = TopKSAE(d, n_latents, params.k, params.topk, params.init, params.encoder_bias).to(device)
-    data = acts.to(device=device, dtype=torch.float32)
-    with torch.no_grad():
-        if init is not None:
-            sae.load_state_dict(init.state_dict())
-        else:
-            sae.b_pre.copy_(data.mean(dim=0))  # b_pre starts at the empirical mean
+    with _deterministic_kernels(device):
+        sae = TopKSAE(d, n_latents, params.k, params.topk, params.init, params.encoder_bias).to(device)
+        data = acts.to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            if init is not None:
+                sae.load_state_dict(init.state_dict())
+            else:
+                sae.b_pre.copy_(data.mean(dim=0))  # b_pre starts at the empirical mean
+        losses, seconds = _train_loop(
+            sae, data, params, labels, num_classes, device, log_every, log, on_report, report_every, generator
+        )
+        metrics = evaluate_sae(sae, data, labels if params.w_aux > 0 else None)
+        if val_acts is not None and len(val_acts):
+            metrics.update({f"val_{name}": value for name, value in evaluate_sae(sae, val_acts).items()})
+    metrics.update(
+        {
+            "final_loss": losses[-1],
+            "train_seconds": seconds,
+            "samples_per_second": params.steps * min(params.batch_size, n) / seconds,
+            "lr": effective_lr(params, n_latents),
+        }
+    )
+    return TrainResult(sae=sae.cpu(), metrics=metrics, losses=losses)
+
+
+@contextlib.contextmanager
+def _deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """On CUDA, deterministic kernels while the SAE trains (embedding_bag's and index_add_'s backward use
+    atomics otherwise); the CPU kernels are deterministic already."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for determinism
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+def _train_loop(
+    sae: TopKSAE,
+    data: torch.Tensor,
+    params: SAETrainParams,
+    labels: torch.Tensor | None,
+    num_classes: int | None,
+    device: torch.device,
+    log_every: int,
+    log: Callable[[str], None],
+    on_report: Callable[[int, TopKSAE, float], None] | None,
+    report_every: int,
+    generator: torch.Generator,
+) -> tuple[list[float], float]:
+    """The optimisation steps of `train_sae`: (loss per step, seconds)."""
+    n, _ = data.shape
+    n_latents = sae.n_latents
     base_lr = effective_lr(params, n_latents)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10)
-    auxk_k = params.auxk_k or d // 2
+    optimizer = torch.optim.Adam(
+        sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10, fused=device.type == "cuda" or None
+    )
+    auxk_k = params.auxk_k or sae.d // 2
     samples_since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
     class_means = None
     if params.w_aux > 0:
         class_means = ClassMeans(num_classes or int(labels.max()) + 1, n_latents, params.pass_momentum, device)
         labels = labels.to(device)
-    losses: list[float] = []
+    losses = torch.zeros(params.steps, device=device)  # read back at log steps and at the end only
     batch_size = min(params.batch_size, n)
     order = torch.randperm(n, generator=generator).to(device)
     cursor = 0
+    dead = torch.zeros(n_latents, dtype=torch.bool, device=device)
+    # on the CPU, skipping AuxK while nothing is dead saves its top-k; on CUDA that test would sync every step
+    check_dead = device.type != "cuda"
     started = time.perf_counter()
     for step in range(params.steps):
         if cursor + batch_size > n:
@@ -364,18 +436,19 @@ def train_sae(
         for group in optimizer.param_groups:
             group["lr"] = base_lr * lr_factor(step, params)
 
-        pre = sae.pre_activations(x)
+        with precision_scope(device, params.precision):
+            pre = sae.pre_activations(x)
+        pre = pre.float()  # the top-k, the loss and every update in fp32
         values, indices = sae.select(pre)
         x_hat = sae.decode(values, indices)
         total_variance = (x - x.mean(dim=0)).pow(2).sum()
         loss = (x - x_hat).pow(2).sum() / total_variance
 
-        fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
-        fired[indices[values != 0]] = True
+        fired = torch.zeros(n_latents, device=device).index_add_(0, indices.flatten(), (values != 0).flatten().float())
         samples_since_fired += batch_size
-        samples_since_fired[fired] = 0
+        samples_since_fired.masked_fill_(fired > 0, 0)
         dead = samples_since_fired > params.dead_threshold
-        if params.auxk_coef > 0 and dead.any():
+        if params.auxk_coef > 0 and (not check_dead or bool(dead.any())):
             loss = loss + params.auxk_coef * auxk_loss(sae, pre, (x - x_hat).detach(), dead, auxk_k, total_variance)
         if class_means is not None:
             batch_labels = labels[batch_idx]
@@ -387,7 +460,7 @@ def train_sae(
         sae.remove_parallel_decoder_grad()
         optimizer.step()
         sae.normalize_decoder()
-        losses.append(loss.item())
+        losses[step] = loss.detach()
         if on_report and report_every and (step + 1) % report_every == 0 and step + 1 < params.steps:
             with torch.no_grad():
                 on_report(step + 1, sae, dead.float().mean().item())
@@ -396,20 +469,11 @@ def train_sae(
             rate = (step + 1) * batch_size / elapsed
             eta = (params.steps - step - 1) * batch_size / rate
             log(
-                f"step {step + 1:6d}/{params.steps}  loss {losses[-1]:.4f}  dead {dead.float().mean().item():.3f}  "
-                f"{rate:,.0f} samples/s  ETA {eta:.0f} s"
+                f"step {step + 1:6d}/{params.steps}  loss {losses[step].item():.4f}  "
+                f"dead {dead.float().mean().item():.3f}  {rate:,.0f} samples/s  ETA {eta:.0f} s"
             )
-    seconds = time.perf_counter() - started
-    metrics = evaluate_sae(sae, data, labels if class_means is not None else None)
-    metrics.update(
-        {
-            "final_loss": losses[-1],
-            "train_seconds": seconds,
-            "samples_per_second": params.steps * batch_size / seconds,
-            "lr": base_lr,
-        }
-    )
-    return TrainResult(sae=sae.cpu(), metrics=metrics, losses=losses)
+    loss_list = losses.tolist()  # one host sync for the whole run
+    return loss_list, time.perf_counter() - started
 
 
 @torch.no_grad()

@@ -24,10 +24,11 @@ import torch
 from vs2ray import steering
 from vs2ray.config import ConfigError, Distribution, ExperimentConfig, values_of
 from vs2ray.data import get_dataset, prompt_templates_for
+from vs2ray.devices import worker_device
 from vs2ray.evaluate import Encoder, Evaluator, Grid, SplitData, accuracy
 from vs2ray.methods import METHODS
 from vs2ray.models import block_runner, build_text_classifier, encode_images, load_clip
-from vs2ray.sae import SAETrainParams, TopKSAE, evaluate_sae, train_sae
+from vs2ray.sae import SAETrainParams, TopKSAE, train_sae
 from vs2ray.steerability import SteerabilityResult, SteerabilitySettings, measure_steerability
 from vs2ray.store import (
     Activations,
@@ -65,6 +66,7 @@ def sae_params(config: ExperimentConfig) -> SAETrainParams:
         topk=config.sae.topk,
         init=config.sae.init,
         encoder_bias=config.sae.encoder_bias,
+        precision=config.sae.precision,
         lr=config.sae.lr,
         lr_scale_with_width=config.sae.lr_scale_with_width,
         warmup_steps=config.sae.warmup_steps,
@@ -166,9 +168,11 @@ def get_or_train_sae(
     log: Log,
     layer: int | None = None,
     on_report: Callable[[int, TopKSAE, float], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> TrainedSAE:
     """The SAE of `layer` (default `sae.layer`) on `sae.tokens`, for (train store, params, training rows):
-    loaded when a complete checkpoint exists, else trained and saved.
+    loaded when a complete checkpoint exists, else trained and saved. It trains on `device` (a trial's: the
+    GPU Ray gave it, or the CPU), by default the one `model.device` names on this machine.
 
     While it trains, `on_report(step, sae, dead_fraction)` runs every `sae.report_every` steps; when
     it raises (a trial stopped early), nothing is saved, so the cache never holds an unfinished SAE
@@ -180,11 +184,12 @@ def get_or_train_sae(
     """
     layer = config.sae.layer if layer is None else layer
     column = split.column(layer, config.sae.tokens)
-    training = {**params.as_dict(), "val_fraction": config.dataset.val_fraction}
+    training = {**params.key_dict(), "val_fraction": config.dataset.val_fraction}
     directory = sae_dir_for(config.storage.root, f"{split.store_dir.name}-{column}", training)
     acts = _tensor(split.acts[column])
     per_image = acts.shape[1] if acts.dim() == 3 else 1
     x = acts.reshape(-1, acts.shape[-1])  # an image's tokens are consecutive rows
+    device = device if device is not None else worker_device(config.model.device, None)
     with _exclusive(directory):
         if (directory / "metrics.json").is_file():
             saved = TopKSAE.load(directory, expected_d=x.shape[1])
@@ -202,20 +207,26 @@ def get_or_train_sae(
             log=log,
             on_report=on_report,
             report_every=config.sae.report_every or 0,
+            device=device,
+            val_acts=x[val],  # measured on the training device, before the SAE returns to the CPU
         )
-        val_metrics = evaluate_sae(result.sae, x[val].to(result.sae.b_pre.device)) if bool(val.any()) else {}
-        metrics = {**result.metrics, **{f"val_{name}": value for name, value in val_metrics.items()}}
         record = {**training, "activation_key": split.store_dir.name, "column": column}
-        result.sae.save(directory, record, metrics)
-    return TrainedSAE(result.sae, metrics, directory, cache_hit=False)
+        result.sae.save(directory, record, result.metrics)
+    return TrainedSAE(result.sae, result.metrics, directory, cache_hit=False)
 
 
-def block_saes(config: ExperimentConfig, params: SAETrainParams, split: TrainSplit, log: Log) -> list[TopKSAE] | None:
-    """One SAE per block (trained, or reused from the cache) with the same parameters when the config
-    evaluates SAE_REC^A; None otherwise."""
+def block_saes(
+    config: ExperimentConfig,
+    params: SAETrainParams,
+    split: TrainSplit,
+    log: Log,
+    device: torch.device | str | None = None,
+) -> list[TopKSAE] | None:
+    """One SAE per block (trained on `device`, or reused from the cache) with the same parameters when the
+    config evaluates SAE_REC^A; None otherwise."""
     if "sae_rec_all" not in config.steering.methods:
         return None
-    return [get_or_train_sae(config, params, split, log, layer).sae for layer in range(split.num_blocks)]
+    return [get_or_train_sae(config, params, split, log, layer, device=device).sae for layer in range(split.num_blocks)]
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

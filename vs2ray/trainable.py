@@ -20,6 +20,7 @@ import torch
 from ray.tune import Callback
 
 from vs2ray.config import ExperimentConfig, config_with, full_steps, validate_config
+from vs2ray.devices import environment, limit_gpu_memory, worker_device
 from vs2ray.evaluate import Evaluator, MethodResult
 from vs2ray.methods import GROUP_METRICS, METHOD_METRICS, method_of
 from vs2ray.results import (
@@ -182,11 +183,13 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
         return
     started = time.perf_counter()
     config = config_with(validate_config(base_config, "sweep"), params)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu_ids = ray.get_gpu_ids()  # the trial's share (resources.gpus_per_trial); none: the CPU, even on a GPU node
+    device = worker_device(config.model.device, gpu_ids, "this trial")
+    limit_gpu_memory(device, config.resources.gpus_per_trial)
     params = sae_params(config)
-    reports = IntermediateReports(config, data, device, started) if config.sae.report_every else None
-    trained = get_or_train_sae(config, params, data.split, log=print, on_report=reports)
-    every_block = block_saes(config, params, data.split, print)
+    reports = IntermediateReports(config, data, str(device), started) if config.sae.report_every else None
+    trained = get_or_train_sae(config, params, data.split, log=print, on_report=reports, device=device)
+    every_block = block_saes(config, params, data.split, print, device)
     evaluation_started = time.perf_counter()
     evaluator = build_evaluator(config, data, trained.sae, device, every_block)
     results = evaluator.evaluate_all(config.steering.methods, steering_grid(config))
@@ -202,8 +205,10 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
         eval_seconds=time.perf_counter() - evaluation_started,
         trial_seconds=time.perf_counter() - started,
         node_id=ray.get_runtime_context().get_node_id(),
-        gpu_ids=",".join(str(i) for i in ray.get_gpu_ids()),  # the GPU share Ray gave this trial
-        device=device,
+        gpu_ids=",".join(str(i) for i in gpu_ids),  # the GPU share Ray gave this trial
+        device=str(device),
+        # torch, its CUDA build, the driver and the GPU's name, as env_torch, env_cuda_build, env_driver, env_gpu, ...
+        **{f"env_{name}": "" if value is None else value for name, value in environment(device).items()},
         retrieval_index=data.retrieval_index or "",
         vs2ray_complete=True,
     )

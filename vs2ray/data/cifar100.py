@@ -57,11 +57,32 @@ class Cifar100Dataset(ImageDataset):
             if not have_files and not self.download:
                 raise DatasetUnavailable(self._missing_message("the files are not there and dataset.download is false"))
             try:
-                data = CIFAR100(str(self.root), train=(split == "train"), download=self.download and not have_files)
+                if not have_files:
+                    self._download_once()
+                data = CIFAR100(str(self.root), train=(split == "train"), download=False)
+            except DatasetUnavailable:
+                raise
             except Exception as error:  # torchvision raises URLError, RuntimeError or OSError offline
                 raise DatasetUnavailable(self._missing_message(f"{type(error).__name__}: {error}")) from error
             self._arrays[split] = (data.data, list(data.targets), list(data.classes))
         return self._arrays[split]
+
+    def _download_once(self) -> None:
+        """Download and extract the archive under `root`, one process at a time: the decode tasks of a node
+        (and of every node, when `root` is on a shared file system) start together, and a second writer
+        into the same folder would corrupt the first one's files. Whoever waited finds them there."""
+        import fcntl
+
+        from torchvision.datasets import CIFAR100
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".cifar100-download.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not all((self.root / "cifar-100-python" / name).is_file() for name in ("train", "test", "meta")):
+                    CIFAR100(str(self.root), train=True, download=True)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _missing_message(self, reason: str) -> str:
         return (
