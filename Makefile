@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= cpu,dev,mlflow,tensorboard
 
-.PHONY: install test lint demo world world-card clean
+.PHONY: install test lint demo world world-card gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ world: install
 # The world card on the quickstart's stores (extracts them first when missing).
 world-card: install
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) scripts/world_card.py --config sweeps/quickstart.yaml
+
+# The GPU check on a machine with one NVIDIA GPU (no Ray needed; see the README's GPU section for the
+# wheels to bring to a bare machine). It runs outside .venv on purpose: `make gpu-check PYTHON=python3`.
+# Its CPU mode (--device cpu --small) runs in `make test` (tests/test_gpu_check.py).
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out gpu_check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

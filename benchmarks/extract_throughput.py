@@ -121,8 +121,11 @@ def operator_breakdown(stats: str) -> list[tuple[str, int, float, float, float, 
 
 def start_fake_gpu_cluster(gpu_nodes: int):
     """A local Ray cluster: a 1-CPU head and `gpu_nodes` nodes with 2 CPUs and one (fake) GPU each."""
+    import os
+
     from ray.cluster_utils import Cluster
 
+    os.environ["VS2RAY_FAKE_GPUS"] = "1"  # the nodes' GPUs are fake: vs2ray runs their actors on the CPU
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(gpu_nodes):
         cluster.add_node(num_cpus=2, num_gpus=1)

@@ -139,3 +139,9 @@ class LocalAutoscalingCluster:
         for process in alive:
             with contextlib.suppress(psutil.Error):
                 process.kill()
+        # `ray start` named this head the machine's current cluster, which a later plain `ray.init()` would join
+        from ray._common.utils import get_ray_address_file
+
+        current = Path(get_ray_address_file(None))
+        if current.is_file() and current.read_text().strip() == self.address:
+            current.unlink()

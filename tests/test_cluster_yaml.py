@@ -158,3 +158,36 @@ def test_iam_policies_parse_and_name_only_the_yamls_resources(raw):
     head = json.loads((CLUSTER_YAML.parent / "iam-policy-head.json").read_text())
     stop = next(s for s in head["Statement"] if "ec2:TerminateInstances" in s["Action"])
     assert stop["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == values["cluster"]
+
+
+def _pins() -> dict[str, str]:
+    text = (CLUSTER_YAML.parent / "constraints.txt").read_text()
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
+    return dict(line.split("==") for line in lines if line)
+
+
+def test_every_node_installs_from_one_constraints_file_that_pins_what_must_match(raw):
+    from importlib.metadata import version
+
+    pins = _pins()
+    for package in ("ray", "torch", "torchvision", "open_clip_torch", "faiss-gpu-cu12"):
+        assert package in pins, package
+    assert pins["ray"] == version("ray")  # the Ray this code is written and tested against (nodes must match)
+    assert pins["open_clip_torch"] == version("open_clip_torch")
+    install = next(c for c in raw["setup_commands"] if "pip install" in c and "vs2ray-src" in c)
+    assert "-c" in install.split() and "cluster/constraints.txt" in install
+
+
+def test_the_pinned_torch_build_runs_on_the_amis_driver_and_workers_check_it_at_setup(raw):
+    from vs2ray.devices import MIN_DRIVER_FOR_CUDA
+
+    # PyPI's default Linux build of each torch release: CUDA 12.8 up to 2.10, CUDA 13 from 2.11
+    major, minor = (int(part) for part in _pins()["torch"].split(".")[:2])
+    cuda_major = "12" if (major, minor) <= (2, 10) else "13"
+    constraints = (CLUSTER_YAML.parent / "constraints.txt").read_text()
+    ami_driver = 570  # the driver of the AMI pinned in aws.yaml (Deep Learning Base OSS Nvidia Driver GPU AMI, 2025-05)
+    assert "2025-05" in CLUSTER_YAML.read_text() and "ships a 570 driver" in constraints
+    assert MIN_DRIVER_FOR_CUDA[cuda_major] <= ami_driver
+    assert any("vs2ray devices --require-cuda" in command for command in raw["worker_setup_commands"])
+    setup = "\n".join(raw["setup_commands"])
+    assert "export HF_HOME=/mnt/efs/" in setup  # weights downloaded once onto the shared file system

@@ -58,7 +58,7 @@ bogus: 1
     )
     assert len(problems) == 5, problems
     text = "\n".join(problems)
-    assert "model.precision: got 'fp8'" in text and "'fp32', 'fp16' or 'bf16'" in text
+    assert "model.precision: got 'fp8'" in text and "'fp32', 'tf32', 'bf16' or 'fp16'" in text
     assert "sae.topk: got 'max'" in text and "'relu' or 'abs'" in text
     assert "sae.kk: unknown key" in text and "expansion" in text  # lists the keys allowed there
     assert "dataset.name: got 'cifar10'" in text and "'cifar100'" in text

@@ -224,10 +224,11 @@ def test_killed_extraction_resumes_without_duplicates(tmp_path, ray_session):
     assert len(list(store.glob("part-*.parquet"))) == 40
 
 
-def test_encoders_run_on_the_fake_gpu_node_of_a_two_node_cluster(tmp_path, test_store):
+def test_encoders_run_on_the_fake_gpu_node_of_a_two_node_cluster(tmp_path, test_store, monkeypatch):
     from ray.cluster_utils import Cluster
 
     _, single_node = test_store
+    monkeypatch.setenv("VS2RAY_FAKE_GPUS", "1")  # the nodes' GPUs are fake: said, so that actors use the CPU
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
@@ -253,7 +254,7 @@ def test_encoders_run_on_the_fake_gpu_node_of_a_two_node_cluster(tmp_path, test_
     assert store.name == single_node.store_dir.name  # resources are not part of the key
     workers = read_manifest(store)["workers"]
     assert workers and {w["node"] for w in workers} == {gpu_node.node_id}
-    assert all(w["gpus"] and w["device"] == "cpu" for w in workers)  # fake GPUs: torch stays on the CPU
+    assert all(w["gpus"] and w["device"] == "cpu" and w["fake_gpus"] for w in workers)  # fake GPUs: the CPU
     here, there = load_activations(single_node.store_dir, layers=[0, -1]), load_activations(store, layers=[0, -1])
     for name in ("cls_0", "cls_3", "embedding"):
         np.testing.assert_array_equal(here[name], there[name])

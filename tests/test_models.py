@@ -115,12 +115,12 @@ def test_pretrained_tag_offline_fails_fast_from_the_cache(monkeypatch, tmp_path)
     assert "model.pretrained" in str(caught.value)
 
 
-def test_cuda_device_without_gpu_is_a_clear_error():
-    if torch.cuda.is_available():
-        assert models.resolve_device("cuda").type == "cuda"
-    else:
-        with pytest.raises(ModelUnavailable, match="no CUDA device"):
-            models.resolve_device("cuda")
+def test_cuda_device_without_gpu_is_a_clear_error(monkeypatch):
+    from vs2ray.devices import GpuUnavailable
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(GpuUnavailable, match="no CUDA device"):
+        load_clip(ModelConfig(device="cuda"))
 
 
 def test_bundled_retrieval_encoder_is_a_small_timm_model_whose_neighbourhoods_beat_zero_shot(bundle, shapes_test):

@@ -315,7 +315,7 @@ def concept_vocabulary(config: ExperimentConfig) -> list[str]:
 
 def concept_embeddings(config: ExperimentConfig, words: list[str]) -> np.ndarray:
     """(V, embed) unit-norm CLIP text embeddings of `steerability.template` filled with each word."""
-    bundle = load_clip(config.model)
+    bundle = load_clip(config.model, device="cpu")  # on the driver, which may have no GPU (the cluster's head)
     return build_text_classifier(bundle, words, [config.steerability.template]).cpu().numpy()
 
 
