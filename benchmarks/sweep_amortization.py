@@ -5,7 +5,7 @@
 
 Both sides evaluate the same N steering settings of one SAE configuration (k, expansion,
 w_aux fixed; γ and λ differ), as the researcher's alternative would: N separate
-`python -m vs2ray.evaluate` runs, each in a fresh storage root (its own Ray start,
+`python -m vs2ray evaluate` runs, each in a fresh storage root (its own Ray start,
 extraction and SAE training), against one `python -m vs2ray.sweep` of N trials in a
 fresh storage root (one Ray start, one extraction, one SAE trained, N-1 cache hits).
 It prints both wall times and their ratio, and from the sweep's own results the mean
@@ -64,7 +64,7 @@ def main() -> None:
         independent = 0.0
         for i, (gamma, lam) in enumerate(settings):
             root = Path(scratch) / f"independent-{i}"
-            command = [*python, "vs2ray.evaluate", "--gammas", str(gamma), "--lambdas", str(lam)]
+            command = [*python, "vs2ray", "evaluate", "--gammas", str(gamma), "--lambdas", str(lam)]
             seconds = timed(with_sets(command, [*world, f"storage.root={root}"]))
             print(f"independent run {i + 1}/{args.trials} (γ {gamma}, λ {lam}): {seconds:.1f} s", flush=True)
             independent += seconds

@@ -152,7 +152,10 @@ def test_cli_prints_problems_not_a_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("sae: {k: zero}\nsteering: {gamma: 0.5}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "vs2ray.models", "--config", str(path)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "vs2ray", "zero-shot", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -161,7 +164,7 @@ def test_cli_prints_problems_not_a_traceback(tmp_path):
 
 
 def test_storage_defaults_come_from_the_environment(monkeypatch):
-    from vs2ray.sweep import experiments_root
+    from vs2ray.tuning import experiments_root
 
     monkeypatch.delenv("VS2RAY_ROOT", raising=False)
     monkeypatch.delenv("VS2RAY_EXPERIMENTS", raising=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -150,6 +151,19 @@ def test_sae_precision_is_part_of_the_cache_key_and_fp32_keeps_the_old_one():
     assert sae_dir_for("/r", "acts", bf16.key_dict()) != sae_dir_for("/r", "acts", fp32.key_dict())
 
 
+def test_sae_training_on_cuda_turns_deterministic_kernels_on_and_back_off(monkeypatch):
+    from vs2ray.sae import _deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with _deterministic_kernels(torch.device("cuda", 0)):  # embedding_bag / index_add_ backward without atomics
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()
+    with _deterministic_kernels(torch.device("cpu")):  # the CPU kernels are deterministic already
+        assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_a_fractional_gpu_share_caps_the_process_memory(monkeypatch):
     capped = []
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda share, device: capped.append(share))
@@ -180,10 +194,12 @@ class FakeGpuFaiss:
 
 
 class _NoKernelIndex:
+    """A GPU index of a build without kernels for the card: its first kernel launch fails."""
+
     def __init__(self, index) -> None:
         self.index = index
 
-    def search(self, queries, k):
+    def add(self, vectors):
         raise RuntimeError("Faiss assertion failed\ndetails: CUDA error 209 no kernel image is available")
 
 

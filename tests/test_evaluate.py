@@ -177,7 +177,7 @@ def test_cli_on_a_small_shapes_world_oracle_vs2pp_corrects_errors_and_reinforcin
         "steering.methods=[zero_shot, vs2, vs2pp, vs2pp_oracle, vs2pp_oracle_neighbours]",
     )
     args = ("--address", address, "--gammas", "1.5,2", "--lambdas", "1,3,5")
-    command = cli_command("vs2ray.evaluate", *args, assignments=assignments)
+    command = cli_command("vs2ray", "evaluate", *args, assignments=assignments)
     output = subprocess.run(command, capture_output=True, text=True, timeout=500)
     assert output.returncode == 0, output.stderr[-3000:]
     rows = {

@@ -172,7 +172,7 @@ def test_corrupt_images_are_skipped_counted_and_listed(tmp_path, ray_session):
         "extraction: {batch_size: 8}\n"
     )
     address = ray_session.get_runtime_context().gcs_address
-    command = cli_command("vs2ray.extract", "--config", str(config_file), "--split", "all")
+    command = cli_command("vs2ray", "extract", "--config", str(config_file), "--split", "all")
     output = subprocess.run([*command, "--address", address], capture_output=True, text=True, timeout=300)
     assert output.returncode == 0, output.stderr[-3000:]
     # both splits in one pipeline: the encoder actors start once
@@ -196,7 +196,7 @@ def test_corrupt_images_are_skipped_counted_and_listed(tmp_path, ray_session):
 def test_killed_extraction_resumes_without_duplicates(tmp_path, ray_session):
     config_args = [f"storage.root={tmp_path}", "dataset.sizes.test=2400", "extraction.batch_size=60"]
     address = ray_session.get_runtime_context().gcs_address
-    command = cli_command("vs2ray.extract", "--split", "test", "--address", address, assignments=config_args)
+    command = cli_command("vs2ray", "extract", "--split", "test", "--address", address, assignments=config_args)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -243,7 +243,7 @@ def test_encoders_run_on_the_fake_gpu_node_of_a_two_node_cluster(tmp_path, test_
             "extraction.num_workers=2",
         )
         command = cli_command(
-            "vs2ray.extract", "--split", "test", "--address", cluster.address, assignments=assignments
+            "vs2ray", "extract", "--split", "test", "--address", cluster.address, assignments=assignments
         )
         output = subprocess.run(command, capture_output=True, text=True, timeout=400)
         assert output.returncode == 0, output.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""analysis/: the figures' helpers (the report on a real sweep is tested in test_sweep.py)."""
+"""vs2ray.plots: the report's figure helpers (the report on a real sweep is tested in test_sweep.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():
-    from analysis.plots import pareto_front
+    from vs2ray.plots import pareto_front
 
     # (fvu, accuracy): (0.3, 70) is beaten by (0.2, 71); (0.5, 69) by everything better
     points = np.array([[0.1, 68.0], [0.2, 71.0], [0.3, 70.0], [0.4, 72.0], [0.5, 69.0]])
@@ -17,7 +17,7 @@ def test_heatmap_needs_both_gamma_and_lambda_to_vary_and_by_block_needs_two_bloc
     import pandas as pd
     from PIL import Image
 
-    from analysis.plots import by_block, steering_heatmap
+    from vs2ray.plots import by_block, steering_heatmap
 
     rng = np.random.default_rng(0)
     trials = pd.DataFrame({"steering.gamma": rng.uniform(1, 3, 12), "steering.lambda": rng.uniform(0, 5, 12)}).assign(
@@ -34,3 +34,12 @@ def test_heatmap_needs_both_gamma_and_lambda_to_vary_and_by_block_needs_two_bloc
     )
     assert by_block(blocks.iloc[:1], tmp_path / "one.png") is None
     assert by_block(blocks, tmp_path / "blocks.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_missing_experiment_dir_is_a_clear_error_that_creates_nothing(tmp_path, capsys):
+    from vs2ray.report import main
+
+    missing = tmp_path / "no-such-sweep"
+    assert main([str(missing)]) == 2
+    assert "no such experiment dir" in capsys.readouterr().err
+    assert not missing.exists()

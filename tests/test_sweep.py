@@ -19,7 +19,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from vs2ray.config import load_config
 from vs2ray.results import load_results, method_table, trial_file, trial_predictions
-from vs2ray.sweep import SearchSpace, check_sweep
+from vs2ray.tuning import SearchSpace, check_sweep
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
 # a quickstart shortened to seconds per trial; the stores are shared by every test of this module
@@ -261,7 +261,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
 def test_asha_stops_a_poor_sae_early_never_caches_it_and_mlflow_keeps_every_report(storage, ray_session):
     from mlflow.tracking import MlflowClient
 
-    from vs2ray.sweep import MLFLOW_DB
+    from vs2ray.tuning import MLFLOW_DB
 
     address = ray_session.get_runtime_context().gcs_address
     paper = {"pass.w_aux": 0.0, "steering.gamma": 1.5, "steering.lambda": 2.1}

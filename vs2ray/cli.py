@@ -8,8 +8,8 @@
     python -m vs2ray report     EXPERIMENT_DIR [--out DIR]
     python -m vs2ray devices    [--require-cuda]
 
-`python -m vs2ray.extract`, `.models`, `.sae`, `.evaluate` and `.sweep` are shims for the same
-commands. This is the only module that prints; an invalid config exits 2 with one line per
+`python -m vs2ray.sweep` starts the sweep command too (`vs2ray/sweep.py`, which nothing imports).
+This is the only module that prints; an invalid config exits 2 with one line per
 problem, a missing dataset or model exits 1 with the reason, and so does a Ray cluster that
 refuses this machine's authentication token (checked before any work starts).
 """
@@ -202,7 +202,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def sweep_command(args: argparse.Namespace) -> int:
     """Run (or --resume) a sweep; print the best trials, each method's selected trial and the experiment path."""
-    from vs2ray import sweep
+    from vs2ray import tuning
     from vs2ray.data import DatasetUnavailable, get_dataset
     from vs2ray.files import is_uri, read_text, write_text
     from vs2ray.models import ModelUnavailable
@@ -210,11 +210,11 @@ def sweep_command(args: argparse.Namespace) -> int:
     from vs2ray.stages import needs_retrieval, prepare_data, start_retrieval
     from vs2ray.tune_state import DamagedState, keep_restorable_snapshots, prepare_resume
 
-    config = _config(args, str(sweep.DEFAULT_CONFIG))
-    space = sweep.check_sweep(config)  # a bad sweep fails here, before Ray starts
-    root = sweep.experiments_root(config)
+    config = _config(args, str(tuning.DEFAULT_CONFIG))
+    space = tuning.check_sweep(config)  # a bad sweep fails here, before Ray starts
+    root = tuning.experiments_root(config)
     if args.resume:
-        name = args.name or sweep.latest_experiment(root, config.name)
+        name = args.name or tuning.latest_experiment(root, config.name)
         saved = load_sweep_config(f"{root}/{name}") if name else None
         if saved is None:
             raise ConfigError([f"--resume: no experiment {name or config.name + '-*'} under {root}"], "sweep")
@@ -259,16 +259,16 @@ def sweep_command(args: argparse.Namespace) -> int:
     if needs_retrieval(config):
         index = start_retrieval(config, data, config.retrieval.gpus_per_shard)
         print(f"retrieval: {data.retrieval_index} ({sum(index.sizes)} vectors in {len(index.sizes)} shard(s))")
-    trainable = sweep.build_trainable(config, data, path)
+    trainable = tuning.build_trainable(config, data, path)
     if args.resume:
         print(f"resuming {path}")
-        filesystem = sweep.tune_filesystem(root)
+        filesystem = tuning.tune_filesystem(root)
         tuner = tune.Tuner.restore(
             path, trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=filesystem
         )
     else:
         write_text(f"{path}/{SWEEP_CONFIG_FILE}", config_to_yaml(config))
-        tuner = sweep.build_tuner(config, space, trainable, name)
+        tuner = tuning.build_tuner(config, space, trainable, name)
     tuner.fit()
     del index
     results = load_results(path)
@@ -300,7 +300,7 @@ def devices_command(args: argparse.Namespace) -> int:
 
 def report_command(args: argparse.Namespace) -> int:
     """report.md and PNG figures for a finished (or interrupted) sweep; no Ray needed."""
-    from analysis.report import main as report_main
+    from vs2ray.report import main as report_main
 
     return report_main([args.experiment, *(["--out", args.out] if args.out else [])])
 
@@ -363,8 +363,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ClusterRefused, GpuUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-
-
-def shim(command: str) -> None:
-    """`python -m vs2ray.<module>`: the same as `python -m vs2ray <command>` with the remaining arguments."""
-    raise SystemExit(main([command, *sys.argv[1:]]))

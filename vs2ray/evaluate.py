@@ -466,9 +466,3 @@ def format_table(results: dict[str, MethodResult]) -> str:
             f"{100 * max(result.test_top1):>11.2f}{worst}  {chosen}"
         )
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # `python -m vs2ray.evaluate` = `python -m vs2ray evaluate`
-    from vs2ray.cli import shim
-
-    shim("evaluate")

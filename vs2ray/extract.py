@@ -1,6 +1,6 @@
 """Activation extraction: a Ray Data pipeline from images to the Parquet activation store.
 
-    python -m vs2ray.extract --config sweeps/quickstart.yaml --split all
+    python -m vs2ray extract --config sweeps/quickstart.yaml --split all
 
 The pipeline, per chunk of `extraction.batch_size` images:
 
@@ -544,9 +544,3 @@ def extract_splits(
 def extract(config: ExperimentConfig, split: str, log: Callable[[str], None] = lambda _: None) -> ExtractionResult:
     """Make sure the activation store of (`config`, `split`) exists and is complete; return where it is."""
     return extract_splits(config, [split], log)[split]
-
-
-if __name__ == "__main__":  # `python -m vs2ray.extract` = `python -m vs2ray extract`
-    from vs2ray.cli import shim
-
-    shim("extract")

@@ -355,9 +355,3 @@ def vision_head(bundle: ClipBundle) -> dict[str, torch.Tensor]:
         "ln_post.bias": visual.ln_post.bias.detach().float().cpu().contiguous(),
         "proj": visual.proj.detach().float().cpu().contiguous(),
     }
-
-
-if __name__ == "__main__":  # `python -m vs2ray.models` = `python -m vs2ray zero-shot`
-    from vs2ray.cli import shim
-
-    shim("zero-shot")

@@ -75,13 +75,13 @@ def _on_gpu(faiss: Any, kind: str, use_gpu: str, gpu_ids: list[Any] | None) -> b
     return True
 
 
-def _check_gpu_kernels(faiss: Any, index: Any, dim: int) -> None:
-    """Search once on the GPU: a FAISS build without kernels for this card fails here, with a message that says
-    so, not in the middle of a trial (faiss-gpu-cu12 carries sm_70 / sm_80 code only, so Hopper fails)."""
-    probe = np.zeros((1, dim), dtype=np.float32)
-    probe[0, 0] = 1.0
+def _fill_on_gpu(faiss: Any, index: Any, vectors: np.ndarray) -> None:
+    """Add `vectors` to a GPU index and search once: a FAISS build without kernels for this card fails here,
+    with a message that says so, not in the middle of a trial (faiss-gpu-cu12 has sm_70 / sm_80 code only,
+    so Hopper fails, at the first add or search)."""
     try:
-        index.search(probe, 1)
+        index.add(vectors)
+        index.search(vectors[:1], 1)
     except RuntimeError as error:
         raise FaissGpuUnavailable(
             f"FAISS {faiss.__version__} cannot search on this GPU ({str(error).splitlines()[-1][:200]}): its build "
@@ -122,8 +122,9 @@ class IndexShard:
         if self.on_gpu:
             self._resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._resources, 0, index)  # device 0: Ray limits the visible GPUs
-            _check_gpu_kernels(faiss, index, self.dim)
-        index.add(vectors)
+            _fill_on_gpu(faiss, index, vectors)
+        else:
+            index.add(vectors)
         self.index = index
         where = "GPU" if self.on_gpu else "CPU"
         print(f"FAISS shard: {type(index).__name__} over {len(self.ids)} vectors of dim {self.dim} on the {where}")

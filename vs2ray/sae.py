@@ -420,6 +420,8 @@ def _train_loop(
         class_means = ClassMeans(num_classes or int(labels.max()) + 1, n_latents, params.pass_momentum, device)
         labels = labels.to(device)
     losses = torch.zeros(params.steps, device=device)  # read back at log steps and at the end only
+    # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
+    scaler = torch.amp.GradScaler(device.type, enabled=params.precision == "fp16")
     batch_size = min(params.batch_size, n)
     order = torch.randperm(n, generator=generator).to(device)
     cursor = 0
@@ -456,9 +458,11 @@ def _train_loop(
             loss = loss + params.w_aux * class_means.dispersion(values, indices, batch_labels) / total_variance
 
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # the projection below needs the true gradient
         sae.remove_parallel_decoder_grad()
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         sae.normalize_decoder()
         losses[step] = loss.detach()
         if on_report and report_every and (step + 1) % report_every == 0 and step + 1 < params.steps:
@@ -524,9 +528,3 @@ def evaluate_sae(
         metrics["class_dispersion"] = (code_sq - between) / len(acts)
         metrics["class_dispersion_relative"] = (code_sq - between) / code_sq
     return metrics
-
-
-if __name__ == "__main__":  # `python -m vs2ray.sae` = `python -m vs2ray train-sae`
-    from vs2ray.cli import shim
-
-    shim("train-sae")

@@ -182,7 +182,7 @@ def load_activations(
     store_dir = Path(store_dir).expanduser()
     manifest = read_manifest(store_dir)
     if not manifest or manifest.get("complete") is not True:
-        raise StoreIncomplete(f"{store_dir} is not a complete activation store (run `python -m vs2ray.extract`)")
+        raise StoreIncomplete(f"{store_dir} is not a complete activation store (run `python -m vs2ray extract`)")
     names = [cls_column(manifest, layer) for layer in layers]
     names += [cls_column(manifest, layer, "tokens") for layer in token_layers]
     names += ["embedding"] * embedding + ["retrieval"] * retrieval
