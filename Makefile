@@ -22,12 +22,14 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 
 # The bundled world end to end: extraction, the quickstart sweep (8 trials), then its report.
 demo: install

@@ -56,7 +56,7 @@ def check_token(address: str) -> None:
 
     try:  # Ray's own GCS client and address resolution ("auto" included)
         from ray._private.services import canonicalize_bootstrap_address
-        from ray._raylet import GcsClient
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled, without stubs
     except ImportError:  # a Ray without them: ray.init reports what goes wrong
         return
 
@@ -268,7 +268,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         )
     else:
         write_text(f"{path}/{SWEEP_CONFIG_FILE}", config_to_yaml(config))
-        tuner = tuning.build_tuner(config, space, trainable, name)
+        tuner = tuning.build_tuner(config, space, trainable, str(name))
     tuner.fit()
     del index
     results = load_results(path)

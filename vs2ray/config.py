@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 import yaml
 from pydantic import (
@@ -128,11 +128,26 @@ def _searchable(scalar: Any, allowed: str, allow: tuple[str, ...] = DISTRIBUTION
 
 
 NUMERIC = ("choice", "uniform", "loguniform")
-PositiveInt = _searchable(Annotated[int, Field(ge=1)], "an integer >= 1", ("choice", "int"))
-PositiveFloat = _searchable(Annotated[float, Field(gt=0)], "a number > 0", NUMERIC)
-NonNegativeFloat = _searchable(Annotated[float, Field(ge=0)], "a number >= 0", NUMERIC)
-AtLeastOneFloat = _searchable(Annotated[float, Field(ge=1)], "a number >= 1", NUMERIC)
-UnitFloat = _searchable(Annotated[float, Field(ge=0, le=1)], "a number in [0, 1]", NUMERIC)
+if TYPE_CHECKING:  # to the type checker a searchable field is Any: a constant or a Distribution, checked at runtime
+    PositiveInt: TypeAlias = Any
+    PositiveFloat: TypeAlias = Any
+    NonNegativeFloat: TypeAlias = Any
+    AtLeastOneFloat: TypeAlias = Any
+    UnitFloat: TypeAlias = Any
+    LayerIndex: TypeAlias = Any
+    TokenSet: TypeAlias = Any
+    MomentumFloat: TypeAlias = Any
+    PositiveRuleChoice: TypeAlias = Any
+else:
+    PositiveInt = _searchable(Annotated[int, Field(ge=1)], "an integer >= 1", ("choice", "int"))
+    PositiveFloat = _searchable(Annotated[float, Field(gt=0)], "a number > 0", NUMERIC)
+    NonNegativeFloat = _searchable(Annotated[float, Field(ge=0)], "a number >= 0", NUMERIC)
+    AtLeastOneFloat = _searchable(Annotated[float, Field(ge=1)], "a number >= 1", NUMERIC)
+    UnitFloat = _searchable(Annotated[float, Field(ge=0, le=1)], "a number in [0, 1]", NUMERIC)
+    LayerIndex = _searchable(int, "a block index (negative counts from the end)", ("choice",))
+    TokenSet = _searchable(Literal["cls", "all"], "'cls' or 'all'", ("choice",))
+    MomentumFloat = _searchable(Annotated[float, Field(ge=0, lt=1)], "a number in [0, 1)", NUMERIC)
+    PositiveRuleChoice = _searchable(Literal["query", "majority"], "'query' or 'majority'", ("choice",), grid_list=True)
 
 
 class Section(BaseModel):
@@ -224,10 +239,6 @@ class ExtractionConfig(Section):
     cpus_per_worker: float = Field(0.25, gt=0.0)
 
 
-LayerIndex = _searchable(int, "a block index (negative counts from the end)", ("choice",))
-TokenSet = _searchable(Literal["cls", "all"], "'cls' or 'all'", ("choice",))
-
-
 class SAEConfig(Section):
     layer: LayerIndex = Field(-1, description="block whose activations the SAE reads and steering changes")
     tokens: TokenSet = Field("cls", description="train (and steer) on the [CLS] token or on every token")
@@ -257,7 +268,7 @@ class SAEConfig(Section):
 
 class PassConfig(Section):
     w_aux: NonNegativeFloat = Field(0.0, description="PASS prototype-alignment weight; 0 = plain top-k SAE")
-    momentum: _searchable(Annotated[float, Field(ge=0, lt=1)], "a number in [0, 1)", NUMERIC) = Field(
+    momentum: MomentumFloat = Field(
         0.9, description="running class-mean update rate; searched only in trials with w_aux > 0"
     )
 
@@ -322,7 +333,7 @@ class RetrievalConfig(Section):
     encoder_pretrained: bool = Field(True, description="false: seeded random weights (tests and benchmarks only)")
     image_size: int = Field(224, ge=14, description="input size of the retrieval encoder")
     n_neighbors: PositiveInt = 50
-    positive_rule: _searchable(Literal["query", "majority"], "'query' or 'majority'", ("choice",), grid_list=True) = (
+    positive_rule: PositiveRuleChoice = (
         "query",
         "majority",
     )
@@ -368,7 +379,7 @@ class SearchConfig(Section):
 
     @property
     def modes(self) -> list[str]:
-        return self.mode if isinstance(self.mode, list) else [self.mode]
+        return list(self.mode) if isinstance(self.mode, list) else [self.mode]
 
     @model_validator(mode="after")
     def _metric_and_mode_agree(self) -> SearchConfig:
@@ -518,7 +529,7 @@ def validate_config(raw: Any, source: str = "config") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError([_format_error(e) for e in error.errors()], source) from None
+        raise ConfigError([_format_error(dict(e)) for e in error.errors()], source) from None
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
@@ -581,4 +592,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def config_to_yaml(config: ExperimentConfig) -> str:
     """Serialise a config back to YAML that `load_config` reads into an equal config."""
-    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
+    return str(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))

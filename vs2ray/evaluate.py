@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vs2ray import steering
-from vs2ray.methods import GRID_PARAMS, METHODS, Setting, Steered, metric_name
+from vs2ray.methods import GRID_PARAMS, METHODS, Setting, Split, Steered, metric_name
 from vs2ray.sae import TopKSAE, per_sample_fvu
 
 Search = Callable[[np.ndarray, int, str], tuple[np.ndarray, np.ndarray]]
@@ -115,7 +115,7 @@ class MethodResult:
     def summary(self) -> dict[str, Any]:
         """Flat metrics: val/test at the validation-selected setting, and the test-oracle best."""
         i, m = self.selected, self.method
-        out = {
+        out: dict[str, Any] = {
             metric_name("val_top1", m): self.val_top1[i],
             metric_name("val_top5", m): self.val_top5[i],
             metric_name("test_top1", m): self.test_top1[i],
@@ -196,7 +196,7 @@ class Evaluator:
         self._sae_passes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._zero_shot: dict[str, torch.Tensor] = {}
         self._neighbours: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._code_differences: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._code_differences: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool_mean_code: torch.Tensor | None = None
         self._token_rows: dict[str, SplitData] = {}
         calibration = self._token_view(pool) if self._steers_every_token else pool
@@ -208,26 +208,30 @@ class Evaluator:
         # at the last block only [CLS] reaches the head, so steering the other tokens changes nothing
         return self.encoder is not None and self.encoder.all_tokens and not self.encoder.at_last_block
 
-    def _token_view(self, split: SplitData) -> SplitData:
+    def _token_view(self, split: Split) -> SplitData:
         """`split` with every token of the steering block as a row (n·T rows), for row-wise methods."""
         if split.name not in self._token_rows:
+            assert self.encoder is not None  # only an all-token SAE inside the encoder steers every token
             tokens = split.tokens[self.encoder.block]
             per_image = tokens.shape[1]
-            repeat = lambda rows: None if rows is None else rows.repeat_interleave(per_image, dim=0)  # noqa: E731
+
+            def repeat(rows: torch.Tensor) -> torch.Tensor:
+                return rows.repeat_interleave(per_image, dim=0)
+
             self._token_rows[split.name] = SplitData(
                 name=f"{split.name}/tokens",
                 cls=tokens.reshape(-1, tokens.shape[-1]),
                 embedding=repeat(split.embedding),
                 labels=repeat(split.labels),
-                attributes=repeat(split.attributes),
-                groups=repeat(split.groups),
+                attributes=None if split.attributes is None else repeat(split.attributes),
+                groups=None if split.groups is None else repeat(split.groups),
             )
         return self._token_rows[split.name]
 
     # ------------------------------------------------ methods.Context
 
     @torch.no_grad()
-    def sae_pass(self, split: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
+    def sae_pass(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """W_dec c (n, d) and per-sample FVU (n,) of a split, from one SAE pass shared by every setting."""
         if split.name not in self._sae_passes:
             values, indices = self.sae.encode(split.cls)
@@ -238,13 +242,13 @@ class Evaluator:
     def gate_threshold(self, quantile: float) -> float:
         return steering.gate_threshold(self.calibration_fvu, quantile)
 
-    def zero_shot_labels(self, split: SplitData) -> torch.Tensor:
+    def zero_shot_labels(self, split: Split) -> torch.Tensor:
         if split.name not in self._zero_shot:
             logits = steering.logits_from_embeddings(split.embedding, self.classifier)
             self._zero_shot[split.name] = logits.argmax(dim=1)
         return self._zero_shot[split.name]
 
-    def neighbours(self, split: SplitData, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def neighbours(self, split: Split, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(similarities, pool row positions), each (n, k), memoised per (split, k)."""
         if (split.name, k) not in self._neighbours:
             if self.search is None:
@@ -261,7 +265,7 @@ class Evaluator:
 
     @torch.no_grad()
     def code_difference(
-        self, split: SplitData, k: int, key: tuple, positives_of: Callable[[torch.Tensor], torch.Tensor]
+        self, split: Split, k: int, key: tuple[Any, ...], positives_of: Callable[[torch.Tensor], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """W_dec (mean S+ codes − mean S− codes) (n, d), which queries are steered (n,) and which have an
         empty S− (n,). An empty S−'s mean code is the pool's mean code under `empty_negatives='pool_mean'`.
@@ -293,7 +297,9 @@ class Evaluator:
         """The pool's mean sparse code over its [CLS] rows (n_latents,): an empty S−'s mean code in VS2++."""
         if self._pool_mean_code is None:
             cls = self.pool.cls
-            total = sum(self._dense_codes(cls[start : start + 4096]).sum(0) for start in range(0, len(cls), 4096))
+            total = torch.zeros(self.sae.n_latents, dtype=cls.dtype, device=cls.device)
+            for start in range(0, len(cls), 4096):
+                total += self._dense_codes(cls[start : start + 4096]).sum(0)
             self._pool_mean_code = total / len(cls)
         return self._pool_mean_code
 
@@ -302,7 +308,7 @@ class Evaluator:
         return self.pool.embedding.mean(dim=0)
 
     @torch.no_grad()
-    def reconstruct_every_block(self, split: SplitData) -> torch.Tensor:
+    def reconstruct_every_block(self, split: Split) -> torch.Tensor:
         """SAE_REC^A: the last block's [CLS] (n, width) with every block's output replaced by its SAE's."""
         encoder = self.encoder
         if encoder is None or encoder.run_block is None or len(encoder.block_saes) != encoder.num_blocks:
@@ -312,7 +318,7 @@ class Evaluator:
         return steering.sae_rec_every_block(split.tokens[0], encoder.block_saes, encoder.run_block, encoder.all_tokens)
 
     @torch.no_grad()
-    def latent_scores(self, score: str) -> torch.Tensor:
+    def latent_scores(self, score: steering.AssociationScore) -> torch.Tensor:
         """Each latent's association with the nuisance attribute (latents,), on the pool's labelled rows
         (the SAE's training rows): per image, the mean code over the rows the SAE steers ([CLS], or every
         token of the block). Memoised per score."""
@@ -335,7 +341,7 @@ class Evaluator:
     # ------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def logits(self, method: str, split: SplitData, setting: Setting) -> tuple[torch.Tensor, Steered]:
+    def logits(self, method: str, split: Split, setting: Setting) -> tuple[torch.Tensor, Steered]:
         """Logits (n, classes) of `method` at `setting` on `split`, and what its function returned (the steered
         rows, their coverage and the share of queries whose S− was empty)."""
         entry = METHODS[method]
@@ -349,12 +355,12 @@ class Evaluator:
         final_cls = steered.rows if entry.kind == "final" else self.final_cls(split, steered.rows, entry.rowwise)
         return steering.classify(final_cls, self.head, self.classifier), steered
 
-    def steered_rows(self, split: SplitData) -> SplitData:
+    def steered_rows(self, split: Split) -> Split:
         """The rows a row-wise method steers: every token of the steering block (an all-token SAE inside the
         encoder: n·T rows, an image's tokens consecutive), else the [CLS] tokens (n rows)."""
         return self._token_view(split) if self._steers_every_token else split
 
-    def final_cls(self, split: SplitData, steered: torch.Tensor, every_token: bool = True) -> torch.Tensor:
+    def final_cls(self, split: Split, steered: torch.Tensor, every_token: bool = True) -> torch.Tensor:
         """The last block's [CLS] (n, width) from steered rows of `split` at the steering block: [CLS] tokens
         (n, width), or with `every_token` the rows of `steered_rows` (n·T, width); c copies of the split's
         rows stacked (c·n rows, say c steered units) give c·n outputs."""
@@ -369,11 +375,12 @@ class Evaluator:
     def _finish(self, tokens_ntd: torch.Tensor) -> torch.Tensor:
         """The last block's [CLS] (n, width) from the steering block's tokens, through the real encoder."""
         encoder = self.encoder
-        if encoder.run_block is None:
-            raise ValueError(f"steering at block {encoder.block} needs the encoder's blocks (Encoder.run_block)")
+        if encoder is None or encoder.run_block is None:
+            block = encoder.block if encoder else "?"
+            raise ValueError(f"steering at block {block} needs the encoder's blocks (Encoder.run_block)")
         return steering.finish_forward(tokens_ntd, encoder.block + 1, encoder.num_blocks, encoder.run_block)[:, 0]
 
-    def _per_group(self, logits: torch.Tensor, split: SplitData) -> list[float] | None:
+    def _per_group(self, logits: torch.Tensor, split: Split) -> list[float] | None:
         if not self.num_groups or split.groups is None:
             return None
         return group_accuracies(logits, split.labels, split.groups, self.num_groups)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -334,7 +334,8 @@ def _run_pipeline(
         for plan in plans
         for c, start, stop in plan.todo
     ]
-    todo_rows = sum(item["stop"] - item["start"] for item in items)  # failed images count as done rows here
+    # failed images count as done rows here
+    todo_rows = sum(stop - start for plan in plans for _, start, stop in plan.todo)
     size = f"{pool.min_size}" if pool.min_size == pool.max_size else f"{pool.min_size} to {pool.max_size}"
     log(
         f"extracting {todo_rows} images ({', '.join(p.split for p in plans if p.todo)}) in {len(items)} chunks "
@@ -344,7 +345,7 @@ def _run_pipeline(
     dataset = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(
-            decode_chunk,
+            cast(Any, decode_chunk),  # its keyword arguments come from fn_kwargs, which Ray's annotation leaves out
             batch_size=1,
             fn_kwargs={"config_json": config_json, "transforms": {name: p.pixels for name, p in preprocess.items()}},
             num_cpus=1,
@@ -368,7 +369,8 @@ def _run_pipeline(
             },
         )
     )
-    started, done, workers = time.perf_counter(), 0, {plan.split: [] for plan in plans}
+    started, done = time.perf_counter(), 0
+    workers: dict[str, list[dict[str, Any]]] = {plan.split: [] for plan in plans}
     total = {plan.split: sum(stop - start for _, start, stop in plan.boundaries) for plan in plans}
     done_by_split = {plan.split: total[plan.split] - sum(b - a for _, a, b in plan.todo) for plan in plans}
     next_report, first_chunk, first_rows = 0, 0.0, 0
@@ -447,9 +449,9 @@ def _plan_split(
     inputs = store_inputs(config, split, models.layers, models.preprocess)
     store_dir = store_dir_for(config, split, inputs)
     if is_complete(store_dir):
-        manifest = read_manifest(store_dir)
-        log(f"{split}: reusing complete store {store_dir} ({manifest['rows']} rows)")
-        return ExtractionResult(split, store_dir, manifest["rows"], manifest["failed"], reused=True)
+        complete = read_manifest(store_dir) or {}
+        log(f"{split}: reusing complete store {store_dir} ({complete['rows']} rows)")
+        return ExtractionResult(split, store_dir, complete["rows"], complete["failed"], reused=True)
 
     previous = read_manifest(store_dir) or {}
     chunk_rows = previous.get("chunk_rows", config.extraction.batch_size)  # a resumed store keeps its chunking
@@ -525,7 +527,8 @@ def extract_splits(
     models = _load_models(config)
     planned = {split: _plan_split(config, dataset, split, models, log) for split in dict.fromkeys(splits)}
     plans = [plan for plan in planned.values() if isinstance(plan, _SplitPlan)]
-    timings, stats, workers = {"set_up_s": time.perf_counter() - started}, "", {}
+    timings, stats = {"set_up_s": time.perf_counter() - started}, ""
+    workers: dict[str, list[dict[str, Any]]] = {}
     if any(plan.todo for plan in plans):
         workers, pipeline_timings, stats = _run_pipeline(config, plans, models, log)
         timings.update(pipeline_timings)

@@ -50,15 +50,25 @@ class Split(Protocol):
     labels: torch.Tensor  # (n,)
     attributes: torch.Tensor | None  # (n,) the nuisance attribute, on datasets with groups
     groups: torch.Tensor | None  # (n,) class × attribute
+    retrieval: torch.Tensor | None  # (n, r) neighbour-search vectors; None: the embeddings
+    tokens: dict[int, torch.Tensor]  # block -> (n, T, width), for steering inside the encoder
 
 
 class Context(Protocol):
     """What method functions may ask of the Evaluator (shared, memoised computations)."""
 
-    sae: TopKSAE
-    pool: Split
-    num_classes: int
-    empty_negatives: steering.EmptyNegatives  # what an empty S− becomes: the pool's mean, or no steering
+    @property
+    def sae(self) -> TopKSAE: ...
+
+    @property
+    def pool(self) -> Split: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def empty_negatives(self) -> steering.EmptyNegatives:
+        """What an empty S− becomes: the pool's mean, or no steering."""
 
     def sae_pass(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_dec c (n, d), per-sample FVU (n,)) of a split."""
@@ -73,7 +83,7 @@ class Context(Protocol):
         """Zero-shot predictions (n,) of a split (the pool's are the neighbours' pseudo-labels)."""
 
     def code_difference(
-        self, split: Split, k: int, key: tuple, positives_of: Callable[[torch.Tensor], torch.Tensor]
+        self, split: Split, k: int, key: tuple[Any, ...], positives_of: Callable[[torch.Tensor], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W_dec (mean S+ codes − mean S− codes) (n, d), steered (n,), S− empty (n,)), memoised per (split, k, key)."""
 
@@ -83,7 +93,7 @@ class Context(Protocol):
     def reconstruct_every_block(self, split: Split) -> torch.Tensor:
         """The last block's [CLS] (n, d) with every block's output replaced by its SAE's reconstruction."""
 
-    def latent_scores(self, score: str) -> torch.Tensor:
+    def latent_scores(self, score: steering.AssociationScore) -> torch.Tensor:
         """Each latent's association with the nuisance attribute on the labelled pool rows (latents,)."""
 
 
@@ -175,7 +185,9 @@ def _true_neighbour_positives(ctx: Context, split: Split, rows: torch.Tensor, s:
     return steering.positive_mask(ctx.zero_shot_labels(split), ctx.pool.labels[rows], s["rule"], ctx.num_classes)
 
 
-def _vs2pp_with(positives: Callable[[Context, Split, torch.Tensor, Setting], torch.Tensor]):
+def _vs2pp_with(
+    positives: Callable[[Context, Split, torch.Tensor, Setting], torch.Tensor],
+) -> Callable[[Context, Split, Setting], Steered]:
     """A VS2++ method whose S+ comes from `positives`; a query with an empty S+ stays unsteered, and one with an
     empty S− is steered against the pool's mean code (or left unsteered, by `ctx.empty_negatives`)."""
 

@@ -238,14 +238,18 @@ def optuna_views(study, out_history: Path, out_importance: Path) -> list[Path]:
         ax = optuna_plots.plot_optimization_history(study)
         ax.set_ylabel(f"{study.study_name} (search objective)")
         ax.set_xlabel("trial (in start order)")
-        ax.figure.set_size_inches(7.6, 4.2)
-        written.append(_save(ax.figure, out_history))
+        figure = plt.gcf()  # the figure Optuna just drew into
+        figure.set_size_inches(7.6, 4.2)
+        written.append(_save(figure, out_history))
         complete = [t for t in study.trials if t.state.name == "COMPLETE"]
         varied = [name for name in study.best_params if len({t.params.get(name) for t in complete}) > 1]
         if len(complete) >= 3 and varied:
             ax = optuna_plots.plot_param_importances(study)
             ax.set_title(f"Parameter importances for {study.study_name} (fANOVA)")
-            ax.get_legend().remove()
-            ax.figure.set_size_inches(6.8, 0.45 * len(study.best_params) + 2)
-            written.append(_save(ax.figure, out_importance))
+            legend = ax.get_legend()
+            if legend is not None:
+                legend.remove()
+            figure = plt.gcf()
+            figure.set_size_inches(6.8, 0.45 * len(study.best_params) + 2)
+            written.append(_save(figure, out_importance))
     return written

@@ -59,7 +59,7 @@ def per_class_deltas(trial_dir: str, method: str) -> pd.DataFrame:
     `corrected_from` is the class zero-shot most often predicted for this class's images
     that `method` then got right, with `corrected` the number of such images.
     """
-    per_class = json.loads(trial_file(trial_dir, PER_CLASS_FILE))
+    per_class = json.loads(trial_file(trial_dir, PER_CLASS_FILE) or b"{}")
     classes, accuracy = per_class["classes"], per_class["per_class_top1"]
     predictions = trial_predictions(trial_dir)
     labels, zero, steered = predictions["labels"], predictions["zero_shot"], predictions[method]
@@ -328,7 +328,7 @@ def write_report(experiment: str, out: Path) -> Path:
             )
         )
     if "vs2_gated" in selected:
-        methods = json.loads(trial_file(trial_dirs[selected["vs2_gated"]], METHODS_FILE))
+        methods = json.loads(trial_file(trial_dirs[selected["vs2_gated"]], METHODS_FILE) or b"{}")
         zero = done[plots.ZERO_SHOT_TEST].iloc[0] if plots.ZERO_SHOT_TEST in done else None
         ungated = methods.get("vs2", {}).get("test_top1", [])
         ungated = ungated[0] if len(ungated) == 1 else None  # plain VS2 at the same γ, λ

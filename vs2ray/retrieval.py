@@ -109,6 +109,7 @@ class IndexShard:
         vectors = _normalise(vectors)
         self.ids = np.asarray(ids, dtype=np.int64)
         self.dim = vectors.shape[1]
+        index: Any  # flat, IVF, HNSW or a GPU index: FAISS's classes share no declared base
         if kind == "flat":
             index = faiss.IndexFlatIP(self.dim)
         elif kind == "ivf":
@@ -190,8 +191,8 @@ class RetrievalIndex:
 
         self.name, self.namespace = name, namespace
         self._refs: list[Any] = []  # keep constructor arguments alive so that restarted actors can rebuild
-        self.actors = []
-        remote_shard = ray.remote(IndexShard)
+        self.actors: list[Any] = []  # actor handles of IndexShard
+        remote_shard: Any = ray.remote(IndexShard)
         options = {"max_restarts": 3, "max_task_retries": 3, "num_cpus": 0.25, "num_gpus": gpus_per_shard}
         for shard in range(num_shards):
             actor_name = f"{name}-shard{shard}"

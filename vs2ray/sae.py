@@ -222,10 +222,10 @@ class SAETrainParams:
     precision: str = "fp32"  # the forward passes' precision (devices.precision_scope); weights stay fp32
     seed: int = 0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def key_dict(self) -> dict:
+    def key_dict(self) -> dict[str, Any]:
         """The parameters an SAE checkpoint's key hashes: `as_dict` without an fp32 precision, so that fp32
         SAEs keep the keys they had before `sae.precision` existed."""
         values = self.as_dict()
@@ -326,7 +326,7 @@ def train_sae(
     num_classes: int | None = None,
     device: str | torch.device | None = None,
     log_every: int = 0,
-    log=print,
+    log: Callable[[str], None] = print,
     init: TopKSAE | None = None,
     on_report: Callable[[int, TopKSAE, float], None] | None = None,
     report_every: int = 0,
@@ -417,8 +417,9 @@ def _train_loop(
     samples_since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
     class_means = None
     if params.w_aux > 0:
-        class_means = ClassMeans(num_classes or int(labels.max()) + 1, n_latents, params.pass_momentum, device)
+        assert labels is not None  # train_sae refused w_aux > 0 without labels
         labels = labels.to(device)
+        class_means = ClassMeans(num_classes or int(labels.max()) + 1, n_latents, params.pass_momentum, device)
     losses = torch.zeros(params.steps, device=device)  # read back at log steps and at the end only
     # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=params.precision == "fp16")
@@ -452,13 +453,13 @@ def _train_loop(
         dead = samples_since_fired > params.dead_threshold
         if params.auxk_coef > 0 and (not check_dead or bool(dead.any())):
             loss = loss + params.auxk_coef * auxk_loss(sae, pre, (x - x_hat).detach(), dead, auxk_k, total_variance)
-        if class_means is not None:
+        if class_means is not None and labels is not None:
             batch_labels = labels[batch_idx]
             class_means.update(sae.dense_codes(values.detach(), indices), batch_labels)
             loss = loss + params.w_aux * class_means.dispersion(values, indices, batch_labels) / total_variance
 
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        torch.autograd.backward(scaler.scale(loss))
         scaler.unscale_(optimizer)  # the projection below needs the true gradient
         sae.remove_parallel_decoder_grad()
         scaler.step(optimizer)

@@ -135,7 +135,7 @@ def load_train_split(config: ExperimentConfig, log: Log = lambda _: None, store:
     from vs2ray.extract import extract
 
     store = store or extract(config, config.dataset.train_split, log).store_dir
-    cls_blocks, _ = blocks_to_load(config, read_manifest(store))
+    cls_blocks, _ = blocks_to_load(config, read_manifest(store) or {})
     acts = load_activations(store, layers=cls_blocks, retrieval=config.retrieval.space == "dinov2")
     train_mask, val_mask = train_val_split(acts.ids, config.dataset.val_fraction, config.seed)
     return TrainSplit(store, acts, train_mask, val_mask)
@@ -276,7 +276,7 @@ def prepare_data(config: ExperimentConfig, log: Log = lambda _: None) -> SweepDa
     stores = extract_splits(config, [config.dataset.train_split, config.dataset.test_split], log)  # one pipeline
     split = load_train_split(config, store=stores[config.dataset.train_split].store_dir)
     test_store = stores[config.dataset.test_split].store_dir
-    cls_blocks, _ = blocks_to_load(config, read_manifest(test_store))
+    cls_blocks, _ = blocks_to_load(config, read_manifest(test_store) or {})
     test = load_activations(test_store, layers=cls_blocks, retrieval=config.retrieval.space == "dinov2")
     head = load_file(test_store / "head.safetensors")
     classifier = load_file(test_store / "classifier.safetensors")["classifier"]
@@ -289,7 +289,7 @@ def prepare_data(config: ExperimentConfig, log: Log = lambda _: None) -> SweepDa
 
 def _vocabulary_file(config: ExperimentConfig) -> tuple[list[str], list[str]]:
     """(words of `steerability.vocabulary`, one per line, first occurrences; problems with the file)."""
-    file = Path(config.steerability.vocabulary).expanduser()
+    file = Path(config.steerability.vocabulary or "").expanduser()
     if not file.is_file():
         return [], [f"steerability.vocabulary: {str(file)!r} does not exist (a word list, one concept per line)"]
     words = list(dict.fromkeys(line.strip() for line in file.read_text().splitlines() if line.strip()))
@@ -381,8 +381,8 @@ def evaluation_splits(
             labels=integers(acts.labels),
             retrieval=take("retrieval") if with_retrieval else None,
             tokens={block: take(split.column(block, "all")) for block in blocks},
-            attributes=integers(acts.attributes) if grouped else None,
-            groups=integers(acts.groups) if grouped else None,
+            attributes=integers(acts.attributes) if grouped and acts.attributes is not None else None,
+            groups=integers(acts.groups) if grouped and acts.groups is not None else None,
         )
 
     everything = np.ones(len(data.test.ids), dtype=bool)
@@ -483,7 +483,7 @@ def steerability(config: ExperimentConfig, data: SweepData, evaluator: Evaluator
     measured = config.steerability.model_dump(exclude={"enabled", "vocabulary", "template"})
     settings = SteerabilitySettings(**measured, seed=config.seed)
     concepts = _tensor(data.concepts).to(evaluator.pool.cls.device)
-    return measure_steerability(evaluator, concepts, list(data.concept_words), settings)
+    return measure_steerability(evaluator, concepts, list(data.concept_words or ()), settings)
 
 
 def zero_shot_evaluate(
@@ -501,7 +501,8 @@ def zero_shot_evaluate(
     bundle = load_clip(config.model)
     classifier = build_text_classifier(bundle, dataset.classes, prompt_templates_for(config.dataset, dataset))
     records = dataset.records(split)[:limit]
-    logits, labels = [], []
+    logits: list[torch.Tensor] = []
+    labels: list[int] = []
     started = time.perf_counter()
     batch = config.extraction.batch_size
     for start in range(0, len(records), batch):

@@ -20,6 +20,7 @@ This module knows neither Ray nor the config: the trial builds the settings and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -150,7 +151,10 @@ def measure_steerability(
     }
     block = evaluator.encoder.block if evaluator.encoder else -1
     result = SteerabilityResult(block, settings, totals)
-    clamps = {"latent": lambda x, u, v: steering.clamp_latent(sae, x, u, v), "neuron": steering.clamp_neuron}
+    clamps: dict[UnitKind, Callable[[torch.Tensor, int, float], torch.Tensor]] = {
+        "latent": lambda x, u, v: steering.clamp_latent(sae, x, u, v),
+        "neuron": steering.clamp_neuron,
+    }
     for kind, clamp in clamps.items():
         for unit, level in zip(sampled[kind].tolist(), levels[kind].tolist(), strict=True):
             if kind == "latent" and level <= 0:  # never active on the training rows: nothing to clamp it from

@@ -41,7 +41,7 @@ def apply_head(cls_tokens: torch.Tensor, head: dict[str, torch.Tensor], eps: flo
     width = cls_tokens.shape[-1]
     weight, bias = head["ln_post.weight"].to(cls_tokens), head["ln_post.bias"].to(cls_tokens)
     embedding = F.layer_norm(cls_tokens, (width,), weight, bias, eps) @ head["proj"].to(cls_tokens)
-    return embedding / embedding.norm(dim=-1, keepdim=True)
+    return torch.div(embedding, embedding.norm(dim=-1, keepdim=True))
 
 
 def logits_from_embeddings(embeddings: torch.Tensor, text_classifier: torch.Tensor) -> torch.Tensor:
@@ -77,12 +77,12 @@ def with_cls(tokens_ntd: torch.Tensor, cls_tokens: torch.Tensor) -> torch.Tensor
 def norm_preserving(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """(x + shift) rescaled to the norm of x, row by row: (n, d), (n, d) -> (n, d)."""
     moved = x + shift
-    return moved * (x.norm(dim=-1, keepdim=True) / moved.norm(dim=-1, keepdim=True))
+    return torch.mul(moved, torch.div(x.norm(dim=-1, keepdim=True), moved.norm(dim=-1, keepdim=True)))
 
 
 def sae_rec_final(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
     """SAE_REC^F: x replaced by its reconstruction D(c): (n, d) -> (n, d)."""
-    return sae(x)[0]
+    return sae.forward(x).reconstruction
 
 
 def sae_rec_every_block(
@@ -246,7 +246,7 @@ def weighted_rag(
     total = similarities.sum(dim=1, keepdim=True)
     weights = torch.where(total > 0, similarities / total.clamp_min(1e-12), 1.0 / similarities.shape[1])
     mixed = a * query_embeddings + (1 - a) * (weights[..., None] * neighbour_embeddings).sum(1)
-    return mixed / mixed.norm(dim=-1, keepdim=True)
+    return torch.div(mixed, mixed.norm(dim=-1, keepdim=True))
 
 
 def clip_steer(
@@ -261,7 +261,7 @@ def clip_steer(
     With `pool_mean_embedding` (e,), an empty S−'s mean is the pool's mean embedding.
     """
     moved = query_embeddings + strength * group_mean_difference(neighbour_embeddings, positives, pool_mean_embedding)
-    return moved / moved.norm(dim=-1, keepdim=True)
+    return torch.div(moved, moved.norm(dim=-1, keepdim=True))
 
 
 # ---------------------------------------------------------------- feature suppression (METHOD.md §8)
@@ -292,7 +292,7 @@ def association_scores(
     codes = codes.double()
     std = codes.std(dim=0)
     spread = std.clamp_min(1e-12)
-    values = attributes.unique()
+    values = torch.unique(attributes)
     per_value = []
     for value in values:
         indicator = (attributes == value).double()
@@ -302,7 +302,7 @@ def association_scores(
             per_value.append(covariance / (spread * centred_ind.std().clamp_min(1e-12)))
         elif score == "within_class":
             differences = []
-            for label in labels.unique():
+            for label in torch.unique(labels):
                 in_class = labels == label
                 with_value, without = in_class & (indicator > 0), in_class & (indicator == 0)
                 if with_value.any() and without.any():

@@ -160,8 +160,11 @@ def write_trial_files(
         for m, r in results.items()
     }
     (directory / METHODS_FILE).write_text(json.dumps(every_setting))
-    predictions = {m: np.asarray(r.test_predictions[r.selected], dtype=np.int32) for m, r in results.items()}
-    np.savez(directory / PREDICTIONS_FILE, labels=data.test.labels.astype(np.int32), **predictions)
+    predictions: dict[str, Any] = {
+        m: np.asarray(r.test_predictions[r.selected], dtype=np.int32) for m, r in results.items()
+    }
+    predictions["labels"] = data.test.labels.astype(np.int32)
+    np.savez(directory / PREDICTIONS_FILE, **predictions)
 
 
 def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepData, experiment: str) -> None:
@@ -179,17 +182,17 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     if all(content is not None for content in saved.values()):
         # The driver died after this trial reported but before Tune saved its state, so Tune
         # runs it again; its checkpoint already holds the whole result.
-        tune.report(json.loads(saved[METRICS_FILE]))
+        tune.report(json.loads(saved[METRICS_FILE] or b"{}"))
         return
     started = time.perf_counter()
     config = config_with(validate_config(base_config, "sweep"), params)
     gpu_ids = ray.get_gpu_ids()  # the trial's share (resources.gpus_per_trial); none: the CPU, even on a GPU node
     device = worker_device(config.model.device, gpu_ids, "this trial")
     limit_gpu_memory(device, config.resources.gpus_per_trial)
-    params = sae_params(config)
+    sae_training = sae_params(config)
     reports = IntermediateReports(config, data, str(device), started) if config.sae.report_every else None
-    trained = get_or_train_sae(config, params, data.split, log=print, on_report=reports, device=device)
-    every_block = block_saes(config, params, data.split, print, device)
+    trained = get_or_train_sae(config, sae_training, data.split, log=print, on_report=reports, device=device)
+    every_block = block_saes(config, sae_training, data.split, print, device)
     evaluation_started = time.perf_counter()
     evaluator = build_evaluator(config, data, trained.sae, device, every_block)
     results = evaluator.evaluate_all(config.steering.methods, steering_grid(config))
@@ -198,7 +201,7 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     if measured is not None:
         metrics.update(measured.metrics())
     metrics.update(
-        sae_block=evaluator.encoder.block,  # the block index, whatever way sae.layer was written
+        sae_block=evaluator.encoder.block if evaluator.encoder else -1,  # the block index, whatever sae.layer says
         sae_tokens=config.sae.tokens,
         sae_step=full_steps(config),  # a cached SAE counts as fully trained for the schedulers
         report_seconds=reports.seconds if reports else 0.0,

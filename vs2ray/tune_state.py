@@ -106,7 +106,7 @@ def keep_restorable_snapshots() -> None:
             self._vs2ray_uploading_save = False
 
     sync_up_experiment_state.vs2ray_snapshots = True  # type: ignore[attr-defined]
-    Manager.sync_up_experiment_state = sync_up_experiment_state
+    Manager.sync_up_experiment_state = sync_up_experiment_state  # type: ignore[method-assign]  # the patch itself
 
 
 # ---------------------------------------------------------------- before --resume

@@ -98,10 +98,8 @@ def check_sweep(config: ExperimentConfig) -> list[tuple[str, Distribution]]:
             problems.append(f"search.points_to_evaluate[{i}]: missing {', '.join(missing)}")
         for key, value in point.items():
             if not _within(distributions[key], value):
-                allowed = distributions[key].model_dump()
-                problems.append(
-                    f"search.points_to_evaluate[{i}].{key}: {value!r} is outside its search space {allowed}"
-                )
+                bounds = distributions[key].model_dump()
+                problems.append(f"search.points_to_evaluate[{i}].{key}: {value!r} is outside its search space {bounds}")
         try:
             config_with(config, point, f"search.points_to_evaluate[{i}]")
         except ConfigError as error:
@@ -208,11 +206,11 @@ def build_searcher(
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
     }[config.search.sampler]()
-    fixed = {} if isinstance(config.pass_.w_aux, Distribution) else {"pass.w_aux": config.pass_.w_aux}
+    fixed: dict[str, Any] = {} if isinstance(config.pass_.w_aux, Distribution) else {"pass.w_aux": config.pass_.w_aux}
     return OptunaSearch(
         space=SearchSpace(space, fixed),
         metric=config.search.metric,
-        mode=config.search.mode,
+        mode=list(config.search.mode) if isinstance(config.search.mode, list) else config.search.mode,
         points_to_evaluate=[dict(point) for point in config.search.points_to_evaluate] or None,
         sampler=sampler,
         study_name=study_name,
@@ -308,8 +306,8 @@ def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]],
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=build_scheduler(config),
-            metric=config.search.metric if single else None,
-            mode=config.search.mode if single else None,
+            metric=config.search.metrics[0] if single else None,
+            mode=config.search.modes[0] if single else None,
             num_samples=config.search.num_samples,
             max_concurrent_trials=config.search.max_concurrent_trials,
             trial_dirname_creator=_trial_dirname,
@@ -329,9 +327,9 @@ def latest_experiment(root: str, prefix: str) -> str | None:
     """The most recently started vs2ray experiment under `root` whose name starts with `prefix`-."""
     from vs2ray.results import SWEEP_CONFIG_FILE
 
-    started = {}
+    started: dict[str, float] = {}
     for name in list_dirs(root):
         if name.startswith(f"{prefix}-"):
             with contextlib.suppress(FileNotFoundError):
                 started[name] = modified(f"{root}/{name}/{SWEEP_CONFIG_FILE}")
-    return max(started, key=started.get) if started else None
+    return max(started, key=lambda name: started[name]) if started else None

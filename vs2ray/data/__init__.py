@@ -12,19 +12,28 @@ from vs2ray.data.huggingface import HuggingFaceDataset
 from vs2ray.data.imagefolder import ImageFolderDataset
 from vs2ray.data.shapes import ShapesDataset, SpuriousShapesDataset
 
+
+def _given(config: DatasetConfig, key: str) -> str:
+    """The config's `dataset.<key>`, which this dataset needs: a clear error where it is unset."""
+    value = getattr(config, key)
+    if value is None:
+        raise DatasetUnavailable(f"dataset.{key}: dataset {config.name!r} needs it set (a path or a name)")
+    return str(value)
+
+
 DATASETS: dict[str, Callable[[DatasetConfig], ImageDataset]] = {
-    "shapes": lambda c: ShapesDataset(seed=c.seed, split_sizes=dict(c.sizes)),
+    "shapes": lambda c: ShapesDataset(seed=c.seed, split_sizes={str(k): v for k, v in c.sizes.items()}),
     "shapes_spurious": lambda c: SpuriousShapesDataset(
-        seed=c.seed, split_sizes=dict(c.sizes), agreement=c.spurious_agreement
+        seed=c.seed, split_sizes={str(k): v for k, v in c.sizes.items()}, agreement=c.spurious_agreement
     ),
-    "waterbirds": lambda c: WaterbirdsDataset(root=c.root),
+    "waterbirds": lambda c: WaterbirdsDataset(root=_given(c, "root")),
     "celeba": lambda c: CelebADataset(
-        root=c.root, target_attribute=c.target_attribute, group_attribute=c.group_attribute
+        root=_given(c, "root"), target_attribute=c.target_attribute, group_attribute=c.group_attribute
     ),
-    "cifar100": lambda c: Cifar100Dataset(root=c.root, download=c.download),
-    "imagefolder": lambda c: ImageFolderDataset(root=c.root, class_names=c.class_names),
+    "cifar100": lambda c: Cifar100Dataset(root=_given(c, "root"), download=c.download),
+    "imagefolder": lambda c: ImageFolderDataset(root=_given(c, "root"), class_names=c.class_names),
     "huggingface": lambda c: HuggingFaceDataset(
-        path=c.hf_path,
+        path=_given(c, "hf_path"),
         splits=(c.train_split, c.test_split),
         cache_dir=c.root,
         image_column=c.image_column,

@@ -40,7 +40,7 @@ class _GroupCSVDataset(ImageDataset):
     """Records (id, label, attribute, image path) per split, read once from the metadata."""
 
     def __init__(self, rows: list[tuple[int, int, int, str]]) -> None:
-        self._records = {split: [] for split in SPLITS}
+        self._records: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
         for split_code, label, attribute, path in rows:
             records = self._records[SPLITS[split_code]]
             records.append(ImageRecord(id=len(records), label=label, ref=path, attribute=attribute))
