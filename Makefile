@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= cpu,dev,mlflow,tensorboard
 
-.PHONY: install test lint demo world world-card gpu-check clean
+.PHONY: install test lint docs demo world world-card gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,7 @@ test: install
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
 lint: install
@@ -30,6 +31,10 @@ lint: install
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
+
+# The documentation site (docs/, mkdocs.yml) into build/site; strict: a broken link or a missing page fails it.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # The bundled world end to end: extraction, the quickstart sweep (8 trials), then its report.
 demo: install
@@ -48,7 +53,7 @@ world: install
 world-card: install
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) scripts/world_card.py --config sweeps/quickstart.yaml
 
-# The GPU check on a machine with one NVIDIA GPU (no Ray needed; see the README's GPU section for the
+# The GPU check on a machine with one NVIDIA GPU (no Ray needed; see docs/gpus.md for the
 # wheels to bring to a bare machine). It runs outside .venv on purpose: `make gpu-check PYTHON=python3`.
 # Its CPU mode (--device cpu --small) runs in `make test` (tests/test_gpu_check.py).
 gpu-check:

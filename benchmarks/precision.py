@@ -9,7 +9,7 @@ and of its CLIP embedding against fp32 (mean and minimum), and zero-shot top-1 w
 classifier. Then an SAE (the config's k and expansion) trains on the train store's [CLS] rows at
 each `sae.precision` for the same steps and seed (searched SAE values are fixed by --set, by default
 sae.k=32, sae.expansion=4, pass.w_aux=0): held-out FVU on the validation rows, and
-samples/s. Everything here is on the CPU unless a GPU is visible; the README quotes the CPU run.
+samples/s. Everything here is on the CPU unless a GPU is visible; docs/gpus.md quotes the CPU run.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ The model trains on the `pretrain` split, which the experiments never use, so th
 is for OpenAI's CLIP. At the end the saved fp16 weights are loaded back through
 `vs2ray.models.load_clip` and their zero-shot top-1 on the `test` split is printed.
 
-The world is built to have the structure of CLIP on CIFAR-100 (README: the world card):
+The world is built to have the structure of CLIP on CIFAR-100 (docs/world.md: the world card):
 - **Noisy captions.** A caption names the block's other shape with probability
   `--shape-swap` and the other colour with `--colour-swap`, as web captions name fine
   distinctions unreliably: the text supervision knows less than the pixels show.

@@ -208,3 +208,23 @@ def test_layer_keys_are_checked_against_what_extraction_stores():
         load_config(None, ["sae.layer=[0, 1]"])
     config = load_config(None, ["extraction.layers=[0, -1]", "extraction.tokens=all", "sae.layer={choice: [0, -1]}"])
     assert config.sae.layer.values == (0, -1)
+
+
+def test_every_config_key_is_described_for_the_generated_reference():
+    # docs/reference/config.md is built from these descriptions (docs/hooks.py): a key without one is a hole there
+    from pydantic import BaseModel
+
+    from vs2ray.config import ExperimentConfig
+
+    undescribed = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = prefix + (field.alias or name)
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, key + ".")
+            elif not field.description:
+                undescribed.append(key)
+
+    walk(ExperimentConfig, "")
+    assert not undescribed

@@ -159,7 +159,7 @@ def test_cli_on_a_small_shapes_world_oracle_vs2pp_corrects_errors_and_reinforcin
     """The real path: bundled model, Ray Data extraction, FAISS actors, the evaluate CLI.
 
     Neighbours in CLIP space: in the bundled retrieval encoder's space most neighbourhoods are pure, so the
-    oracle leaves most queries unsteered (an empty S−; see the README) and has little to show.
+    oracle leaves most queries unsteered (an empty S−; see docs/stages/steering.md) and has little to show.
     """
     import subprocess
 

@@ -34,7 +34,7 @@ def test_settings_are_the_product_of_a_methods_grid_parameters():
 
 
 def test_a_new_registry_entry_is_evaluated_like_the_others(monkeypatch):
-    # the README's worked example: VS2 without the norm-preserving step, from its maths and one entry
+    # docs/development.md's worked example: VS2 without the norm-preserving step, from its maths and one entry
     def vs2_unnormalised(x, direction, gamma, lam):
         return x + lam * (gamma - 1) * direction
 

@@ -22,7 +22,7 @@ from vs2ray.models import (
 from vs2ray.stages import zero_shot_evaluate
 from vs2ray.steering import logits_from_embeddings
 
-# The README documents the shipped model's zero-shot top-1 on shapes/test; the issue's
+# docs/world.md documents the shipped model's zero-shot top-1 on shapes/test; the issue's
 # world-card target is 50-70% (CLIP ViT-B/32 on CIFAR-100: 61-65%), far above chance (1/24 = 4.2%).
 DOCUMENTED_TOP1_RANGE = (0.50, 0.70)
 

@@ -1,6 +1,6 @@
 """Experiment / sweep configuration: the YAML schema, loading, and `--set` overrides.
 
-Every key is documented in the README's "Config reference". A value marked
+Every key is documented in docs/reference/config.md, generated from this schema. A value marked
 *searchable* is either a constant or a distribution that the sweep samples:
 
     sae:
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
@@ -124,7 +125,21 @@ def _searchable(scalar: Any, allowed: str, allow: tuple[str, ...] = DISTRIBUTION
             raise PydanticCustomError("search_value", f"loguniform needs low > 0, got {_describe(spec)}")
         return Distribution(kind=kind, values=(low, high))
 
-    return Annotated[Any, PlainValidator(validate)]
+    return Annotated[Any, PlainValidator(validate), Searchable(allowed, allow, grid_list)]
+
+
+@dataclass(frozen=True)
+class Searchable:
+    """What a searchable field accepts, in words (read by the config reference page's generator)."""
+
+    allowed: str  # its constants
+    kinds: tuple[str, ...]  # the distributions it takes
+    grid_list: bool  # whether a plain list is gridded inside each trial
+
+    def describe(self) -> str:
+        distributions = " / ".join(f"{{{kind}: ...}}" for kind in self.kinds)
+        listed = ", or a list gridded in each trial" if self.grid_list else ""
+        return f"{self.allowed}, or a distribution {distributions}{listed}"
 
 
 NUMERIC = ("choice", "uniform", "loguniform")
@@ -188,7 +203,7 @@ DATASETS_WITH_GROUPS = ("shapes_spurious", "waterbirds", "celeba")  # their reco
 
 class DatasetConfig(Section):
     name: Literal["shapes", "shapes_spurious", "cifar100", "imagefolder", "huggingface", "waterbirds", "celeba"] = (
-        "shapes"
+        Field("shapes", description="the dataset (the registry in vs2ray/data/)")
     )
     root: str | None = Field(
         None, description="local copy of the data (cifar100, imagefolder, waterbirds, celeba, HF cache)"
@@ -204,14 +219,14 @@ class DatasetConfig(Section):
     )
     target_attribute: str = Field("Blond_Hair", description="celeba: the attribute that is the class")
     group_attribute: str = Field("Male", description="celeba: the attribute that makes the groups")
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str = Field("train", description="the split the SAE trains on and validation rows are carved from")
+    test_split: str = Field("test", description="the split test figures are reported on")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train held out for selection")
-    class_names: list[str] | None = None
+    class_names: list[str] | None = Field(None, description="class names in label order, overriding the dataset's")
     prompt_templates: list[str] | None = Field(None, description="zero-shot prompts with one '{}'")
     hf_path: str | None = Field(None, description="huggingface: dataset id, e.g. 'uoft-cs/cifar100'")
-    image_column: str = "image"
-    label_column: str = "label"
+    image_column: str = Field("image", description="huggingface: the image column")
+    label_column: str = Field("label", description="huggingface: the label column")
 
     @model_validator(mode="after")
     def _needs_for_source(self) -> DatasetConfig:
@@ -230,20 +245,22 @@ class ExtractionConfig(Section):
     tokens: Literal["cls", "all"] = Field(
         "cls", description="cls: the [CLS] token of each block; all: every token too (steering inside the encoder)"
     )
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="images per chunk: one encoder forward pass and one part file")
     num_workers: int | None = Field(None, ge=1, description="encoder actors, a fixed pool; default: a pool that grows")
     max_workers: int | None = Field(
         None, ge=1, description="the most GPU encoder actors the pool grows to; default: the cluster's GPUs"
     )
-    gpus_per_worker: float = Field(1.0, ge=0.0, le=8.0)
-    cpus_per_worker: float = Field(0.25, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0, le=8.0, description="GPU share of one encoder actor")
+    cpus_per_worker: float = Field(
+        0.25, gt=0.0, description="CPU share of one encoder actor (fractional, so Ray Data keeps CPUs for decoding)"
+    )
 
 
 class SAEConfig(Section):
     layer: LayerIndex = Field(-1, description="block whose activations the SAE reads and steering changes")
     tokens: TokenSet = Field("cls", description="train (and steer) on the [CLS] token or on every token")
-    k: PositiveInt = 64
-    expansion: PositiveInt = 4
+    k: PositiveInt = Field(64, description="active latents per sample (searchable)")
+    expansion: PositiveInt = Field(4, description="latent width = expansion × d (searchable)")
     topk: Literal["relu", "abs"] = Field("relu", description="relu: Gao et al.; abs: largest |value| (paper)")
     init: Literal["linear", "tied"] = Field(
         "linear", description="linear: sparsify's initialisation; tied: encoder = the unit-norm decoder"
@@ -252,14 +269,16 @@ class SAEConfig(Section):
     precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
         "fp32", description="SAE training's forward passes (fp32 master weights and loss); part of the SAE key"
     )
-    lr: PositiveFloat = 5e-4
-    lr_scale_with_width: bool = False
-    warmup_steps: int = Field(100, ge=0)
-    steps: int = Field(2000, ge=1)
+    lr: PositiveFloat = Field(5e-4, description="base learning rate (searchable)")
+    lr_scale_with_width: bool = Field(False, description="scale the learning rate with latent width as sparsify does")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    steps: int = Field(2000, ge=1, description="training steps")
     epochs: float | None = Field(None, gt=0, description="passes over the data; overrides steps when set")
-    batch_size: int = Field(4096, ge=1)
-    dead_threshold: int = Field(100, ge=1)
-    auxk_coef: NonNegativeFloat = 1 / 32
+    batch_size: int = Field(4096, ge=1, description="activations per step")
+    dead_threshold: int = Field(
+        100, ge=1, description="samples without firing after which a latent counts as dead and joins the AuxK loss"
+    )
+    auxk_coef: NonNegativeFloat = Field(1 / 32, description="AuxK loss weight, 0 disables it (searchable)")
     auxk_k: int | None = Field(None, ge=1, description="latents in the AuxK loss; default d/2")
     report_every: int | None = Field(
         250, ge=1, description="SAE steps between a trial's intermediate results (early stopping); null: none"
@@ -275,7 +294,9 @@ class PassConfig(Section):
 
 class SteeringConfig(Section):
     methods: list[Literal[STEERING_METHODS]] = Field(  # type: ignore[valid-type]
-        ["zero_shot", "sae_rec_final", "sae_rec_amplified", "vs2"], min_length=1
+        ["zero_shot", "sae_rec_final", "sae_rec_amplified", "vs2"],
+        min_length=1,
+        description="the methods every trial evaluates: any of the registry (vs2ray/methods.py)",
     )
 
     @field_validator("methods")
@@ -288,10 +309,12 @@ class SteeringConfig(Section):
                 )
         return methods
 
-    gamma: AtLeastOneFloat = 1.5
-    lambda_: NonNegativeFloat = Field(2.1, alias="lambda")
-    gate_quantiles: list[Annotated[float, Field(gt=0, le=1)]] = [0.9, 0.95, 0.99, 0.995]
-    rag_alpha: UnitFloat = 0.5
+    gamma: AtLeastOneFloat = Field(1.5, description="amplification γ >= 1 (searchable; a range is gridded in a trial)")
+    lambda_: NonNegativeFloat = Field(2.1, alias="lambda", description="steering scale λ >= 0 (searchable)")
+    gate_quantiles: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        [0.9, 0.95, 0.99, 0.995], description="FVU-gate quantiles q, each evaluated"
+    )
+    rag_alpha: UnitFloat = Field(0.5, description="weighted-RAG mixing weight a in [0, 1] (searchable)")
     ablate_latents: list[PositiveInt] = Field(
         [1, 2, 4, 8, 16], min_length=1, description="ablate: how many of the top-scoring latents to zero (a grid)"
     )
@@ -325,37 +348,45 @@ class SteerabilityConfig(Section):
 
 
 class RetrievalConfig(Section):
-    space: Literal["clip", "dinov2"] = "clip"
+    space: Literal["clip", "dinov2"] = Field(
+        "clip",
+        description="neighbour search in CLIP's embedding, or a retrieval encoder's (the store's retrieval column)",
+    )
     encoder: str = Field(
         "vit_base_patch14_dinov2.lvd142m",
         description=f"timm model extracted for space: dinov2, or {BUNDLED_RETRIEVAL_ENCODER} (bundled, 32 px)",
     )
     encoder_pretrained: bool = Field(True, description="false: seeded random weights (tests and benchmarks only)")
     image_size: int = Field(224, ge=14, description="input size of the retrieval encoder")
-    n_neighbors: PositiveInt = 50
-    positive_rule: PositiveRuleChoice = (
-        "query",
-        "majority",
+    n_neighbors: PositiveInt = Field(50, description="neighbours N for VS2++ and the retrieval baselines (searchable)")
+    positive_rule: PositiveRuleChoice = Field(
+        ("query", "majority"),
+        description="how S+ is chosen: query (the query's zero-shot label) or majority (the neighbours' most "
+        "frequent label); a list is gridded inside every trial",
     )
     empty_negatives: Literal["pool_mean", "skip"] = Field(
         "pool_mean",
         description="VS2++ and CLIP-space steering when every neighbour is a positive (S− empty): pool_mean steers "
         "toward S+ against the pool's mean code (or embedding); skip leaves the query unsteered",
     )
-    index: Literal["flat", "ivf", "hnsw"] = "flat"
-    num_shards: int = Field(1, ge=1)
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    index: Literal["flat", "ivf", "hnsw"] = Field("flat", description="the FAISS index")
+    num_shards: int = Field(1, ge=1, description="index shards, one Ray actor each")
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto", description="auto: on the GPU a shard was given (retrieval.gpus_per_shard); yes: a GPU or an error"
+    )
     gpus_per_shard: float = Field(0.0, ge=0.0, le=8.0, description="GPU share each FAISS actor reserves (sweeps)")
 
 
 class SearchConfig(Section):
-    num_samples: int = Field(20, ge=1)
-    max_concurrent_trials: int = Field(4, ge=1)
+    num_samples: int = Field(20, ge=1, description="trials")
+    max_concurrent_trials: int = Field(4, ge=1, description="trials running at once")
     metric: str | list[str] = Field(
         "val_top1_vs2", description="reported metric Optuna optimises; a list [accuracy, fvu] is multi-objective"
     )
-    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
-    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] = Field(
+        "max", description="max or min, one per search.metric"
+    )
+    sampler: Literal["tpe", "random", "nsga2"] = Field("tpe", description="Optuna's sampler")
     seed: int | None = Field(None, description="sampler seed; default: the top-level seed")
     points_to_evaluate: list[dict[str, Any]] = Field(
         default_factory=list, description="first trials, e.g. the paper's defaults: {sae.k: 64, ...}"
@@ -405,7 +436,7 @@ class TrackingConfig(Section):
         None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else <experiment>/mlflow.db (SQLite)"
     )
     wandb: bool = Field(False, description="log every trial to Weights & Biases (Tune's WandbLoggerCallback)")
-    wandb_project: str = "vs2ray"
+    wandb_project: str = Field("vs2ray", description="the W&B project")
     wandb_mode: Literal["offline", "online"] = Field("offline", description="offline needs no account")
     tensorboard: bool = Field(False, description="TensorBoard event files in every trial dir (tensorboardX)")
     optuna_storage: Literal["none", "journal", "sqlite"] = Field(
@@ -414,8 +445,10 @@ class TrackingConfig(Section):
 
 
 class ResourcesConfig(Section):
-    cpus_per_trial: float = Field(1.0, gt=0.0)
-    gpus_per_trial: float = Field(0.0, ge=0.0)
+    cpus_per_trial: float = Field(1.0, gt=0.0, description="CPUs per trial")
+    gpus_per_trial: float = Field(
+        0.0, ge=0.0, description="GPU share per trial (fractions allowed; 0: the CPU, even on a GPU node)"
+    )
 
 
 class StorageConfig(Section):
@@ -430,8 +463,8 @@ class StorageConfig(Section):
 
 
 class ExperimentConfig(Section):
-    name: str = "quickstart"
-    seed: int = 0
+    name: str = Field("quickstart", description="experiment name (experiment dirs are <name>-<date>-<time>)")
+    seed: int = Field(0, description="seed of every random choice that has no seed of its own")
     model: ModelConfig = Field(default_factory=ModelConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)

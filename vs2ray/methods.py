@@ -13,7 +13,7 @@ between settings: one SAE pass per split, neighbours per (split, N), VS2++'s W_d
 (split, method, rule, N).
 
 Adding a method: write its maths in `steering.py`, then one `Method(...)` entry below whose
-function calls it (see the README's developer section).
+function calls it (see docs/development.md).
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def steerability_section(shares: pd.DataFrame, ranked: pd.DataFrame, config: Any
     text = (
         f"Share of the sampled SAE latents and of the block's neurons (residual-stream coordinates) that are "
         f"steerable{threshold}: clamped alone at the block (amplified or suppressed), they move at least that much "
-        'probability onto their top concept(s) of the vocabulary (README, "Feature suppression and steerability").\n\n'
+        "probability onto their top concept(s) of the vocabulary (vs2ray docs/companion.md).\n\n"
         + _markdown(shares, "{:.1f}")
     )
     if len(ranked):

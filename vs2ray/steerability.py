@@ -4,7 +4,7 @@ over a concept vocabulary, for every sampled SAE latent and, as the paper's comp
 What the paper's code (ViT-Prisma) shows, and we follow: the unit's activation is clamped to a value on every
 token the SAE reads (the SAE's error term kept), the rest of the forward runs, and the output distribution
 is softmax(100 · e · Vᵀ) over the text embeddings V of the vocabulary; its change against the unsteered
-distribution is what steering did. What it leaves open, and we chose (README, "Feature suppression and steerability"):
+distribution is what steering did. What it leaves open, and we chose (docs/companion.md):
 
 - units: a seeded sample of `units` latents and of `units` neurons (ViT-Prisma samples 1/20 of the latents);
   a neuron is one coordinate of the residual stream at the steering block, the basis the SAE decomposes;

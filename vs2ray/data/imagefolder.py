@@ -1,6 +1,6 @@
 """A directory of class subfolders per split: `root/train/<class>/*.jpg`, `root/test/...` or `root/val/...`.
 
-CUB-200 and Tiny-ImageNet are used this way (see the README for how to lay them out).
+CUB-200 and Tiny-ImageNet are used this way (see docs/datasets.md for how to lay them out).
 """
 
 from __future__ import annotations
