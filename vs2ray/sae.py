@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,10 @@ from torch import nn
 
 from vs2ray.devices import precision_scope, worker_device
 from vs2ray.store import write_json, write_tensors
+
+if TYPE_CHECKING:  # shapes in the signatures; jaxtyping is only needed by the type checker
+    from jaxtyping import Bool, Float, Int
+    from torch import Tensor
 
 TopKMode = Literal["relu", "abs"]
 SAEInit = Literal["linear", "tied"]  # sparsify's initialisation, or the encoder tied to the decoder
@@ -121,11 +125,11 @@ class TopKSAE(nn.Module):
             parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
             self.W_dec.grad.sub_(parallel * self.W_dec)
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+    def pre_activations(self, x: Float[Tensor, "batch d"]) -> Float[Tensor, "batch latents"]:
         """W_enc (x − b_pre) + b_enc: (batch, d) -> (batch, n_latents)."""
         return (x - self.b_pre) @ self.W_enc.T + self.b_enc
 
-    def select(self, pre: torch.Tensor, k: int | None = None) -> SparseCode:
+    def select(self, pre: Float[Tensor, "batch latents"], k: int | None = None) -> SparseCode:
         """TopK of pre-activations (batch, n) -> values, indices (batch, k)."""
         k = self.k if k is None else k
         if self.topk == "relu":  # largest values, then ReLU (Gao et al., sparsify)
@@ -134,28 +138,34 @@ class TopKSAE(nn.Module):
         indices = pre.abs().topk(k, dim=-1, sorted=False).indices  # largest |value| (the paper)
         return SparseCode(pre.gather(-1, indices), indices)
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    def encode(self, x: Float[Tensor, "batch d"]) -> SparseCode:
         """Sparse codes of x (batch, d): values and latent indices, each (batch, k)."""
         return self.select(self.pre_activations(x))
 
-    def decode(self, values: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, values: Float[Tensor, "batch k"], indices: Int[Tensor, "batch k"] | None = None
+    ) -> Float[Tensor, "batch d"]:
         """D(c) = W_dec c + b_pre from a sparse code (values, indices: (batch, k)) or a dense one (batch, n)."""
         return self.decode_without_bias(values, indices) + self.b_pre
 
-    def decode_without_bias(self, values: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_without_bias(
+        self, values: Float[Tensor, "batch k"], indices: Int[Tensor, "batch k"] | None = None
+    ) -> Float[Tensor, "batch d"]:
         """W_dec c, without b_pre: (batch, d)."""
         if indices is None:
             return values @ self.W_dec
         # embedding_bag sums k decoder rows per sample without a (batch, k, d) intermediate
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
 
-    def dense_codes(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def dense_codes(
+        self, values: Float[Tensor, "batch k"], indices: Int[Tensor, "batch k"]
+    ) -> Float[Tensor, "batch latents"]:
         """Scatter a sparse code into its dense (batch, n_latents) form."""
         return torch.zeros(values.shape[0], self.n_latents, dtype=values.dtype, device=values.device).scatter_(
             -1, indices, values
         )
 
-    def forward(self, x: torch.Tensor) -> SAEOutput:
+    def forward(self, x: Float[Tensor, "batch d"]) -> SAEOutput:
         """Reconstruction (batch, d) and the sparse code (values, indices)."""
         values, indices = self.encode(x)
         return SAEOutput(self.decode(values, indices), values, indices)
@@ -243,12 +253,14 @@ class TrainResult:
     losses: list[float]
 
 
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+def fvu(x: Float[Tensor, "n d"], x_hat: Float[Tensor, "n d"]) -> Float[Tensor, ""]:
     """Fraction of variance unexplained over a batch: ‖X − X̂‖²_F / ‖X − mean(X)‖²_F (scalar)."""
     return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
 
 
-def per_sample_fvu(x: torch.Tensor, x_hat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+def per_sample_fvu(
+    x: Float[Tensor, "n d"], x_hat: Float[Tensor, "n d"], mean: Float[Tensor, " d"]
+) -> Float[Tensor, " n"]:
     """Per-sample FVU ‖x̂ − x‖² / ‖x − μ‖²: (batch, d) -> (batch,), μ the data mean (d,)."""
     return (x_hat - x).pow(2).sum(dim=1) / (x - mean).pow(2).sum(dim=1)
 
@@ -275,7 +287,7 @@ class ClassMeans:
         self.momentum = momentum
 
     @torch.no_grad()
-    def update(self, dense: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, dense: Float[Tensor, "batch latents"], labels: Int[Tensor, " batch"]) -> None:
         sums = torch.zeros_like(self.means).index_add_(0, labels, dense)
         counts = torch.bincount(labels, minlength=self.means.shape[0]).to(dense.dtype)
         present = counts > 0
@@ -285,7 +297,9 @@ class ClassMeans:
         self.means[present] = torch.where(first[present, None], batch_means, blended)
         self.seen |= present
 
-    def dispersion(self, values: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def dispersion(
+        self, values: Float[Tensor, "batch k"], indices: Int[Tensor, "batch k"], labels: Int[Tensor, " batch"]
+    ) -> Float[Tensor, ""]:
         """Σ_i ‖z_i − z̄_class(i)‖² from sparse codes, without building (batch, n) tensors with gradients."""
         prototypes = self.means[labels]  # (batch, n), no gradient
         cross = (values * prototypes.gather(1, indices)).sum()
@@ -294,12 +308,12 @@ class ClassMeans:
 
 def auxk_loss(
     sae: TopKSAE,
-    pre: torch.Tensor,
-    residual: torch.Tensor,
-    dead: torch.Tensor,
+    pre: Float[Tensor, "batch latents"],
+    residual: Float[Tensor, "batch d"],
+    dead: Bool[Tensor, " latents"],
     auxk_k: int,
-    total_variance: torch.Tensor,
-) -> torch.Tensor:
+    total_variance: Float[Tensor, ""],
+) -> Float[Tensor, ""]:
     """Gao et al.'s AuxK: reconstruct the residual x − x̂ from the top `auxk_k` dead latents.
 
     Divided by the batch's total variance of x, like the FVU term, and scaled down while
@@ -320,9 +334,9 @@ def auxk_loss(
 
 
 def train_sae(
-    acts: torch.Tensor,
+    acts: Float[Tensor, "n d"],
     params: SAETrainParams,
-    labels: torch.Tensor | None = None,
+    labels: Int[Tensor, " n"] | None = None,
     num_classes: int | None = None,
     device: str | torch.device | None = None,
     log_every: int = 0,
@@ -330,7 +344,7 @@ def train_sae(
     init: TopKSAE | None = None,
     on_report: Callable[[int, TopKSAE, float], None] | None = None,
     report_every: int = 0,
-    val_acts: torch.Tensor | None = None,
+    val_acts: Float[Tensor, "m d"] | None = None,
 ) -> TrainResult:
     """Train a top-k SAE on activations (N, d), deterministically for a given `params.seed`.
 
@@ -483,7 +497,7 @@ def _train_loop(
 
 @torch.no_grad()
 def evaluate_sae(
-    sae: TopKSAE, acts: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 8192
+    sae: TopKSAE, acts: Float[Tensor, "n d"], labels: Int[Tensor, " n"] | None = None, batch_size: int = 8192
 ) -> dict[str, float]:
     """FVU, per-sample FVU (mean, median), L0, dead and dense fractions over all of `acts` (N, d).
 

@@ -18,12 +18,16 @@ evaluated by computing W_dec c once and one normalisation per distinct α.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
 from vs2ray.sae import TopKSAE
+
+if TYPE_CHECKING:  # shapes in the signatures; jaxtyping is only needed by the type checker
+    from jaxtyping import Bool, Float, Int
+    from torch import Tensor
 
 PositiveRule = Literal["query", "majority"]
 EmptyNegatives = Literal["pool_mean", "skip"]  # what an empty S− becomes in VS2++ (METHOD.md §4)
@@ -32,7 +36,9 @@ EmptyNegatives = Literal["pool_mean", "skip"]  # what an empty S− becomes in V
 # ---------------------------------------------------------------- classification step
 
 
-def apply_head(cls_tokens: torch.Tensor, head: dict[str, torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
+def apply_head(
+    cls_tokens: Float[Tensor, "n width"], head: dict[str, Tensor], eps: float = 1e-5
+) -> Float[Tensor, "n embed"]:
     """Finish CLIP's image forward from last-block [CLS] tokens: normalize(ln_post(x) @ proj).
 
     cls_tokens: (n, width) -> (n, embed_dim), rows unit-norm. `head` holds
@@ -44,12 +50,16 @@ def apply_head(cls_tokens: torch.Tensor, head: dict[str, torch.Tensor], eps: flo
     return torch.div(embedding, embedding.norm(dim=-1, keepdim=True))
 
 
-def logits_from_embeddings(embeddings: torch.Tensor, text_classifier: torch.Tensor) -> torch.Tensor:
+def logits_from_embeddings(
+    embeddings: Float[Tensor, "n embed"], text_classifier: Float[Tensor, "classes embed"]
+) -> Float[Tensor, "n classes"]:
     """Zero-shot logits 100 · e @ Tᵀ: (n, embed_dim), (classes, embed_dim) -> (n, classes)."""
     return 100.0 * embeddings @ text_classifier.to(embeddings).T
 
 
-def classify(cls_tokens: torch.Tensor, head: dict[str, torch.Tensor], text_classifier: torch.Tensor) -> torch.Tensor:
+def classify(
+    cls_tokens: Float[Tensor, "n width"], head: dict[str, Tensor], text_classifier: Float[Tensor, "classes embed"]
+) -> Float[Tensor, "n classes"]:
     """Logits (n, classes) of [CLS] tokens (n, width) through the head and the text classifier."""
     return logits_from_embeddings(apply_head(cls_tokens, head), text_classifier)
 
@@ -57,14 +67,16 @@ def classify(cls_tokens: torch.Tensor, head: dict[str, torch.Tensor], text_class
 RunBlock = Callable[[torch.Tensor, int], torch.Tensor]  # (tokens (n, T, d), block) -> that block's output
 
 
-def finish_forward(tokens_ntd: torch.Tensor, start: int, stop: int, run_block: RunBlock) -> torch.Tensor:
+def finish_forward(
+    tokens_ntd: Float[Tensor, "n T d"], start: int, stop: int, run_block: RunBlock
+) -> Float[Tensor, "n T d"]:
     """Run blocks start … stop − 1 of the encoder on tokens (n, T, d); at start == stop, the tokens themselves."""
     for block in range(start, stop):
         tokens_ntd = run_block(tokens_ntd, block)
     return tokens_ntd
 
 
-def with_cls(tokens_ntd: torch.Tensor, cls_tokens: torch.Tensor) -> torch.Tensor:
+def with_cls(tokens_ntd: Float[Tensor, "n T d"], cls_tokens: Float[Tensor, "n d"]) -> Float[Tensor, "n T d"]:
     """A copy of tokens (n, T, d) whose [CLS] token (position 0) is `cls_tokens` (n, d)."""
     replaced = tokens_ntd.clone()
     replaced[:, 0] = cls_tokens
@@ -74,20 +86,20 @@ def with_cls(tokens_ntd: torch.Tensor, cls_tokens: torch.Tensor) -> torch.Tensor
 # ---------------------------------------------------------------- SAE-based methods
 
 
-def norm_preserving(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def norm_preserving(x: Float[Tensor, "n d"], shift: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
     """(x + shift) rescaled to the norm of x, row by row: (n, d), (n, d) -> (n, d)."""
     moved = x + shift
     return torch.mul(moved, torch.div(x.norm(dim=-1, keepdim=True), moved.norm(dim=-1, keepdim=True)))
 
 
-def sae_rec_final(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
+def sae_rec_final(sae: TopKSAE, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
     """SAE_REC^F: x replaced by its reconstruction D(c): (n, d) -> (n, d)."""
     return sae.forward(x).reconstruction
 
 
 def sae_rec_every_block(
-    first_tokens: torch.Tensor, saes: Sequence[TopKSAE], run_block: RunBlock, all_tokens: bool
-) -> torch.Tensor:
+    first_tokens: Float[Tensor, "n T d"], saes: Sequence[TopKSAE], run_block: RunBlock, all_tokens: bool
+) -> Float[Tensor, "n d"]:
     """SAE_REC^A: block 0's output tokens (n, T, d) through the whole encoder with every block's output
     replaced by the reconstruction of that block's SAE (`saes[b]`, one per block, in order): the [CLS]
     token only, or with `all_tokens` every token. Returns the last block's [CLS] tokens (n, d)."""
@@ -102,19 +114,21 @@ def sae_rec_every_block(
     return tokens[:, 0]
 
 
-def sae_rec_amplified(sae: TopKSAE, x: torch.Tensor, gamma: float) -> torch.Tensor:
+def sae_rec_amplified(sae: TopKSAE, x: Float[Tensor, "n d"], gamma: float) -> Float[Tensor, "n d"]:
     """SAE_REC^{F+γ}: x replaced by D(γc): (n, d) -> (n, d)."""
     values, indices = sae.encode(x)
     return sae.decode(gamma * values, indices)
 
 
-def code_direction(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
+def code_direction(sae: TopKSAE, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
     """u = W_dec c (without b_pre): the direction VS2 amplifies, v = (γ − 1) u. (n, d) -> (n, d)."""
     values, indices = sae.encode(x)
     return sae.decode_without_bias(values, indices)
 
 
-def vs2_from_direction(x: torch.Tensor, direction: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+def vs2_from_direction(
+    x: Float[Tensor, "n d"], direction: Float[Tensor, "n d"], gamma: float, lam: float
+) -> Float[Tensor, "n d"]:
     """VS2 given u = `code_direction(sae, x)`: x + λ(γ − 1) u, rescaled to ‖x‖. (n, d), (n, d) -> (n, d).
 
     A (γ, λ) grid computes u once and calls this per setting.
@@ -122,12 +136,12 @@ def vs2_from_direction(x: torch.Tensor, direction: torch.Tensor, gamma: float, l
     return norm_preserving(x, lam * (gamma - 1) * direction)
 
 
-def vs2(sae: TopKSAE, x: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+def vs2(sae: TopKSAE, x: Float[Tensor, "n d"], gamma: float, lam: float) -> Float[Tensor, "n d"]:
     """VS2: x + λ(γ − 1) W_dec c, rescaled to ‖x‖. (n, d) -> (n, d)."""
     return vs2_from_direction(x, code_direction(sae, x), gamma, lam)
 
 
-def centroid_shift(x: torch.Tensor, centroid: torch.Tensor, alpha: float) -> torch.Tensor:
+def centroid_shift(x: Float[Tensor, "n d"], centroid: Float[Tensor, " d"], alpha: float) -> Float[Tensor, "n d"]:
     """Our ablation: x + α(x − b_pre) rescaled to ‖x‖, with the SAE's centroid b_pre (d,) and no sparse code.
 
     It is VS2's closed form (METHOD.md §3, Proposition 3.1) without the SAE's error term α·ε(x):
@@ -139,17 +153,21 @@ def centroid_shift(x: torch.Tensor, centroid: torch.Tensor, alpha: float) -> tor
 # ---------------------------------------------------------------- FVU gate
 
 
-def gate_threshold(calibration_fvu: torch.Tensor, quantile: float) -> float:
+def gate_threshold(calibration_fvu: Float[Tensor, " m"], quantile: float) -> float:
     """τ = the q-quantile of per-sample FVU on unlabeled calibration activations."""
     return torch.quantile(calibration_fvu.double(), quantile).item()
 
 
-def steer_where(x: torch.Tensor, steered: torch.Tensor, steer: torch.Tensor) -> tuple[torch.Tensor, float]:
+def steer_where(
+    x: Float[Tensor, "n f"], steered: Float[Tensor, "n f"], steer: Bool[Tensor, " n"]
+) -> tuple[Float[Tensor, "n f"], float]:
     """Rows of `steered` where `steer` (n,) holds and of x elsewhere; returns them and the coverage (share steered)."""
     return torch.where(steer[:, None], steered, x), steer.float().mean().item()
 
 
-def gated(x: torch.Tensor, steered: torch.Tensor, fvu: torch.Tensor, threshold: float) -> tuple[torch.Tensor, float]:
+def gated(
+    x: Float[Tensor, "n d"], steered: Float[Tensor, "n d"], fvu: Float[Tensor, " n"], threshold: float
+) -> tuple[Float[Tensor, "n d"], float]:
     """Keep `steered` where FVU(x) <= τ and x elsewhere; returns the tokens and the coverage (share steered)."""
     return steer_where(x, steered, fvu <= threshold)
 
@@ -158,8 +176,8 @@ def gated(x: torch.Tensor, steered: torch.Tensor, fvu: torch.Tensor, threshold: 
 
 
 def positive_mask(
-    query_labels: torch.Tensor, neighbour_labels: torch.Tensor, rule: PositiveRule, num_classes: int
-) -> torch.Tensor:
+    query_labels: Int[Tensor, " n"], neighbour_labels: Int[Tensor, "n N"], rule: PositiveRule, num_classes: int
+) -> Bool[Tensor, "n N"]:
     """Which neighbours are positives: (n,), (n, N) -> (n, N) bool.
 
     'query': same (pseudo-)label as the query. 'majority': the most frequent label among the
@@ -175,17 +193,17 @@ def positive_mask(
     return neighbour_labels == reference[:, None]
 
 
-def has_both_groups(positives: torch.Tensor) -> torch.Tensor:
+def has_both_groups(positives: Bool[Tensor, "n N"]) -> Bool[Tensor, " n"]:
     """(n, N) bool -> (n,): whether a query has at least one positive and one negative neighbour."""
     return positives.any(dim=1) & (~positives).any(dim=1)
 
 
-def lacks_negatives(positives: torch.Tensor) -> torch.Tensor:
+def lacks_negatives(positives: Bool[Tensor, "n N"]) -> Bool[Tensor, " n"]:
     """(n, N) bool -> (n,): queries whose S+ holds every neighbour (a unanimous neighbourhood, S− empty)."""
     return positives.all(dim=1)
 
 
-def steerable_queries(positives: torch.Tensor, empty_negatives: EmptyNegatives) -> torch.Tensor:
+def steerable_queries(positives: Bool[Tensor, "n N"], empty_negatives: EmptyNegatives) -> Bool[Tensor, " n"]:
     """(n, N) bool -> (n,): the queries VS2++ steers (METHOD.md §4).
 
     An empty S+ leaves a query unsteered: there is nothing to steer toward. An empty S− takes the
@@ -199,8 +217,8 @@ def steerable_queries(positives: torch.Tensor, empty_negatives: EmptyNegatives) 
 
 
 def group_mean_difference(
-    features: torch.Tensor, positives: torch.Tensor, pool_mean: torch.Tensor | None = None
-) -> torch.Tensor:
+    features: Float[Tensor, "n N f"], positives: Bool[Tensor, "n N"], pool_mean: Float[Tensor, " f"] | None = None
+) -> Float[Tensor, "n f"]:
     """mean over S+ minus mean over S− of neighbour features (n, N, f) -> (n, f).
 
     An empty group's mean is 0, except an empty S−'s when `pool_mean` (f,) is given: then the pool's
@@ -217,11 +235,11 @@ def group_mean_difference(
 
 def vs2pp_direction(
     sae: TopKSAE,
-    neighbour_codes: torch.Tensor,
-    positives: torch.Tensor,
+    neighbour_codes: Float[Tensor, "n N latents"],
+    positives: Bool[Tensor, "n N"],
     gamma: float,
-    pool_mean_code: torch.Tensor | None = None,
-) -> torch.Tensor:
+    pool_mean_code: Float[Tensor, " latents"] | None = None,
+) -> Float[Tensor, "n d"]:
     """v̄ = (γ − 1) W_dec (mean_{S+} c − mean_{S−} c) from dense neighbour codes (n, N, n_latents) -> (n, d).
 
     With `pool_mean_code` (n_latents,), an empty S−'s mean code is the pool's mean code.
@@ -229,14 +247,17 @@ def vs2pp_direction(
     return (gamma - 1) * (group_mean_difference(neighbour_codes, positives, pool_mean_code) @ sae.W_dec)
 
 
-def vs2pp(x: torch.Tensor, direction: torch.Tensor, lam: float) -> torch.Tensor:
+def vs2pp(x: Float[Tensor, "n d"], direction: Float[Tensor, "n d"], lam: float) -> Float[Tensor, "n d"]:
     """VS2++: the norm-preserving update of VS2 with v̄ in place of v. (n, d) -> (n, d)."""
     return norm_preserving(x, lam * direction)
 
 
 def weighted_rag(
-    query_embeddings: torch.Tensor, neighbour_embeddings: torch.Tensor, similarities: torch.Tensor, a: float
-) -> torch.Tensor:
+    query_embeddings: Float[Tensor, "n e"],
+    neighbour_embeddings: Float[Tensor, "n N e"],
+    similarities: Float[Tensor, "n N"],
+    a: float,
+) -> Float[Tensor, "n e"]:
     """E = a·q + (1 − a) Σ_j w_j r_j with w_j = s_j / Σ s, renormalised: (n, e), (n, N, e), (n, N) -> (n, e).
 
     Negative similarities count as 0; a query whose similarities are all ≤ 0 weighs its neighbours equally
@@ -250,12 +271,12 @@ def weighted_rag(
 
 
 def clip_steer(
-    query_embeddings: torch.Tensor,
-    neighbour_embeddings: torch.Tensor,
-    positives: torch.Tensor,
+    query_embeddings: Float[Tensor, "n e"],
+    neighbour_embeddings: Float[Tensor, "n N e"],
+    positives: Bool[Tensor, "n N"],
     strength: float,
-    pool_mean_embedding: torch.Tensor | None = None,
-) -> torch.Tensor:
+    pool_mean_embedding: Float[Tensor, " e"] | None = None,
+) -> Float[Tensor, "n e"]:
     """CLIP-space steering: q + strength·(mean_{S+} r − mean_{S−} r), renormalised: (n, e), (n, N, e) -> (n, e).
 
     With `pool_mean_embedding` (e,), an empty S−'s mean is the pool's mean embedding.
@@ -269,14 +290,14 @@ def clip_steer(
 AssociationScore = Literal["within_class", "correlation"]
 
 
-def mean_codes_per_image(codes: torch.Tensor, per_image: int) -> torch.Tensor:
+def mean_codes_per_image(codes: Float[Tensor, "rows latents"], per_image: int) -> Float[Tensor, "n latents"]:
     """Mean code of each image's consecutive `per_image` rows: (n·per_image, latents) -> (n, latents)."""
     return codes.reshape(-1, per_image, codes.shape[-1]).mean(dim=1)
 
 
 def association_scores(
-    codes: torch.Tensor, labels: torch.Tensor, attributes: torch.Tensor, score: AssociationScore
-) -> torch.Tensor:
+    codes: Float[Tensor, "n latents"], labels: Int[Tensor, " n"], attributes: Int[Tensor, " n"], score: AssociationScore
+) -> Float[Tensor, " latents"]:
     """How strongly each latent tracks the nuisance attribute: codes (n, latents), labels (n,), attributes (n,)
     -> (latents,).
 
@@ -317,7 +338,7 @@ def association_scores(
     return torch.where(std > 0, scores, torch.zeros_like(scores)).float()
 
 
-def ablate(sae: TopKSAE, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def ablate(sae: TopKSAE, x: Float[Tensor, "n d"], latents: Int[Tensor, " s"]) -> Float[Tensor, "n d"]:
     """Feature suppression: x with the selected latents' contribution Σ_{f∈S} c_f W_dec[f] removed. (n, d) -> (n, d).
 
     The SAE's error term and every other latent stay, so an empty `latents` leaves x unchanged.
@@ -330,26 +351,26 @@ def ablate(sae: TopKSAE, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor
 # ---------------------------------------------------------------- steerability (METHOD.md §8)
 
 
-def clamp_latent(sae: TopKSAE, x: torch.Tensor, latent: int, value: float) -> torch.Tensor:
+def clamp_latent(sae: TopKSAE, x: Float[Tensor, "n d"], latent: int, value: float) -> Float[Tensor, "n d"]:
     """x with latent `latent`'s activation set to `value` (the rest of the code and the error term kept). (n, d)."""
     values, indices = sae.encode(x)
     current = (values * (indices == latent)).sum(dim=1, keepdim=True)  # 0 where the latent is not in the top-k
     return x + (value - current) * sae.W_dec[latent]
 
 
-def clamp_neuron(x: torch.Tensor, neuron: int, value: float) -> torch.Tensor:
+def clamp_neuron(x: Float[Tensor, "n d"], neuron: int, value: float) -> Float[Tensor, "n d"]:
     """x with coordinate `neuron` of the residual stream set to `value`. (n, d) -> (n, d)."""
     steered = x.clone()
     steered[:, neuron] = value
     return steered
 
 
-def concept_shift(default_probs: torch.Tensor, steered_probs: torch.Tensor) -> torch.Tensor:
+def concept_shift(default_probs: Float[Tensor, "n V"], steered_probs: Float[Tensor, "n V"]) -> Float[Tensor, " V"]:
     """Mean change of the output distribution over the concept vocabulary: (n, V), (n, V) -> (V,)."""
     return (steered_probs - default_probs).mean(dim=0)
 
 
-def steerability(shift: torch.Tensor, top: int = 1) -> tuple[float, list[int]]:
+def steerability(shift: Float[Tensor, " V"], top: int = 1) -> tuple[float, list[int]]:
     """S of one steered unit from its concept shift Δp (V,): the probability mass the `top` concepts gain,
     Σ of the `top` largest max(Δp_j, 0), with those concepts (by gain, largest first).
 
