@@ -20,7 +20,8 @@ def ray_session():
     """One local Ray instance for the whole test session (starting Ray costs 5-10 s)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a new instance even where `ray start` left this machine a current cluster to join
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -32,7 +32,7 @@ SMALL_SWEEP = (
 )
 HEAD = """
 import sys, ray
-ray.init(num_cpus=2, include_dashboard=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False)
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()  # the cluster lives until the test closes stdin
 """
