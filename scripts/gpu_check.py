@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -72,8 +73,9 @@ def extraction_rows(device: torch.device, small: bool) -> list[Row]:
     models = [("vs2ray-tiny", "bundled", 256 if not small else 32)]
     models.append(("ViT-B-32", "random", 256 if not small else 2))
     for arch, pretrained, batch in models:
+        loaded = load_clip(ModelConfig(arch=arch, pretrained=pretrained), device=device)  # fp32 weights, any precision
         for precision in ("fp32", "tf32", "bf16"):
-            bundle = load_clip(ModelConfig(arch=arch, pretrained=pretrained, precision=precision), device=device)
+            bundle = dataclasses.replace(loaded, precision=precision)  # what load_clip returns for model.precision
             size = bundle.model.visual.image_size
             size = size[0] if isinstance(size, (tuple, list)) else size
             split = _split_preprocess(bundle.preprocess)

@@ -350,7 +350,7 @@ def test_the_shipped_cluster_shape_extracts_on_gpu_actors_it_asks_the_autoscaler
             tmp_path,
             address,
             "autoscaled",
-            "dataset.sizes={train: 1000, test: 300}",
+            "dataset.sizes={train: 600, test: 200}",
             "extraction.layers=[-1]",
             "extraction.tokens=cls",
             "model.device=cuda",  # GPU work by the config, whatever the cold cluster shows
