@@ -202,13 +202,13 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
     assignments = (  # an ASHA sweep whose Optuna study lives in a journal file beside the experiment
         "sae.k={choice: [8, 16, 32]}",
         "sae.expansion={choice: [2, 4]}",
-        "sae.steps=200",
+        "sae.steps=120",
         "steering.methods=[zero_shot, vs2]",
         "search.num_samples=4",
         "search.max_concurrent_trials=1",
         "search.scheduler=asha",
-        "sae.report_every=50",
-        "search.grace_period=50",
+        "sae.report_every=30",
+        "search.grace_period=30",
         "tracking.optuna_storage=journal",
     )
     command = cli_command(
