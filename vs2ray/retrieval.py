@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from vs2ray.devices import FAKE_GPUS_ENV, cuda_diagnosis, fake_gpus
+
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
 
@@ -44,8 +46,6 @@ def _shard_gpu_ids() -> list[Any] | None:
 
 def _on_gpu(faiss: Any, kind: str, use_gpu: str, gpu_ids: list[Any] | None) -> bool:
     """Whether to build the index on a GPU: given one by Ray (or, outside Ray, one FAISS sees), and a GPU kind."""
-    from vs2ray.devices import FAKE_GPUS_ENV, fake_gpus
-
     if use_gpu == "no" or kind == "hnsw":  # FAISS has no GPU HNSW
         if use_gpu == "yes":
             raise ValueError("retrieval.use_gpu: yes, but FAISS has no GPU HNSW index; use index: flat or ivf")
@@ -69,8 +69,6 @@ def _on_gpu(faiss: Any, kind: str, use_gpu: str, gpu_ids: list[Any] | None) -> b
             f"resources are fake (a test cluster), set {FAKE_GPUS_ENV}=1."
         )
     if faiss.get_num_gpus() == 0:
-        from vs2ray.devices import cuda_diagnosis
-
         raise FaissGpuUnavailable(f"Ray gave this FAISS shard GPU {gpu_ids}, but FAISS sees none ({cuda_diagnosis()})")
     return True
 

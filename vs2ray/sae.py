@@ -440,7 +440,6 @@ def _train_loop(
     batch_size = min(params.batch_size, n)
     order = torch.randperm(n, generator=generator).to(device)
     cursor = 0
-    dead = torch.zeros(n_latents, dtype=torch.bool, device=device)
     # on the CPU, skipping AuxK while nothing is dead saves its top-k; on CUDA that test would sync every step
     check_dead = device.type != "cuda"
     started = time.perf_counter()

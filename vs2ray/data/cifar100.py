@@ -60,8 +60,6 @@ class Cifar100Dataset(ImageDataset):
                 if not have_files:
                     self._download_once()
                 data = CIFAR100(str(self.root), train=(split == "train"), download=False)
-            except DatasetUnavailable:
-                raise
             except Exception as error:  # torchvision raises URLError, RuntimeError or OSError offline
                 raise DatasetUnavailable(self._missing_message(f"{type(error).__name__}: {error}")) from error
             self._arrays[split] = (data.data, list(data.targets), list(data.classes))
