@@ -224,42 +224,6 @@ def test_killed_extraction_resumes_without_duplicates(tmp_path, ray_session):
     assert len(list(store.glob("part-*.parquet"))) == 40
 
 
-def test_encoders_run_on_the_fake_gpu_node_of_a_two_node_cluster(tmp_path, test_store, monkeypatch):
-    from ray.cluster_utils import Cluster
-
-    _, single_node = test_store
-    monkeypatch.setenv("VS2RAY_FAKE_GPUS", "1")  # the nodes' GPUs are fake: said, so that actors use the CPU
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
-        cluster.wait_for_nodes()
-        assignments = (
-            f"storage.root={tmp_path}",
-            f"dataset.sizes.test={TEST_ROWS}",
-            "extraction.batch_size=128",
-            "extraction.layers=[0, -1]",
-            "extraction.tokens=all",
-            "extraction.gpus_per_worker=0.5",
-            "extraction.num_workers=2",
-        )
-        command = cli_command(
-            "vs2ray", "extract", "--split", "test", "--address", cluster.address, assignments=assignments
-        )
-        output = subprocess.run(command, capture_output=True, text=True, timeout=400)
-        assert output.returncode == 0, output.stderr[-3000:]
-        assert "2 encoder actor(s) (0.5 GPU" in output.stdout
-    finally:
-        cluster.shutdown()
-    store = next((tmp_path / "activations").iterdir())
-    assert store.name == single_node.store_dir.name  # resources are not part of the key
-    workers = read_manifest(store)["workers"]
-    assert workers and {w["node"] for w in workers} == {gpu_node.node_id}
-    assert all(w["gpus"] and w["device"] == "cpu" and w["fake_gpus"] for w in workers)  # fake GPUs: the CPU
-    here, there = load_activations(single_node.store_dir, layers=[0, -1]), load_activations(store, layers=[0, -1])
-    for name in ("cls_0", "cls_3", "embedding"):
-        np.testing.assert_array_equal(here[name], there[name])
-
-
 def test_dinov2_retrieval_column_matches_an_independent_timm_forward(tmp_path, ray_session):
     # random DINOv2 weights (no download here) at a small input size: the path, not the features
     retrieval = [

@@ -330,11 +330,17 @@ def test_resume_refuses_an_experiment_whose_state_was_cut_short(tmp_path):
     assert f"python -m analysis.report {experiment}" in output.stderr
 
 
-def test_the_shipped_cluster_shape_extracts_on_gpu_actors_it_asks_the_autoscaler_for(tmp_path, monkeypatch):
+def test_the_shipped_cluster_shape_extracts_on_gpu_actors_it_asks_the_autoscaler_for(
+    tmp_path, monkeypatch, ray_session
+):
     """cluster/aws.yaml's node types on Ray's own autoscaler: a head with CPU 0 and GPU workers from
     min_workers 0, so the cluster has no GPU when the sweep starts. The extraction must ask for GPU
-    actors and wait for the nodes (not start one CPU actor), and the trials must land on GPU workers."""
+    actors (half a GPU each) and wait for the nodes (not start one CPU actor), the trials must land on
+    GPU workers, and the all-token store the worker nodes wrote must be the one a single process writes."""
     from conftest import LocalAutoscalingCluster
+
+    from vs2ray.extract import extract
+    from vs2ray.store import load_activations
 
     shipped = yaml.safe_load((QUICKSTART.parents[1] / "cluster" / "aws.yaml").read_text())
     nodes = shipped["available_node_types"]
@@ -344,16 +350,18 @@ def test_the_shipped_cluster_shape_extracts_on_gpu_actors_it_asks_the_autoscaler
     workers = {"gpu_x1": {"resources": gpu_x1["resources"], "node_config": {}, "min_workers": 0, "max_workers": 2}}
     cluster = LocalAutoscalingCluster({"CPU": 0}, workers)
     monkeypatch.setenv("VS2RAY_FAKE_GPUS", "1")  # the drivers below, like the cluster's processes, are told
+    world = (
+        "dataset.sizes={train: 600, test: 200}",
+        "extraction.gpus_per_worker=0.5",
+        "model.device=cuda",  # GPU work by the config, whatever the cold cluster shows
+    )
     try:
         address = cluster.start(tmp_path)
         output = run_sweep(
             tmp_path,
             address,
             "autoscaled",
-            "dataset.sizes={train: 600, test: 200}",
-            "extraction.layers=[-1]",
-            "extraction.tokens=cls",
-            "model.device=cuda",  # GPU work by the config, whatever the cold cluster shows
+            *world,
             "extraction.max_workers=2",
             "sae.k={choice: [8, 16]}",
             "sae.expansion=2",
@@ -371,11 +379,21 @@ def test_the_shipped_cluster_shape_extracts_on_gpu_actors_it_asks_the_autoscaler
     gpu_nodes = {node["NodeID"] for node in nodes if node["Resources"].get("GPU")}
     head = {node["NodeID"] for node in nodes if not node["Resources"].get("GPU")}
     assert gpu_nodes and len(head) == 1  # the autoscaler started GPU workers; the head has none
-    assert "1 to 2 encoder actor(s) (1.0 GPU" in output.stdout, output.stdout[-3000:]
-    store = next(path for path in (tmp_path / "activations").iterdir() if "-train-" in path.name)
-    workers = json.loads((store / "manifest.json").read_text())["workers"]
-    assert workers and all(w["gpus"] and w["device"] == "cpu" and w["fake_gpus"] for w in workers)
-    assert {w["node"] for w in workers} <= gpu_nodes  # GPU encoder actors, on the nodes they asked for
+    assert "1 to 2 encoder actor(s) (0.5 GPU" in output.stdout, output.stdout[-3000:]
+    stores = {split: next((tmp_path / "activations").glob(f"*-{split}-*")) for split in ("train", "test")}
+    for store in stores.values():
+        workers = json.loads((store / "manifest.json").read_text())["workers"]
+        assert workers and all(w["gpus"] and w["device"] == "cpu" and w["fake_gpus"] for w in workers)
+        assert {w["node"] for w in workers} <= gpu_nodes  # GPU encoder actors, on the nodes they asked for
+    # the same store, written by one local process: the same key (resources are not part of it), the same rows
+    monkeypatch.delenv("VS2RAY_FAKE_GPUS")
+    local = load_config(QUICKSTART, [*SMALL_WORLD, *world[:1], f"storage.root={tmp_path / 'local'}"])
+    single = extract(local, "test").store_dir
+    assert single.name == stores["test"].name
+    here, there = load_activations(single, layers=[1, -1]), load_activations(stores["test"], layers=[1, -1])
+    for name in ("cls_1", "cls_3", "embedding"):
+        np.testing.assert_array_equal(here[name], there[name])
+    np.testing.assert_array_equal(here["tokens_1"], there["tokens_1"])
     trials = load_results(tmp_path / "experiments" / "autoscaled")
     assert len(trials) == 2 and (trials["status"] == "TERMINATED").all()
     assert set(trials["node_id"]) <= gpu_nodes  # trials on the GPU workers (the head has CPU 0)
