@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from vs2ray.config import load_config
 from vs2ray.extract import extract_splits
 from vs2ray.steering import logits_from_embeddings
-from vs2ray.store import load_activations
+from vs2ray.store import cls_column, load_activations
 
 CLIP_CIFAR100 = {  # CLIP ViT-B/32 on CIFAR-100 (the paper's main setting; DESIGN.md)
     "zero_shot": "61–65",
@@ -101,7 +101,7 @@ def measure(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     with_retrieval = config.retrieval.space == "dinov2"
     train = load_activations(stores["train"], retrieval=with_retrieval)
     test = load_activations(stores["test"], retrieval=with_retrieval)
-    column = next(c for c in test.columns if c.startswith("cls_"))
+    column = cls_column(test.manifest, -1)
     classifier = load_file(stores["test"] / "classifier.safetensors")["classifier"]
 
     def tensor(acts, name: str) -> torch.Tensor:

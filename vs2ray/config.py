@@ -254,6 +254,11 @@ class ExtractionConfig(Section):
     cpus_per_worker: float = Field(
         0.25, gt=0.0, description="CPU share of one encoder actor (fractional, so Ray Data keeps CPUs for decoding)"
     )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description="how activation columns (cls_*, tokens_*) are stored; readers up-cast to float32 per batch. "
+        "float16/bfloat16 halve the store and are part of its key",
+    )
 
 
 class SAEConfig(Section):

@@ -27,7 +27,7 @@ import torch
 
 from vs2ray import steering
 from vs2ray.methods import GRID_PARAMS, METHODS, Setting, Split, Steered, metric_name
-from vs2ray.sae import TopKSAE, per_sample_fvu
+from vs2ray.sae import ActivationRows, TopKSAE, per_sample_fvu
 
 Search = Callable[[np.ndarray, int, str], tuple[np.ndarray, np.ndarray]]
 
@@ -44,6 +44,9 @@ class SplitData:
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (n, T, width): steering inside
     attributes: torch.Tensor | None = None  # (n,) int64 nuisance attribute, on datasets with groups
     groups: torch.Tensor | None = None  # (n,) int64 class × attribute group, on datasets with groups
+    # the pool's every token of the steering block (n·T rows, an image's consecutive) on the host, read in
+    # batches: all-token calibration; the largest rows of a trial, never whole in memory
+    token_rows: ActivationRows | None = None
 
 
 @dataclass
@@ -199,9 +202,30 @@ class Evaluator:
         self._code_differences: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool_mean_code: torch.Tensor | None = None
         self._token_rows: dict[str, SplitData] = {}
-        calibration = self._token_view(pool) if self._steers_every_token else pool
-        self.mean = calibration.cls.mean(dim=0)
-        self.calibration_fvu = self.sae_pass(calibration)[1]
+        if self._steers_every_token:
+            self.mean, self.calibration_fvu = self._calibrate(self._pool_token_rows())
+        else:
+            self.mean = pool.cls.mean(dim=0)
+            self.calibration_fvu = self.sae_pass(pool)[1]
+
+    SAE_PASS_ROWS = 16384  # rows per SAE pass: the (rows, latents) pre-activations stay small
+
+    def _pool_token_rows(self) -> ActivationRows:
+        if self.pool.token_rows is None:
+            raise ValueError("an all-token SAE inside the encoder calibrates on the pool's every token (token_rows)")
+        return self.pool.token_rows
+
+    @torch.no_grad()
+    def _calibrate(self, rows: ActivationRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (d,), per-sample FVU (n,)) of host rows, read a batch at a time onto the SAE's device."""
+        device = self.pool.cls.device
+        mean = rows.mean().to(device)
+        fvus = []
+        for x in rows.chunks(self.SAE_PASS_ROWS):
+            x = x.to(device)
+            values, indices = self.sae.encode(x)
+            fvus.append(per_sample_fvu(x, self.sae.decode(values, indices), mean))
+        return mean, torch.cat(fvus) if fvus else torch.zeros(0, device=device)
 
     @property
     def _steers_every_token(self) -> bool:
@@ -234,8 +258,10 @@ class Evaluator:
     def sae_pass(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """W_dec c (n, d) and per-sample FVU (n,) of a split, from one SAE pass shared by every setting."""
         if split.name not in self._sae_passes:
-            values, indices = self.sae.encode(split.cls)
-            direction = self.sae.decode_without_bias(values, indices)
+            directions = []
+            for x in split.cls.split(self.SAE_PASS_ROWS):
+                directions.append(self.sae.decode_without_bias(*self.sae.encode(x)))
+            direction = torch.cat(directions) if len(directions) != 1 else directions[0]
             self._sae_passes[split.name] = (direction, per_sample_fvu(split.cls, direction + self.sae.b_pre, self.mean))
         return self._sae_passes[split.name]
 
@@ -326,13 +352,13 @@ class Evaluator:
             pool = self.pool
             if pool.attributes is None:
                 raise ValueError("ablate needs the nuisance attribute of the pool rows (a dataset with groups)")
-            rows = self.steered_rows(pool).cls
+            rows = self._pool_token_rows() if self._steers_every_token else ActivationRows(pool.cls.cpu())
             per_image = len(rows) // len(pool.cls)
-            chunk = 256 * per_image  # 256 images: dense (rows, latents) codes stay small even for every token
+            # 256 images at a time: dense (rows, latents) codes stay small even for every token
             image_codes = torch.cat(
                 [
-                    steering.mean_codes_per_image(self._dense_codes(rows[i : i + chunk]), per_image)
-                    for i in range(0, len(rows), chunk)
+                    steering.mean_codes_per_image(self._dense_codes(x.to(pool.cls.device)), per_image)
+                    for x in rows.chunks(256 * per_image)
                 ]
             )
             self._latent_scores[score] = steering.association_scores(image_codes, pool.labels, pool.attributes, score)

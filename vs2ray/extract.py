@@ -55,6 +55,7 @@ from vs2ray.models import (
 from vs2ray.store import (
     INT_COLUMNS,
     STORE_FORMAT,
+    build_arrays,
     column_shapes,
     content_key,
     finished_chunks,
@@ -112,6 +113,7 @@ def store_inputs(
         "split": split,
         "layers": layers,
         **({"tokens": "all"} if config.extraction.tokens == "all" else {}),  # cls stores keep their old keys
+        **({"dtype": config.extraction.dtype} if config.extraction.dtype != "float32" else {}),
         "preprocess": {name: [repr(p.pixels), p.mean, p.std] for name, p in preprocess.items()},
         "retrieval": _retrieval_inputs(config.retrieval) if config.retrieval.space == "dinov2" else None,
     }
@@ -208,6 +210,7 @@ class ChunkEncoder:
         )
         self.layers, self.normalisation = layers, normalisation
         self.all_tokens = config.extraction.tokens == "all"
+        self.dtype = config.extraction.dtype
         self.node_id = ray.get_runtime_context().get_node_id()
         self.environment = environment(device)  # torch, CUDA build, driver, device and GPU, in the manifest
         self._encoder_lock = threading.Lock()
@@ -216,7 +219,7 @@ class ChunkEncoder:
         with self._encoder_lock:
             columns = self.encode(batch)
         failed = json.loads(str(batch["failed"][0]))
-        write_part(Path(str(batch["store_dir"][0])), int(batch["chunk"][0]), columns, failed)
+        write_part(Path(str(batch["store_dir"][0])), int(batch["chunk"][0]), columns, failed, self.dtype)
         worker = {"node": self.node_id, "gpus": self.gpu_ids, **self.environment}
         summary = {key: batch[key] for key in ("split", "chunk", "failed")}
         return {**summary, "rows": [len(columns["id"])], "worker": [json.dumps(worker)]}
@@ -491,9 +494,11 @@ def _finish_split(config: ExperimentConfig, plan: _SplitPlan, num_layers: int, w
         raise RuntimeError(f"{store_dir}: chunks {missing[:10]} were not written; run the extraction again")
     rows = sum(pq.read_metadata(path).num_rows for path in sorted(store_dir.glob("part-*.parquet")))
     failed = [entry for chunk in sorted(done) for entry in done[chunk]]
+    build_arrays(store_dir)  # before `complete`: a complete store always has its arrays
     manifest.update(
         {
             "rows": rows,
+            "dtype": config.extraction.dtype,
             "num_failed": len(failed),
             "failed": failed,
             "columns": column_shapes(store_dir),

@@ -29,12 +29,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vs2ray.devices import precision_scope, worker_device
-from vs2ray.store import write_json, write_tensors
+from vs2ray.store import as_float32, release_pages, write_json, write_tensors
 
 if TYPE_CHECKING:  # shapes in the signatures; jaxtyping is only needed by the type checker
     from jaxtyping import Bool, Float, Int
@@ -253,6 +254,76 @@ class TrainResult:
     losses: list[float]
 
 
+class ActivationRows:
+    """n activation rows of width d, read in batches from an (N, d) array: a store column memory-mapped
+    (`Activations.stored`), an in-memory array or a CPU tensor, restricted to `rows` (n,) of its N rows
+    when given.
+
+    Every read is a float32 copy of just the rows asked for (float16 and bfloat16 bit patterns are
+    up-cast per batch), and a mapped array's pages are handed back every RELEASE_BYTES read, so what a
+    reader holds stays at a few batches whatever the store's size; the pages stay in the node's page
+    cache, shared by every process that maps the column.
+    """
+
+    RELEASE_BYTES = 256 * 2**20
+
+    def __init__(self, array: np.ndarray | torch.Tensor, rows: np.ndarray | None = None) -> None:
+        if isinstance(array, torch.Tensor):
+            array = array.detach().cpu().numpy()
+        if array.ndim != 2:
+            raise ValueError(f"activation rows must be (N, d); got an array of shape {array.shape}")
+        self.array, self.rows = array, rows
+        self._read_since_release = 0
+
+    def __len__(self) -> int:
+        return len(self.array) if self.rows is None else len(self.rows)
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[1])
+
+    def take(self, positions: np.ndarray) -> Float[Tensor, "batch d"]:
+        """The rows at `positions` (batch,) of these n rows, in that order, as a float32 CPU tensor."""
+        index = positions if self.rows is None else self.rows[positions]
+        return self._tensor(self.array[index])
+
+    def chunks(self, size: int) -> Iterator[Float[Tensor, "chunk d"]]:
+        """All n rows in order, `size` at a time, as float32 CPU tensors."""
+        for start in range(0, len(self), size):
+            stop = min(start + size, len(self))
+            if self.rows is None:
+                yield self._tensor(self.array[start:stop])
+            else:
+                yield self.take(np.arange(start, stop))
+
+    def to(self, device: torch.device, chunk: int = 65536) -> Float[Tensor, "n d"]:
+        """All n rows on `device` as one float32 tensor, filled a chunk at a time (no whole host copy)."""
+        out = torch.empty(len(self), self.width, dtype=torch.float32, device=device)
+        for start, values in zip(range(0, len(self), chunk), self.chunks(chunk), strict=True):
+            out[start : start + len(values)] = values.to(device)
+        return out
+
+    def mean(self, chunk: int = 65536) -> Float[Tensor, " d"]:
+        """The rows' mean (d,), accumulated in float64 a chunk at a time."""
+        total = torch.zeros(self.width, dtype=torch.float64)
+        for values in self.chunks(chunk):
+            total += values.sum(dim=0, dtype=torch.float64)
+        return (total / max(1, len(self))).float()
+
+    def _tensor(self, values: np.ndarray) -> torch.Tensor:
+        values = np.array(as_float32(values), dtype=np.float32, order="C", copy=True)
+        self._read_since_release += values.nbytes
+        if self._read_since_release >= self.RELEASE_BYTES:
+            release_pages(self.array)
+            self._read_since_release = 0
+        return torch.from_numpy(values)
+
+
+def as_rows(acts: Float[Tensor, "n d"] | ActivationRows) -> ActivationRows:
+    """`acts` as ActivationRows (a tensor is read in place)."""
+    return acts if isinstance(acts, ActivationRows) else ActivationRows(acts)
+
+
 def fvu(x: Float[Tensor, "n d"], x_hat: Float[Tensor, "n d"]) -> Float[Tensor, ""]:
     """Fraction of variance unexplained over a batch: ‖X − X̂‖²_F / ‖X − mean(X)‖²_F (scalar)."""
     return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
@@ -334,7 +405,7 @@ def auxk_loss(
 
 
 def train_sae(
-    acts: Float[Tensor, "n d"],
+    acts: Float[Tensor, "n d"] | ActivationRows,
     params: SAETrainParams,
     labels: Int[Tensor, " n"] | None = None,
     num_classes: int | None = None,
@@ -344,10 +415,14 @@ def train_sae(
     init: TopKSAE | None = None,
     on_report: Callable[[int, TopKSAE, float], None] | None = None,
     report_every: int = 0,
-    val_acts: Float[Tensor, "m d"] | None = None,
+    val_acts: Float[Tensor, "m d"] | ActivationRows | None = None,
 ) -> TrainResult:
     """Train a top-k SAE on activations (N, d), deterministically for a given `params.seed`.
 
+    `acts` is a tensor or ActivationRows (a store column read in batches: memory stays at a few
+    batches whatever its size); the same rows in either form give the same SAE. Batches are drawn
+    by a seeded permutation of the N rows per epoch. On CUDA, rows that fit in half the free GPU
+    memory are staged there once; otherwise each batch is read from the host.
     `labels` (N,) are needed only for PASS (`params.w_aux > 0`) and never used otherwise.
     `init` continues training from a copy of an existing SAE (its b_pre is kept).
     `on_report(step, sae, dead_fraction)` is called after every `report_every` steps (not
@@ -362,22 +437,23 @@ def train_sae(
         raise ValueError("pass.w_aux > 0 needs labels for the training activations")
     generator = torch.Generator().manual_seed(params.seed)
     torch.manual_seed(params.seed)
-    n, d = acts.shape
+    rows = as_rows(acts)
+    n, d = len(rows), rows.width
     if params.epochs is not None:
         params = SAETrainParams(**{**params.as_dict(), "steps": math.ceil(params.epochs * n / params.batch_size)})
     n_latents = params.expansion * d
     with _deterministic_kernels(device):
         sae = TopKSAE(d, n_latents, params.k, params.topk, params.init, params.encoder_bias).to(device)
-        data = acts.to(device=device, dtype=torch.float32)
         with torch.no_grad():
             if init is not None:
                 sae.load_state_dict(init.state_dict())
             else:
-                sae.b_pre.copy_(data.mean(dim=0))  # b_pre starts at the empirical mean
+                sae.b_pre.copy_(rows.mean())  # b_pre starts at the empirical mean
+        batches = _batches_on(device, rows)
         losses, seconds = _train_loop(
-            sae, data, params, labels, num_classes, device, log_every, log, on_report, report_every, generator
+            sae, batches, params, labels, num_classes, device, log_every, log, on_report, report_every, generator
         )
-        metrics = evaluate_sae(sae, data, labels if params.w_aux > 0 else None)
+        metrics = evaluate_sae(sae, batches, labels if params.w_aux > 0 else None)
         if val_acts is not None and len(val_acts):
             metrics.update({f"val_{name}": value for name, value in evaluate_sae(sae, val_acts).items()})
     metrics.update(
@@ -389,6 +465,14 @@ def train_sae(
         }
     )
     return TrainResult(sae=sae.cpu(), metrics=metrics, losses=losses)
+
+
+def _batches_on(device: torch.device, rows: ActivationRows) -> torch.Tensor | ActivationRows:
+    """Where training batches come from: the rows staged on a GPU they fit (half its free memory), else
+    the host rows, read batch by batch (on the CPU a gather from memory or the page cache is as fast)."""
+    if device.type == "cuda" and len(rows) * rows.width * 4 <= torch.cuda.mem_get_info(device)[0] // 2:
+        return rows.to(device)
+    return rows
 
 
 @contextlib.contextmanager
@@ -409,7 +493,7 @@ def _deterministic_kernels(device: torch.device) -> Iterator[None]:
 
 def _train_loop(
     sae: TopKSAE,
-    data: torch.Tensor,
+    data: torch.Tensor | ActivationRows,
     params: SAETrainParams,
     labels: torch.Tensor | None,
     num_classes: int | None,
@@ -420,8 +504,9 @@ def _train_loop(
     report_every: int,
     generator: torch.Generator,
 ) -> tuple[list[float], float]:
-    """The optimisation steps of `train_sae`: (loss per step, seconds)."""
-    n, _ = data.shape
+    """The optimisation steps of `train_sae`: (loss per step, seconds). `data`: rows on the device, or on
+    the host, gathered per batch."""
+    n = len(data)
     n_latents = sae.n_latents
     base_lr = effective_lr(params, n_latents)
     optimizer = torch.optim.Adam(
@@ -438,17 +523,20 @@ def _train_loop(
     # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=params.precision == "fp16")
     batch_size = min(params.batch_size, n)
-    order = torch.randperm(n, generator=generator).to(device)
+    order = torch.randperm(n, generator=generator)
     cursor = 0
     # on the CPU, skipping AuxK while nothing is dead saves its top-k; on CUDA that test would sync every step
     check_dead = device.type != "cuda"
     started = time.perf_counter()
     for step in range(params.steps):
         if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator).to(device), 0
+            order, cursor = torch.randperm(n, generator=generator), 0
         batch_idx = order[cursor : cursor + batch_size]
         cursor += batch_size
-        x = data[batch_idx]
+        if isinstance(data, torch.Tensor):
+            x = data[batch_idx.to(device)]
+        else:
+            x = data.take(batch_idx.numpy()).to(device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = base_lr * lr_factor(step, params)
 
@@ -467,7 +555,7 @@ def _train_loop(
         if params.auxk_coef > 0 and (not check_dead or bool(dead.any())):
             loss = loss + params.auxk_coef * auxk_loss(sae, pre, (x - x_hat).detach(), dead, auxk_k, total_variance)
         if class_means is not None and labels is not None:
-            batch_labels = labels[batch_idx]
+            batch_labels = labels[batch_idx.to(device)]
             class_means.update(sae.dense_codes(values.detach(), indices), batch_labels)
             loss = loss + params.w_aux * class_means.dispersion(values, indices, batch_labels) / total_variance
 
@@ -496,9 +584,13 @@ def _train_loop(
 
 @torch.no_grad()
 def evaluate_sae(
-    sae: TopKSAE, acts: Float[Tensor, "n d"], labels: Int[Tensor, " n"] | None = None, batch_size: int = 8192
+    sae: TopKSAE,
+    acts: Float[Tensor, "n d"] | ActivationRows,
+    labels: Int[Tensor, " n"] | None = None,
+    batch_size: int = 8192,
 ) -> dict[str, float]:
-    """FVU, per-sample FVU (mean, median), L0, dead and dense fractions over all of `acts` (N, d).
+    """FVU, per-sample FVU (mean, median), L0, dead and dense fractions over all of `acts` (N, d), a tensor
+    (on any device) or ActivationRows read `batch_size` rows at a time.
 
     Dead here: never fired on `acts`. Dense: fired on more than 10% of the samples.
     With `labels` (N,), also the within-class code dispersion that PASS penalises:
@@ -507,19 +599,25 @@ def evaluate_sae(
     in one pass through Σ‖z − z̄_c‖² = Σ‖z‖² − Σ_c n_c ‖z̄_c‖².
     """
     device = sae.W_dec.device
-    acts = acts.to(device=device, dtype=torch.float32)
-    mean = acts.mean(dim=0)
-    residual_sq, nonzero, code_sq = 0.0, 0, 0.0
+    if isinstance(acts, torch.Tensor):
+        acts = acts.to(device=device, dtype=torch.float32)
+        mean = acts.mean(dim=0, dtype=torch.float64).float()  # as ActivationRows.mean
+        chunks: Iterator[torch.Tensor] = iter(torch.split(acts, batch_size))
+    else:
+        mean = acts.mean().to(device)
+        chunks = (chunk.to(device) for chunk in acts.chunks(batch_size))
+    n = len(acts)
+    residual_sq, total_sq, nonzero, code_sq = 0.0, 0.0, 0, 0.0
     fire_counts = torch.zeros(sae.n_latents, device=device)
     sample_fvus = []
     if labels is not None:
         labels = labels.to(device)
         num_classes = int(labels.max()) + 1
         class_sums = torch.zeros(num_classes, sae.n_latents, device=device)
-    for start in range(0, len(acts), batch_size):
-        x = acts[start : start + batch_size]
+    for start, x in zip(range(0, n, batch_size), chunks, strict=True):
         x_hat, values, indices = sae(x)
         residual_sq += (x - x_hat).pow(2).sum().item()
+        total_sq += (x - mean).pow(2).sum().item()
         active = values != 0
         nonzero += int(active.sum())
         fire_counts.index_add_(0, indices[active], torch.ones_like(values[active]))
@@ -529,16 +627,16 @@ def evaluate_sae(
             code_sq += values.pow(2).sum().item()
     sample_fvu = torch.cat(sample_fvus)
     metrics = {
-        "fvu": residual_sq / (acts - mean).pow(2).sum().item(),
+        "fvu": residual_sq / total_sq,
         "fvu_per_sample_mean": sample_fvu.mean().item(),
         "fvu_per_sample_median": sample_fvu.median().item(),
-        "l0": nonzero / len(acts),
+        "l0": nonzero / n,
         "dead_fraction": (fire_counts == 0).float().mean().item(),
-        "dense_fraction": (fire_counts > DENSE_FIRING_RATE * len(acts)).float().mean().item(),
+        "dense_fraction": (fire_counts > DENSE_FIRING_RATE * n).float().mean().item(),
     }
     if labels is not None:
         counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).float()
         between = (class_sums.pow(2).sum(dim=1) / counts).sum().item()  # Σ_c n_c ‖z̄_c‖²
-        metrics["class_dispersion"] = (code_sq - between) / len(acts)
+        metrics["class_dispersion"] = (code_sq - between) / n
         metrics["class_dispersion_relative"] = (code_sq - between) / code_sq
     return metrics

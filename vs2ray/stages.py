@@ -28,7 +28,7 @@ from vs2ray.devices import worker_device
 from vs2ray.evaluate import Encoder, Evaluator, Grid, SplitData, accuracy
 from vs2ray.methods import METHODS
 from vs2ray.models import block_runner, build_text_classifier, encode_images, load_clip
-from vs2ray.sae import SAETrainParams, TopKSAE, train_sae
+from vs2ray.sae import ActivationRows, SAETrainParams, TopKSAE, train_sae
 from vs2ray.steerability import SteerabilityResult, SteerabilitySettings, measure_steerability
 from vs2ray.store import (
     Activations,
@@ -98,6 +98,20 @@ class TrainSplit:
     def column(self, layer: int, tokens: str = "cls") -> str:
         """The store column an SAE of `layer` reads: cls_<block>, or tokens_<block> for `tokens` "all"."""
         return cls_column(self.acts.manifest, layer, "tokens" if tokens == "all" else "cls")
+
+    def rows(self, column: str, images: np.ndarray) -> ActivationRows:
+        """`column_rows` of this split's activations."""
+        return column_rows(self.acts, column, images)
+
+
+def column_rows(acts: Activations, column: str, images: np.ndarray) -> ActivationRows:
+    """The rows of `column` that belong to `images` (a mask over the store's rows), read from the store in
+    batches: one row per image for [CLS], every token of each image (consecutive rows) for an all-token column."""
+    stored = acts.stored(column)
+    per_image = stored.shape[1] if stored.ndim == 3 else 1
+    chosen = np.flatnonzero(images)
+    rows = (chosen[:, None] * per_image + np.arange(per_image)).reshape(-1)
+    return ActivationRows(stored.reshape(-1, stored.shape[-1]), rows)
 
 
 def blocks_to_load(config: ExperimentConfig, manifest: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -186,29 +200,27 @@ def get_or_train_sae(
     column = split.column(layer, config.sae.tokens)
     training = {**params.key_dict(), "val_fraction": config.dataset.val_fraction}
     directory = sae_dir_for(config.storage.root, f"{split.store_dir.name}-{column}", training)
-    acts = _tensor(split.acts[column])
-    per_image = acts.shape[1] if acts.dim() == 3 else 1
-    x = acts.reshape(-1, acts.shape[-1])  # an image's tokens are consecutive rows
     device = device if device is not None else worker_device(config.model.device, None)
     with _exclusive(directory):
         if (directory / "metrics.json").is_file():
-            saved = TopKSAE.load(directory, expected_d=x.shape[1])
+            saved = TopKSAE.load(directory, expected_d=split.acts.stored(column).shape[-1])
             return TrainedSAE(saved.sae, saved.metrics, directory, cache_hit=True)
-        labels = torch.from_numpy(split.acts.labels.astype(np.int64)).repeat_interleave(per_image)
-        train = torch.from_numpy(split.train_mask).repeat_interleave(per_image)
-        val = torch.from_numpy(split.val_mask).repeat_interleave(per_image)
-        log(f"training an SAE on {column}: {int(train.sum())} of {len(x)} rows ({int(val.sum())} held out)")
+        train, val = split.rows(column, split.train_mask), split.rows(column, split.val_mask)
+        per_image = len(train) // max(1, int(split.train_mask.sum()))
+        labels = torch.from_numpy(split.acts.labels[split.train_mask].astype(np.int64)).repeat_interleave(per_image)
+        total = len(split.acts.ids) * per_image
+        log(f"training an SAE on {column}: {len(train)} of {total} rows ({len(val)} held out)")
         result = train_sae(
-            x[train],
+            train,
             params,
-            labels=labels[train],
+            labels=labels,
             num_classes=len(split.acts.manifest["classes"]),
             log_every=max(1, params.steps // 10),
             log=log,
             on_report=on_report,
             report_every=config.sae.report_every or 0,
             device=device,
-            val_acts=x[val],  # measured on the training device, before the SAE returns to the CPU
+            val_acts=val,  # measured on the training device, before the SAE returns to the CPU
         )
         record = {**training, "activation_key": split.store_dir.name, "column": column}
         result.sae.save(directory, record, result.metrics)
@@ -357,19 +369,25 @@ def evaluation_splits(
     layer: int = -1,
     device: torch.device | str = "cpu",
     token_blocks: tuple[int, ...] = (),
-    pool_token_blocks: tuple[int, ...] = (),
+    pool_token_block: int | None = None,
 ) -> tuple[SplitData, SplitData, SplitData]:
     """(pool, val, test) at block `layer`: the SAE's training rows (neighbour pool, calibration), validation
-    and test rows; val and test with every token of `token_blocks` (steering inside the encoder, SAE_REC^A),
-    the pool with every token of `pool_token_blocks` only (all-token calibration: these are the large ones)."""
+    and test rows; val and test with every token of `token_blocks` on `device` (steering inside the encoder,
+    SAE_REC^A), the pool with every token of `pool_token_block` as host rows read in batches (all-token
+    calibration: these are the large ones)."""
     split = data.split
-    with_retrieval = "retrieval" in split.acts.columns
+    with_retrieval = split.acts.has("retrieval")
+
+    def pool_rows(acts: Activations, mask: np.ndarray, block: int) -> ActivationRows:
+        return column_rows(acts, split.column(block, "all"), mask)
+
     grouped = data.num_groups > 0
     cls = split.column(layer)
 
     def rows(acts: Activations, mask: np.ndarray, name: str, blocks: tuple[int, ...]) -> SplitData:
         def take(column: str) -> torch.Tensor:
-            return _tensor(acts[column])[torch.from_numpy(mask)].to(device)
+            shape = acts.stored(column).shape[1:]  # filled on the device a chunk at a time
+            return column_rows(acts, column, mask).to(torch.device(device)).reshape(-1, *shape)
 
         def integers(values: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(values.astype(np.int64))[torch.from_numpy(mask)].to(device)
@@ -383,11 +401,12 @@ def evaluation_splits(
             tokens={block: take(split.column(block, "all")) for block in blocks},
             attributes=integers(acts.attributes) if grouped and acts.attributes is not None else None,
             groups=integers(acts.groups) if grouped and acts.groups is not None else None,
+            token_rows=None if pool_token_block is None or name != "pool" else pool_rows(acts, mask, pool_token_block),
         )
 
     everything = np.ones(len(data.test.ids), dtype=bool)
     return (
-        rows(split.acts, split.train_mask, "pool", pool_token_blocks),
+        rows(split.acts, split.train_mask, "pool", ()),
         rows(split.acts, split.val_mask, "val", token_blocks),
         rows(data.test, everything, "test", token_blocks),
     )
@@ -457,8 +476,8 @@ def build_evaluator(
         token_blocks.add(0)  # SAE_REC^A starts from block 0's output and runs every later block itself
     run_block = block_runner(load_clip(config.model, device=device)) if token_blocks else None
     encoder = Encoder(block, num_blocks, run_block, all_tokens, saes_by_block or ())
-    pool_blocks = (block,) if inside and all_tokens else ()
-    pool, val, test = evaluation_splits(data, layer, device, tuple(sorted(token_blocks)), pool_blocks)
+    pool_block = block if inside and all_tokens else None
+    pool, val, test = evaluation_splits(data, layer, device, tuple(sorted(token_blocks)), pool_block)
     head = {name: _tensor(value).to(device) for name, value in data.head.items()}
     classifier = _tensor(data.text_classifier).to(device)
     return Evaluator(

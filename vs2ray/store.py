@@ -4,22 +4,38 @@ Layout (DESIGN.md, "Activation store"):
 
     part-00000.parquet ...   one file per chunk of rows: id, label, attribute, group, cls_<layer>..., embedding
                              (+ tokens_<layer>... with extraction.tokens: all, (tokens, width) each)
-    manifest.json            inputs of the key, classes, attributes, rows, shapes, versions, failures, complete
+    manifest.json            inputs of the key, classes, attributes, rows, shapes, dtype, versions, failures, complete
     head.safetensors         ln_post.weight, ln_post.bias, proj of the vision tower
     classifier.safetensors   the zero-shot text classifier (classes × embed dim)
+    arrays/<column>.npy      every column again, rows sorted by id, as a memory-mappable .npy (derived)
+    arrays/index.json        written last: the part files the arrays were built from (names, sizes, rows)
 
 Each part file is written under a hidden temporary name and renamed into place, so a
 part file that exists is complete; `manifest.json` gets `complete: true` only after
 every part is there. Readers refuse a store whose manifest is not complete.
+
+The Parquet parts are the store (any Arrow reader opens them). The `arrays/` beside them are
+how vs2ray reads it: memory-mapped, so a reader holds only the rows it touches, and every
+process of a node that maps a column shares one copy of it in the page cache. They are built
+by the extraction before it marks the store complete (and, for a store written before they
+existed, by the first reader, under a lock), each under a temporary name, with `index.json`
+last; arrays whose index does not match the part files on disk are rebuilt, never read.
+
+Activation columns (`cls_*`, `tokens_*`) are stored in `extraction.dtype`: float32, float16, or
+bfloat16 kept as its uint16 bit patterns (Arrow has no bfloat16); readers up-cast to float32
+per batch (`as_float32`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import mmap
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +48,9 @@ STORE_FORMAT = 2  # 2: attribute and group columns (-1 for datasets without grou
 INT_COLUMNS = ("id", "label", "attribute", "group")  # per-row integers; every other column is a float tensor
 PART_PATTERN = "part-{:05d}.parquet"
 FAILED_METADATA_KEY = b"vs2ray.failed"
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+ARRAYS_DIR = "arrays"
+_STORED_NUMPY_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 class StoreIncomplete(RuntimeError):
@@ -83,19 +102,61 @@ def is_complete(store_dir: Path) -> bool:
 
 
 def tensor_column(values: np.ndarray) -> pa.ExtensionArray:
-    """(n, *shape) float array -> Arrow fixed-shape tensor column (readable by pyarrow/pandas without Ray)."""
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values, dtype=np.float32))
+    """(n, *shape) array -> Arrow fixed-shape tensor column (readable by pyarrow/pandas without Ray).
+
+    float32, float16 and uint16 (bfloat16 bit patterns) are kept as they are; anything else becomes float32."""
+    if values.dtype not in (np.float32, np.float16, np.uint16):
+        values = values.astype(np.float32)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values))
 
 
-def write_part(store_dir: Path, chunk: int, columns: dict[str, np.ndarray], failed: list[dict[str, Any]]) -> Path:
+def is_activation_column(name: str) -> bool:
+    """Whether a store column holds block activations (stored in `extraction.dtype`)."""
+    return name.startswith(("cls_", "tokens_"))
+
+
+def to_stored_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 activations -> their stored form: float32, float16, or bfloat16 as uint16 bit patterns
+    (rounded to nearest, ties to even, as torch rounds)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "float32":
+        return values
+    if dtype == "float16":
+        return values.astype(np.float16)
+    bits = values.view(np.uint32)
+    rounded: np.ndarray = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
+    return (rounded >> 16).astype(np.uint16)
+
+
+def as_float32(values: np.ndarray) -> np.ndarray:
+    """Stored activations (float32, float16, or uint16 bfloat16 bit patterns) -> a float32 array."""
+    if values.dtype == np.uint16:
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(values, dtype=np.float32)
+
+
+def write_part(
+    store_dir: Path,
+    chunk: int,
+    columns: dict[str, np.ndarray],
+    failed: list[dict[str, Any]],
+    dtype: str = "float32",
+) -> Path:
     """Write one chunk's rows as `part-<chunk>.parquet`, atomically; `failed` goes into the file metadata.
 
-    columns: the INT_COLUMNS (n,) each and any number of (n, d) float arrays.
+    columns: the INT_COLUMNS (n,) each and any number of (n, d) float32 arrays; the activation
+    columns are written in `dtype` (one of ACTIVATION_DTYPES).
     """
     arrays = {
         name: pa.array(np.asarray(columns[name], dtype=np.int64 if name == "id" else np.int32)) for name in INT_COLUMNS
     }
-    arrays.update({name: tensor_column(v) for name, v in columns.items() if name not in INT_COLUMNS})
+    arrays.update(
+        {
+            name: tensor_column(to_stored_dtype(v, dtype) if is_activation_column(name) else v)
+            for name, v in columns.items()
+            if name not in INT_COLUMNS
+        }
+    )
     table = pa.table(arrays).replace_schema_metadata({FAILED_METADATA_KEY: json.dumps(failed).encode()})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -124,16 +185,18 @@ def column_shapes(store_dir: Path) -> dict[str, list[int]]:
 
 @dataclass
 class Activations:
-    """Arrays read from a store, sorted by id.
+    """A store's rows, sorted by id: the per-row integers in memory, every float column memory-mapped.
 
-    A stored column that was not loaded is read from `store_dir` on first use: all-token
-    columns are read this way where they are needed (a trial's block), never shipped through
-    Ray's object store with the rest.
+    `self[name]` is a float32 (n, d) or (n, tokens, d) array: the store's memory-mapped array for a
+    float32 store (nothing is read until rows are touched, and every process on the node shares the
+    pages), an up-cast copy for a float16/bfloat16 one. `self.stored(name)` is the mapped array as
+    stored, for readers that up-cast per batch (`as_float32`). Mapped columns are never pickled: an
+    Activations sent through Ray's object store maps them again where it is used.
     """
 
     ids: np.ndarray  # (n,) int64
     labels: np.ndarray  # (n,) int32
-    columns: dict[str, np.ndarray]  # name -> (n, d) or (n, tokens, d) float32
+    columns: dict[str, np.ndarray]  # name -> (n, d) or (n, tokens, d) float32, in memory or mapped
     manifest: dict[str, Any]
     store_dir: Path | None = None
     attributes: np.ndarray | None = None  # (n,) int32, -1 where the dataset has no groups
@@ -143,10 +206,28 @@ class Activations:
     def has_groups(self) -> bool:
         return self.groups is not None and bool(len(self.groups)) and bool((self.groups >= 0).all())
 
+    def has(self, name: str) -> bool:
+        """Whether the column is in memory or in the store."""
+        return name in self.columns or (self.store_dir is not None and name in self.manifest.get("columns", {}))
+
+    def stored(self, name: str) -> np.ndarray:
+        """Column `name` as stored: float32, float16 or uint16 (bfloat16 bits); memory-mapped from the store."""
+        if name in self.columns:
+            return self.columns[name]
+        if self.store_dir is None or name not in self.manifest.get("columns", {}):
+            raise KeyError(f"column {name!r} is not in this store; it holds {sorted(self.manifest.get('columns', {}))}")
+        return map_column(self.store_dir, name)
+
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.columns and self.store_dir is not None and name in self.manifest.get("columns", {}):
-            self.columns[name] = _read_columns(self.store_dir, [name])[name]
+        if name not in self.columns:
+            stored = self.stored(name)
+            self.columns[name] = stored if stored.dtype == np.float32 else as_float32(stored)
         return self.columns[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["columns"] = {n: v for n, v in self.columns.items() if not isinstance(v, np.memmap)}
+        return state
 
 
 def block_index(manifest: dict[str, Any], layer: int) -> int:
@@ -172,12 +253,11 @@ def load_activations(
     retrieval: bool = False,
     token_layers: Sequence[int] = (),
 ) -> Activations:
-    """Read ids, labels and the asked-for columns of a complete store, sorted by id.
+    """Ids, labels and groups of a complete store, sorted by id, with its columns mapped (read on first touch).
 
-    Only the columns asked for are read from the Parquet files: `cls_<layer>` (n, width) for
-    each of `layers` (negative indices count from the last block), `tokens_<layer>`
-    (n, tokens, width) for each of `token_layers`, `embedding`, `retrieval`.
-    Raises StoreIncomplete for a store that is missing or was not finished.
+    `layers` (negative indices count from the last block), `token_layers`, `embedding` and `retrieval`
+    name the columns the caller needs; each must be in the store. Builds the store's `arrays/` first
+    when they are missing or stale. Raises StoreIncomplete for a store that is missing or unfinished.
     """
     store_dir = Path(store_dir).expanduser()
     manifest = read_manifest(store_dir)
@@ -186,19 +266,108 @@ def load_activations(
     names = [cls_column(manifest, layer) for layer in layers]
     names += [cls_column(manifest, layer, "tokens") for layer in token_layers]
     names += ["embedding"] * embedding + ["retrieval"] * retrieval
-    columns = _read_columns(store_dir, names)
-    ids, labels, attributes, groups = (columns.pop(name) for name in INT_COLUMNS)
-    return Activations(ids, labels, columns, manifest, store_dir, attributes, groups)
+    missing = [name for name in names if name not in manifest["columns"]]
+    if missing:
+        raise KeyError(f"{store_dir} has no column(s) {missing}")
+    ensure_arrays(store_dir)
+    ids, labels, attributes, groups = (np.array(map_column(store_dir, name)) for name in INT_COLUMNS)
+    return Activations(ids, labels, {}, manifest, store_dir, attributes, groups)
 
 
-def _read_columns(store_dir: Path, names: list[str]) -> dict[str, np.ndarray]:
-    """The INT_COLUMNS and every tensor column of `names` from every part file, rows sorted by id."""
-    files = sorted(str(p) for p in Path(store_dir).glob("part-*.parquet"))
-    table = pa.concat_tables([pq.read_table(f, columns=[*INT_COLUMNS, *names]) for f in files])
-    order = np.argsort(table["id"].to_numpy(), kind="stable")
-    columns = {name: table[name].to_numpy()[order] for name in INT_COLUMNS}
-    columns.update({name: table[name].combine_chunks().to_numpy_ndarray()[order] for name in names})
-    return columns
+# ---------------------------------------------------------------- the memory-mappable arrays
+
+
+def array_path(store_dir: Path, name: str) -> Path:
+    """Where column `name`'s .npy lies in the store."""
+    return Path(store_dir) / ARRAYS_DIR / f"{name}.npy"
+
+
+def map_column(store_dir: Path, name: str) -> np.ndarray:
+    """Column `name` of a store whose arrays are built, memory-mapped read-only (rows sorted by id)."""
+    mapped: np.ndarray = np.load(array_path(store_dir, name), mmap_mode="r")
+    return mapped
+
+
+def _parts_on_disk(store_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(Path(store_dir).glob("part-*.parquet"))}
+
+
+def arrays_ready(store_dir: Path) -> bool:
+    """Whether the store's arrays are complete and built from the part files on disk now."""
+    index = Path(store_dir) / ARRAYS_DIR / "index.json"
+    if not index.is_file():
+        return False
+    built = json.loads(index.read_text())
+    names = [*INT_COLUMNS, *built.get("columns", {})]
+    return built.get("parts") == _parts_on_disk(store_dir) and all(array_path(store_dir, n).is_file() for n in names)
+
+
+@contextlib.contextmanager
+def _store_lock(store_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the store's arrays (flock; NFSv4, and so EFS, honours it across nodes)."""
+    (Path(store_dir) / ARRAYS_DIR).mkdir(parents=True, exist_ok=True)
+    with open(Path(store_dir) / ARRAYS_DIR / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_arrays(store_dir: Path) -> None:
+    """Build the store's arrays unless complete ones, built from the part files on disk, are there."""
+    if arrays_ready(store_dir):
+        return
+    with _store_lock(store_dir):
+        if not arrays_ready(store_dir):  # another process may have built them while this one waited
+            build_arrays(store_dir)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Hand a memory-mapped array's resident pages back (they stay in the page cache, so the next touch
+    is a minor fault): keeps a reader's resident memory at what it touched since the last call."""
+    mapped = getattr(array, "_mmap", None)
+    if isinstance(mapped, mmap.mmap):
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def build_arrays(store_dir: Path) -> None:
+    """Write every column of the part files as `arrays/<column>.npy`, rows sorted by id, one part in memory
+    at a time; `arrays/index.json` (the parts they came from) is written last."""
+    store_dir = Path(store_dir)
+    parts = _parts_on_disk(store_dir)
+    files = [store_dir / name for name in parts]
+    ids = np.concatenate([pq.read_table(f, columns=["id"])["id"].to_numpy() for f in files]) if files else np.zeros(0)
+    position = np.empty(len(ids), dtype=np.int64)
+    position[np.argsort(ids, kind="stable")] = np.arange(len(ids))  # row r of the parts goes to position[r]
+    schema = pq.read_schema(files[0]) if files else pa.schema([])
+    shapes = {f.name: list(f.type.shape) for f in schema if isinstance(f.type, pa.FixedShapeTensorType)}
+    dtypes = {f.name: f.type.value_type.to_pandas_dtype() for f in schema if f.name in shapes}
+    dtypes.update({name: np.int64 if name == "id" else np.int32 for name in INT_COLUMNS})
+    directory = store_dir / ARRAYS_DIR
+    directory.mkdir(exist_ok=True)
+    (directory / "index.json").unlink(missing_ok=True)
+    temporary = {name: directory / f".{name}.npy.tmp" for name in dtypes}
+    outputs = {
+        name: np.lib.format.open_memmap(temporary[name], "w+", dtypes[name], (len(ids), *shapes.get(name, [])))
+        for name in dtypes
+    }
+    start = 0
+    for file in files:
+        table = pq.read_table(file)
+        rows = position[start : start + table.num_rows]
+        start += table.num_rows
+        for name, out in outputs.items():
+            column = table[name]
+            out[rows] = column.combine_chunks().to_numpy_ndarray() if name in shapes else column.to_numpy()
+        for out in outputs.values():  # written through to the page cache; this process keeps none of it
+            out.flush()
+            release_pages(out)
+    outputs.clear()  # unmapped before the rename
+    for name, path in temporary.items():
+        os.replace(path, array_path(store_dir, name))
+    columns = {name: [str(np.dtype(dtypes[name])), shapes[name]] for name in shapes}
+    write_json(directory / "index.json", {"rows": len(ids), "columns": columns, "parts": parts})
 
 
 # ---------------------------------------------------------------- SAE checkpoints

@@ -82,13 +82,12 @@ class IntermediateReports:
     def _draw_samples(self) -> dict[str, torch.Tensor]:
         """Up to SAMPLE_ROWS training and validation rows of the SAE's column, drawn with the config's seed."""
         split, config = self.data.split, self.config
-        acts = torch.from_numpy(np.asarray(split.acts[split.column(config.sae.layer, config.sae.tokens)]))
+        column = split.column(config.sae.layer, config.sae.tokens)
         generator = torch.Generator().manual_seed(config.seed)
         samples = {}
         for name, mask in (("fvu", split.train_mask), ("val_fvu", split.val_mask)):
-            rows = acts[torch.from_numpy(mask)].reshape(-1, acts.shape[-1])
-            pick = torch.randperm(len(rows), generator=generator)[: self.SAMPLE_ROWS]
-            samples[name] = rows[pick].float()
+            rows = split.rows(column, mask)  # read from the store: only the sampled rows are touched
+            samples[name] = rows.take(torch.randperm(len(rows), generator=generator)[: self.SAMPLE_ROWS].numpy())
         return samples
 
     def __call__(self, step: int, sae: TopKSAE, dead_fraction: float) -> None:
