@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,8 +101,9 @@ def test_each_block_of_the_runner_turns_stored_tokens_into_the_next_blocks_store
     evaluator = evaluator_at(world, 1, random_sae(0))
     run_block = evaluator.encoder.run_block
     _, _, test = evaluation_splits(data, 1, token_blocks=(0, 1, 2, 3))
+    tokens = test.rows(0, len(test.labels)).tokens  # read from the store's host rows
     for block in range(1, NUM_BLOCKS):
-        torch.testing.assert_close(run_block(test.tokens[block - 1], block), test.tokens[block], atol=2e-5, rtol=0)
+        torch.testing.assert_close(run_block(tokens[block - 1], block), tokens[block], atol=2e-5, rtol=0)
 
 
 def test_final_block_steering_is_exactly_the_cached_path_and_the_real_model(world):
@@ -148,3 +150,21 @@ def test_sae_rec_all_with_identity_saes_is_zero_shot_and_otherwise_the_real_mode
     reconstructed, _ = evaluator.logits("sae_rec_all", evaluator.test, {})
     torch.testing.assert_close(reconstructed, model_logits(world, edits), atol=2e-3, rtol=0)
     assert not torch.equal(reconstructed.argmax(1), zero_shot.argmax(1))
+
+
+def test_a_split_evaluated_part_by_part_gives_the_whole_splits_figures(world, monkeypatch):
+    sae = random_sae(4)
+    grid = Grid(gammas=(1.5, 3.0), lambdas=(2.1,), gate_quantiles=(0.5, 0.9))
+    whole = evaluator_at(world, 1, sae, "all")
+    assert len(list(whole.parts(whole.test))) == 1  # the small world's test split fits one part
+    expected = {method: whole.evaluate(method, grid) for method in ("zero_shot", "vs2", "vs2_gated")}
+    monkeypatch.setitem(Evaluator.PART_BYTES, "cpu", 40 * 17 * 128 * 4)  # 40 images a part
+    parted = evaluator_at(world, 1, sae, "all")
+    assert len(list(parted.parts(parted.test))) == -(-len(parted.test.labels) // 40) > 2
+    for method, result in expected.items():
+        again = parted.evaluate(method, grid)
+        for field in ("val_top1", "test_top1", "test_top5"):
+            np.testing.assert_allclose(getattr(again, field), getattr(result, field), atol=1e-9, err_msg=method)
+        np.testing.assert_allclose(
+            [c or 0.0 for c in again.coverage], [c or 0.0 for c in result.coverage], atol=1e-9, err_msg=method
+        )

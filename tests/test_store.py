@@ -1,8 +1,16 @@
-"""The store's keys and the deterministic validation split."""
+"""The store: the deterministic validation split, its memory-mapped arrays, reduced dtypes, reads in bounded memory."""
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vs2ray.store import arrays_ready, as_float32, load_activations, to_stored_dtype
 
 
 def test_validation_split_is_deterministic_and_disjoint():
@@ -15,3 +23,133 @@ def test_validation_split_is_deterministic_and_disjoint():
     _, val_shuffled = train_val_split(shuffled, 0.1, seed=0)
     assert set(shuffled[val_shuffled]) == set(ids[val])  # depends on the ids, not their order
     assert set(ids[train_val_split(ids, 0.1, seed=1)[1]]) != set(ids[val])
+
+
+def _parts_table(store: Path) -> dict[str, np.ndarray]:
+    """Every column of the store's part files read with pyarrow alone, rows sorted by id."""
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(store.glob("part-*.parquet"))])
+    order = np.argsort(table["id"].to_numpy())
+    out = {}
+    for name in table.column_names:
+        column = table[name].combine_chunks()
+        values = column.to_numpy_ndarray() if isinstance(column.type, pa.FixedShapeTensorType) else column.to_numpy()
+        out[name] = values[order]
+    return out
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _small_store(directory: Path, images: int = 300, dtype: str = "float32", images_per_part: int = 64) -> Path:
+    """A synthetic every-token store (17 tokens × 128, the bundled model's block 1) written by the store's own
+    writer, ids spread over its part files: benchmarks/store_scale.py's."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from store_scale import write_synthetic_store
+
+    return write_synthetic_store(directory, images, seed=3, dtype=dtype, images_per_part=images_per_part)
+
+
+def test_arrays_are_the_parts_sorted_by_id_and_stale_or_unfinished_ones_are_rebuilt_not_read(tmp_path):
+    store = _small_store(tmp_path / "store", 300)
+    parts = _parts_table(store)
+    files = sorted(store.glob("part-*.parquet"))
+    first_ids = pq.read_table(files[0])["id"].to_numpy()
+    assert len(files) == 5 and np.ptp(first_ids) >= len(first_ids)  # each part's ids spread over the store
+    acts = load_activations(store, layers=[1], token_layers=[1])
+    np.testing.assert_array_equal(acts.ids, np.arange(300))
+    for name in ("cls_1", "tokens_1", "embedding"):
+        assert isinstance(acts.stored(name), np.memmap)
+        np.testing.assert_array_equal(acts[name], parts[name])
+    np.testing.assert_array_equal(acts.labels, parts["label"])
+
+    # a part file replaced after the arrays were built: they no longer match it and are rebuilt
+    first = sorted(store.glob("part-*.parquet"))[0]
+    table = pq.read_table(first)
+    changed = table.set_column(
+        table.column_names.index("embedding"), "embedding",
+        pa.FixedShapeTensorArray.from_numpy_ndarray(np.zeros((table.num_rows, 64), np.float32) + 7),
+    )  # fmt: skip
+    pq.write_table(changed.replace_schema_metadata(table.schema.metadata), first)
+    assert not arrays_ready(store)
+    rebuilt = load_activations(store, layers=[1])
+    assert (rebuilt["embedding"][np.isin(rebuilt.ids, table["id"].to_numpy())] == 7).all()
+
+    # arrays whose index was never written (a builder killed mid-way) are not read: they are rebuilt
+    (store / "arrays" / "index.json").unlink()
+    np.save(store / "arrays" / "embedding.npy", np.zeros((3, 64), np.float32))  # a wrong, half-written array
+    again = load_activations(store, layers=[1])
+    assert again["embedding"].shape == (300, 64) and arrays_ready(store)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reduced_dtypes_are_stored_small_and_read_back_as_torch_rounds_them(tmp_path, dtype):
+    import torch
+
+    values = np.random.default_rng(0).normal(scale=3, size=(64, 17, 128)).astype(np.float32)
+    values[0, 0, :4] = [1.0, -2.5, 65504.0, 1e-8]
+    stored = to_stored_dtype(values, dtype)
+    expected = torch.from_numpy(values).to(getattr(torch, dtype)).float().numpy()
+    np.testing.assert_array_equal(as_float32(stored), expected)  # round to nearest, ties to even, as torch does
+    assert stored.nbytes == values.nbytes // 2
+
+    store = _small_store(tmp_path / dtype, 300, dtype)
+    reference = _small_store(tmp_path / "float32", 300)  # the same seed in float32
+    schema = pq.read_schema(next(store.glob("part-*.parquet")))
+    assert schema.field("tokens_1").type.value_type == (pa.float16() if dtype == "float16" else pa.uint16())
+    assert schema.field("embedding").type.value_type == pa.float32()  # only block activations are reduced
+    small, full = load_activations(store, layers=[1]), load_activations(reference, layers=[1])
+    as_torch = torch.from_numpy(np.asarray(full["tokens_1"])).to(getattr(torch, dtype)).float().numpy()
+    np.testing.assert_array_equal(small["tokens_1"], as_torch)
+    assert small["tokens_1"].dtype == np.float32
+    np.testing.assert_array_equal(small["embedding"], full["embedding"])
+
+
+def test_pickled_activations_map_their_columns_again_instead_of_carrying_them(tmp_path):
+    store = _small_store(tmp_path / "store", 300)
+    acts = load_activations(store, layers=[1], token_layers=[1])
+    tokens = acts["tokens_1"]  # touched: mapped, and so not pickled
+    payload = pickle.dumps(acts)
+    assert len(payload) < tokens.nbytes / 20
+    unpickled = pickle.loads(payload)
+    np.testing.assert_array_equal(unpickled["tokens_1"], tokens)
+
+
+def test_an_sae_streamed_from_the_store_is_the_sae_trained_in_memory(tmp_path):
+    import torch
+
+    from vs2ray.sae import ActivationRows, SAETrainParams, train_sae
+
+    store = _small_store(tmp_path / "store", 300)
+    tokens = load_activations(store, layers=[1]).stored("tokens_1").reshape(-1, 128)  # mapped, 5,100 rows
+    rows = np.random.default_rng(1).choice(len(tokens), 4000, replace=False)
+    params = SAETrainParams(k=8, expansion=2, steps=30, batch_size=256, warmup_steps=5, seed=4)
+    in_memory = train_sae(torch.from_numpy(np.array(tokens[rows])), params, log=lambda _: None)
+    streamed = train_sae(ActivationRows(tokens, rows), params, log=lambda _: None)
+    for name, weight in in_memory.sae.state_dict().items():
+        assert torch.equal(weight, streamed.sae.state_dict()[name]), name
+    assert in_memory.metrics["fvu"] == streamed.metrics["fvu"]
+    assert in_memory.losses == streamed.losses
+
+
+def test_a_trial_trains_and_evaluates_on_a_store_larger_than_the_memory_it_may_add(tmp_path):
+    """The process may add 400 MB of private memory (RLIMIT_DATA) above what torch and the model take; the
+    token column is 581 MB, and the whole of it does not fit. Its mapped pages do not count: they belong to
+    the page cache, which the kernel reclaims as it needs. (What the trial adds is about 130 MB to train and
+    400 MB to evaluate, most of it the forward through the blocks after the steering one, part by part.)"""
+    import json
+    import subprocess
+    import sys
+
+    store = _small_store(tmp_path / "train", 70000, images_per_part=4096)
+    test = _small_store(tmp_path / "test", 500)
+    column_mb = np.load(store / "arrays" / "tokens_1.npy", mmap_mode="r").nbytes / 2**20
+    command = [sys.executable, str(BENCHMARKS / "store_scale.py"), "trial", "--train", str(store), "--test", str(test)]
+    command += ["--root", str(tmp_path / "root"), "--steps", "30", "--evaluate", "--limit-private-mb", "400"]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert output.returncode == 0, output.stderr[-3000:]
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    assert column_mb > 1.4 * 400 and result["whole_column_fits"] is False  # the limit binds
+    assert 0 < result["fvu"] < 1 and 0 < result["val_fvu"] < 1
+    assert {"test_top1_zero_shot", "test_top1_vs2", "test_top1_vs2_gated"} <= set(result)

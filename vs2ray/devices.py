@@ -120,6 +120,31 @@ def worker_device(setting: str, gpu_ids: Sequence[Any] | None, what: str = "this
     return torch.device("cuda", 0)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+HEAP_MMAP_THRESHOLD = 4 * 2**20
+_heap_bounded = False
+
+
+def bound_heap_growth() -> None:
+    """Fix glibc's mmap threshold at 4 MiB, once per process (a no-op off glibc).
+
+    Reading a store in batches frees and reallocates the same few-MiB buffers every batch. glibc raises
+    its mmap threshold to the largest block freed so far (up to 32 MiB), after which such buffers come
+    from the heap, which fragments and never shrinks: measured here, an all-token calibration over a
+    624 MB column grew private memory by 583 MB, against 15 MB with the threshold fixed."""
+    global _heap_bounded
+    if _heap_bounded:
+        return
+    _heap_bounded = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        pass
+
+
 def limit_gpu_memory(device: torch.device, gpu_share: float) -> None:
     """Cap this process's CUDA allocations at its fractional GPU share (e.g. 0.25 of the card), so that
     trials sharing a GPU cannot starve each other; a whole GPU or the CPU is left alone."""

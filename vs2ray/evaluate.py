@@ -18,9 +18,9 @@ This module knows neither Ray nor the config: the caller builds the Evaluator an
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -44,9 +44,32 @@ class SplitData:
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (n, T, width): steering inside
     attributes: torch.Tensor | None = None  # (n,) int64 nuisance attribute, on datasets with groups
     groups: torch.Tensor | None = None  # (n,) int64 class × attribute group, on datasets with groups
-    # the pool's every token of the steering block (n·T rows, an image's consecutive) on the host, read in
-    # batches: all-token calibration; the largest rows of a trial, never whole in memory
-    token_rows: ActivationRows | None = None
+    # block -> every token (n·T rows, an image's consecutive) left on the host and read a part of the split
+    # at a time (Evaluator.parts): the largest arrays of a trial are never whole in memory
+    token_source: dict[int, ActivationRows] = field(default_factory=dict)
+
+    def rows(self, start: int, stop: int, name: str | None = None) -> SplitData:
+        """Images `start:stop` of the split, with the tokens of `token_source` read onto the split's device."""
+        device = self.cls.device
+        tokens = {block: t[start:stop] for block, t in self.tokens.items()}
+        for block, rows in self.token_source.items():
+            per_image = len(rows) // max(1, len(self.labels))
+            read = rows.take(np.arange(start * per_image, stop * per_image)).to(device)
+            tokens[block] = read.reshape(stop - start, per_image, rows.width)
+
+        def cut(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[start:stop]
+
+        return SplitData(
+            name=name or f"{self.name}[{start}:{stop}]",
+            cls=self.cls[start:stop],
+            embedding=self.embedding[start:stop],
+            labels=self.labels[start:stop],
+            retrieval=cut(self.retrieval),
+            tokens=tokens,
+            attributes=cut(self.attributes),
+            groups=cut(self.groups),
+        )
 
 
 @dataclass
@@ -202,6 +225,7 @@ class Evaluator:
         self._code_differences: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool_mean_code: torch.Tensor | None = None
         self._token_rows: dict[str, SplitData] = {}
+        self._whole: dict[str, SplitData] = {}
         if self._steers_every_token:
             self.mean, self.calibration_fvu = self._calibrate(self._pool_token_rows())
         else:
@@ -209,11 +233,54 @@ class Evaluator:
             self.calibration_fvu = self.sae_pass(pool)[1]
 
     SAE_PASS_ROWS = 16384  # rows per SAE pass: the (rows, latents) pre-activations stay small
+    # host tokens read per part of a split: steering holds several copies of a part's tokens at once
+    PART_BYTES: ClassVar[dict[str, int]] = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}
 
     def _pool_token_rows(self) -> ActivationRows:
-        if self.pool.token_rows is None:
-            raise ValueError("an all-token SAE inside the encoder calibrates on the pool's every token (token_rows)")
-        return self.pool.token_rows
+        assert self.encoder is not None  # only an all-token SAE inside the encoder steers every token
+        if self.encoder.block not in self.pool.token_source:
+            raise ValueError("an all-token SAE inside the encoder calibrates on the pool's every token (token_source)")
+        return self.pool.token_source[self.encoder.block]
+
+    def pool_steered_rows(self) -> ActivationRows:
+        """The pool rows a row-wise method steers (every token of the block, or [CLS]), on the host."""
+        return self._pool_token_rows() if self._steers_every_token else ActivationRows(self.pool.cls.cpu())
+
+    def parts(self, split: SplitData) -> Iterator[SplitData]:
+        """`split` in parts of about PART_BYTES (by device) of host tokens, each with its tokens on the device;
+        the whole split (memoised, under its own name) when it has none on the host or fits in one part.
+        What was memoised for a part is dropped once the next part is asked for."""
+        if not split.token_source:
+            yield split
+            return
+        n = len(split.labels)
+        per_image = sum(4 * rows.width * len(rows) // max(1, n) for rows in split.token_source.values())
+        budget = self.PART_BYTES["cuda" if split.cls.device.type == "cuda" else "cpu"]
+        size = max(1, budget // max(1, per_image))
+        if n <= size:
+            yield self.whole(split)
+            return
+        for start in range(0, n, size):
+            part = split.rows(start, min(n, start + size))
+            yield part
+            self._forget(part.name)
+
+    def whole(self, split: SplitData) -> SplitData:
+        """`split` with every token of its host blocks on the device (memoised per split)."""
+        if not split.token_source:
+            return split
+        if split.name not in self._whole:
+            self._whole[split.name] = split.rows(0, len(split.labels), split.name)
+        return self._whole[split.name]
+
+    def _forget(self, name: str) -> None:
+        """Drop what was memoised for the split (or part) called `name`."""
+        for memo in (self._sae_passes, self._zero_shot, self._token_rows):
+            memo.pop(name, None)
+        for key in [key for key in self._neighbours if key[0] == name]:
+            del self._neighbours[key]
+        for key in [key for key in self._code_differences if key[0] == name]:
+            del self._code_differences[key]
 
     @torch.no_grad()
     def _calibrate(self, rows: ActivationRows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,7 +419,7 @@ class Evaluator:
             pool = self.pool
             if pool.attributes is None:
                 raise ValueError("ablate needs the nuisance attribute of the pool rows (a dataset with groups)")
-            rows = self._pool_token_rows() if self._steers_every_token else ActivationRows(pool.cls.cpu())
+            rows = self.pool_steered_rows()
             per_image = len(rows) // len(pool.cls)
             # 256 images at a time: dense (rows, latents) codes stay small even for every token
             image_codes = torch.cat(
@@ -373,6 +440,8 @@ class Evaluator:
         entry = METHODS[method]
         if entry.steer is None:
             raise ValueError(f"{method} is not available: {entry.unavailable}")
+        if isinstance(split, SplitData) and split.token_source and not split.tokens:
+            split = self.whole(split)  # a caller's whole split; evaluate() goes part by part instead
         # a plain (rows, coverage) tuple is a Steered too: methods written before empty_negatives keep working
         rows = self.steered_rows(split) if entry.kind == "token" and entry.rowwise else split
         steered = Steered(*entry.steer(self, rows, setting))
@@ -411,13 +480,26 @@ class Evaluator:
             return None
         return group_accuracies(logits, split.labels, split.groups, self.num_groups)
 
+    def _logits_by_setting(
+        self, method: str, split: SplitData, settings: list[Setting]
+    ) -> tuple[list[torch.Tensor], list[Steered]]:
+        """Per setting: `method`'s logits (n, classes) over the whole split, computed part by part, and its
+        coverage and empty-S− shares over the split (no rows: they stay with their part)."""
+        logits: list[list[torch.Tensor]] = [[] for _ in settings]
+        shares: list[list[tuple[int, Steered]]] = [[] for _ in settings]
+        for part in self.parts(split):
+            for i, setting in enumerate(settings):
+                part_logits, steered = self.logits(method, part, setting)
+                logits[i].append(part_logits)
+                shares[i].append((len(part.labels), steered._replace(rows=torch.zeros(0))))  # rows: the part's
+        return [torch.cat(chunks) for chunks in logits], [_pooled_shares(s) for s in shares]
+
     def evaluate(self, method: str, grid: Grid) -> MethodResult:
         """Every setting of `method` on validation and test."""
         settings = settings_for(method, grid)
         result = MethodResult(method, settings, self.select_by)
-        for setting in settings:
-            for split in (self.val, self.test):
-                logits, steered = self.logits(method, split, setting)
+        for split in (self.val, self.test):
+            for logits, steered in zip(*self._logits_by_setting(method, split, settings), strict=True):
                 top1, top5, per_class = accuracy(logits, split.labels, self.num_classes)
                 per_group = self._per_group(logits, split)
                 if split is self.val:
@@ -441,8 +523,8 @@ class Evaluator:
         """`method`'s validation top-1 and top-5 (and worst-group accuracy) at its selected setting, without
         touching the test split."""
         scores = []
-        for setting in settings_for(method, grid):
-            logits, _ = self.logits(method, self.val, setting)
+        all_logits, _ = self._logits_by_setting(method, self.val, settings_for(method, grid))
+        for logits in all_logits:
             top1, top5, _ = accuracy(logits, self.val.labels, self.num_classes)
             per_group = self._per_group(logits, self.val)
             score = {metric_name("val_top1", method): top1, metric_name("val_top5", method): top5}
@@ -471,6 +553,19 @@ class Evaluator:
     def evaluate_all(self, methods: Sequence[str], grid: Grid) -> dict[str, MethodResult]:
         """Each method in `methods`, in that order."""
         return {m: self.evaluate(m, grid) for m in methods}
+
+
+def _pooled_shares(parts: list[tuple[int, Steered]]) -> Steered:
+    """One Steered for a split from its parts' (rows, Steered): coverage and empty-S− shares weighted by rows."""
+
+    def pooled(values: list[tuple[int, float | None]]) -> float | None:
+        known = [(n, v) for n, v in values if v is not None]
+        return sum(n * v for n, v in known) / sum(n for n, _ in known) if known else None
+
+    if len(parts) == 1:
+        return parts[0][1]
+    coverage = pooled([(n, steered.coverage) for n, steered in parts])
+    return Steered(parts[0][1].rows, coverage, pooled([(n, steered.empty_negatives) for n, steered in parts]))
 
 
 def format_table(results: dict[str, MethodResult]) -> str:

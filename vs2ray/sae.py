@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vs2ray.devices import precision_scope, worker_device
+from vs2ray.devices import bound_heap_growth, precision_scope, worker_device
 from vs2ray.store import as_float32, release_pages, write_json, write_tensors
 
 if TYPE_CHECKING:  # shapes in the signatures; jaxtyping is only needed by the type checker
@@ -266,12 +266,14 @@ class ActivationRows:
     """
 
     RELEASE_BYTES = 256 * 2**20
+    CHUNK_BYTES = 16 * 2**20  # rows per chunk of `to` and `mean`: this much float32
 
     def __init__(self, array: np.ndarray | torch.Tensor, rows: np.ndarray | None = None) -> None:
         if isinstance(array, torch.Tensor):
             array = array.detach().cpu().numpy()
         if array.ndim != 2:
             raise ValueError(f"activation rows must be (N, d); got an array of shape {array.shape}")
+        bound_heap_growth()  # batch buffers freed and reallocated must not grow the heap
         self.array, self.rows = array, rows
         self._read_since_release = 0
 
@@ -285,33 +287,39 @@ class ActivationRows:
     def take(self, positions: np.ndarray) -> Float[Tensor, "batch d"]:
         """The rows at `positions` (batch,) of these n rows, in that order, as a float32 CPU tensor."""
         index = positions if self.rows is None else self.rows[positions]
-        return self._tensor(self.array[index])
+        return self._tensor(self.array[index])  # fancy indexing copies: the rows only
 
     def chunks(self, size: int) -> Iterator[Float[Tensor, "chunk d"]]:
         """All n rows in order, `size` at a time, as float32 CPU tensors."""
         for start in range(0, len(self), size):
             stop = min(start + size, len(self))
             if self.rows is None:
-                yield self._tensor(self.array[start:stop])
+                yield self._tensor(np.array(self.array[start:stop]))  # a slice is a view: copied here
             else:
                 yield self.take(np.arange(start, stop))
 
-    def to(self, device: torch.device, chunk: int = 65536) -> Float[Tensor, "n d"]:
+    @property
+    def chunk_rows(self) -> int:
+        return max(1, self.CHUNK_BYTES // (4 * self.width))
+
+    def to(self, device: torch.device, chunk: int | None = None) -> Float[Tensor, "n d"]:
         """All n rows on `device` as one float32 tensor, filled a chunk at a time (no whole host copy)."""
+        chunk = chunk or self.chunk_rows
         out = torch.empty(len(self), self.width, dtype=torch.float32, device=device)
         for start, values in zip(range(0, len(self), chunk), self.chunks(chunk), strict=True):
             out[start : start + len(values)] = values.to(device)
         return out
 
-    def mean(self, chunk: int = 65536) -> Float[Tensor, " d"]:
+    def mean(self) -> Float[Tensor, " d"]:
         """The rows' mean (d,), accumulated in float64 a chunk at a time."""
         total = torch.zeros(self.width, dtype=torch.float64)
-        for values in self.chunks(chunk):
-            total += values.sum(dim=0, dtype=torch.float64)
+        for values in self.chunks(self.chunk_rows):
+            total += values.sum(dim=0).double()  # float32 within a chunk: no float64 copy of it
         return (total / max(1, len(self))).float()
 
     def _tensor(self, values: np.ndarray) -> torch.Tensor:
-        values = np.array(as_float32(values), dtype=np.float32, order="C", copy=True)
+        # `values` is this read's own copy; up-casting makes another only for float16 / bfloat16
+        values = np.ascontiguousarray(as_float32(values)).view(np.ndarray)
         self._read_since_release += values.nbytes
         if self._read_since_release >= self.RELEASE_BYTES:
             release_pages(self.array)

@@ -372,22 +372,17 @@ def evaluation_splits(
     pool_token_block: int | None = None,
 ) -> tuple[SplitData, SplitData, SplitData]:
     """(pool, val, test) at block `layer`: the SAE's training rows (neighbour pool, calibration), validation
-    and test rows; val and test with every token of `token_blocks` on `device` (steering inside the encoder,
-    SAE_REC^A), the pool with every token of `pool_token_block` as host rows read in batches (all-token
-    calibration: these are the large ones)."""
+    and test rows, their [CLS] rows and embeddings on `device`. Every token of `token_blocks` (steering
+    inside the encoder, SAE_REC^A) of val and test, and of `pool_token_block` of the pool (all-token
+    calibration), stays on the host, read in batches (`SplitData.token_source`): these are the large ones."""
     split = data.split
     with_retrieval = split.acts.has("retrieval")
-
-    def pool_rows(acts: Activations, mask: np.ndarray, block: int) -> ActivationRows:
-        return column_rows(acts, split.column(block, "all"), mask)
-
     grouped = data.num_groups > 0
     cls = split.column(layer)
 
     def rows(acts: Activations, mask: np.ndarray, name: str, blocks: tuple[int, ...]) -> SplitData:
         def take(column: str) -> torch.Tensor:
-            shape = acts.stored(column).shape[1:]  # filled on the device a chunk at a time
-            return column_rows(acts, column, mask).to(torch.device(device)).reshape(-1, *shape)
+            return column_rows(acts, column, mask).to(torch.device(device))  # filled a chunk at a time
 
         def integers(values: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(values.astype(np.int64))[torch.from_numpy(mask)].to(device)
@@ -398,15 +393,14 @@ def evaluation_splits(
             embedding=take("embedding"),
             labels=integers(acts.labels),
             retrieval=take("retrieval") if with_retrieval else None,
-            tokens={block: take(split.column(block, "all")) for block in blocks},
             attributes=integers(acts.attributes) if grouped and acts.attributes is not None else None,
             groups=integers(acts.groups) if grouped and acts.groups is not None else None,
-            token_rows=None if pool_token_block is None or name != "pool" else pool_rows(acts, mask, pool_token_block),
+            token_source={block: column_rows(acts, split.column(block, "all"), mask) for block in blocks},
         )
 
     everything = np.ones(len(data.test.ids), dtype=bool)
     return (
-        rows(split.acts, split.train_mask, "pool", ()),
+        rows(split.acts, split.train_mask, "pool", () if pool_token_block is None else (pool_token_block,)),
         rows(split.acts, split.val_mask, "val", token_blocks),
         rows(data.test, everything, "test", token_blocks),
     )

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from vs2ray import steering
-from vs2ray.evaluate import Evaluator, SplitData
+from vs2ray.evaluate import Evaluator
 
 UnitKind = Literal["latent", "neuron"]
 CALIBRATION_ROWS = 8192  # training rows (seeded sample) a unit's on-level is measured on
@@ -96,17 +96,6 @@ class SteerabilityResult:
         }
 
 
-def _probe(split: SplitData, rows: int) -> SplitData:
-    """The first `rows` rows of `split` (and of its tokens)."""
-    return SplitData(
-        name=f"{split.name}/probe",
-        cls=split.cls[:rows],
-        embedding=split.embedding[:rows],
-        labels=split.labels[:rows],
-        tokens={block: tokens[:rows] for block, tokens in split.tokens.items()},
-    )
-
-
 def on_levels(activations: torch.Tensor, quantile: float) -> torch.Tensor:
     """Per column of (n, units), the `quantile` of its positive values; 0 for a column never positive."""
     positive = torch.where(activations > 0, activations, torch.nan)
@@ -124,9 +113,9 @@ def measure_steerability(
     probe images through the blocks after the steering block (none at the last block with [CLS] only).
     """
     sae = evaluator.sae
-    probe = _probe(evaluator.val, settings.probe_images)
+    probe = evaluator.val.rows(0, min(settings.probe_images, len(evaluator.val.labels)), f"{evaluator.val.name}/probe")
     rows = evaluator.steered_rows(probe).cls  # (P, d) or (P·T, d)
-    calibration = evaluator.steered_rows(evaluator.pool).cls
+    calibration_rows = evaluator.pool_steered_rows()  # on the host; only a sample is read
 
     def distribution(final_cls: torch.Tensor) -> torch.Tensor:
         return torch.softmax(
@@ -135,12 +124,13 @@ def measure_steerability(
 
     default = distribution(evaluator.final_cls(probe, rows))
     generator = torch.Generator().manual_seed(settings.seed)
-    totals = {"latent": sae.n_latents, "neuron": calibration.shape[1]}
+    totals = {"latent": sae.n_latents, "neuron": calibration_rows.width}
     sampled = {
         kind: torch.randperm(n, generator=generator)[: settings.units].sort().values for kind, n in totals.items()
     }
     # on-levels from at most CALIBRATION_ROWS training rows, and only the sampled latents' dense columns
-    calibration = calibration[torch.randperm(len(calibration), generator=generator)[:CALIBRATION_ROWS]]
+    picked = torch.randperm(len(calibration_rows), generator=generator)[:CALIBRATION_ROWS]
+    calibration = calibration_rows.take(picked.numpy()).to(rows.device)
     latent_acts = [
         sae.dense_codes(*sae.encode(calibration[start : start + 1024]))[:, sampled["latent"]]
         for start in range(0, len(calibration), 1024)
