@@ -132,9 +132,38 @@ def sae_rows(device: torch.device, small: bool) -> list[Row]:
                     "held_out_fvu": evaluate_sae(result.sae, held_out)["fvu"],
                 }
             )
+    rows.append(streamed_row(train, held_out, params, device))
     if not missing("sparsify"):
         rows.append(sparsify_row(train, held_out, params, device))
     return rows
+
+
+def streamed_row(train: torch.Tensor, held_out: torch.Tensor, params: Any, device: torch.device) -> Row:
+    """The same SAE trained from a memory-mapped .npy, batch by batch from the host, against the rows staged
+    on the device: a store larger than the GPU must give the same weights, at what speed."""
+    import tempfile
+
+    import numpy as np
+
+    from vs2ray.sae import ActivationRows, evaluate_sae, train_sae
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "rows.npy"
+        np.save(path, train.numpy())
+        mapped = ActivationRows(np.load(path, mmap_mode="r"))
+        staged = train_sae(mapped, params, device=device, stage=True, log=lambda _: None)
+        streamed = train_sae(mapped, params, device=device, stage=False, log=lambda _: None)
+    same = all(torch.equal(weight, streamed.sae.state_dict()[name]) for name, weight in staged.sae.state_dict().items())
+    return {
+        "sae": "vs2ray TopKSAE, host batches from a memory map",
+        "device": str(device),
+        "precision": "fp32",
+        "steps": params.steps,
+        "samples_per_s": streamed.metrics["samples_per_second"],
+        "held_out_fvu": evaluate_sae(streamed.sae, held_out)["fvu"],
+        "staged_samples_per_s": staged.metrics["samples_per_second"],
+        "same_weights_as_staged": same,
+    }
 
 
 def sparsify_row(train: torch.Tensor, held_out: torch.Tensor, params: Any, device: torch.device) -> Row:

@@ -29,6 +29,7 @@ def test_gpu_check_runs_every_section_on_the_cpu_and_writes_its_table(tmp_path, 
     )
     assert {row["precision"] for row in report["sae"]} == {"fp32", "bf16"}
     assert all(0 < row["held_out_fvu"] < 1 for row in report["sae"])
+    assert [row["same_weights_as_staged"] for row in report["sae"] if "same_weights_as_staged" in row] == [True]
     assert any(row.get("on_gpu") is False and row["queries_per_s"] > 0 for row in report["faiss"])
     from vs2ray.methods import METHODS
 

@@ -152,6 +152,14 @@ def limit_gpu_memory(device: torch.device, gpu_share: float) -> None:
         torch.cuda.set_per_process_memory_fraction(gpu_share, device)
 
 
+def free_gpu_bytes(device: torch.device) -> int:
+    """What this process may still allocate on a CUDA device: the device's free memory, capped by the
+    share `limit_gpu_memory` set (a trial on 0.25 of a GPU may use a quarter of it, whatever is free)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allowed = int(torch.cuda.get_per_process_memory_fraction(device) * total) - torch.cuda.memory_reserved(device)
+    return max(0, min(free, allowed))
+
+
 @contextlib.contextmanager
 def precision_scope(device: torch.device | str, precision: str) -> Iterator[None]:
     """Run the enclosed forward passes at `precision` on `device` (module docstring); fp32 changes nothing.

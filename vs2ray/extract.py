@@ -55,9 +55,9 @@ from vs2ray.models import (
 from vs2ray.store import (
     INT_COLUMNS,
     STORE_FORMAT,
-    build_arrays,
     column_shapes,
     content_key,
+    ensure_arrays,
     finished_chunks,
     is_complete,
     read_manifest,
@@ -494,7 +494,7 @@ def _finish_split(config: ExperimentConfig, plan: _SplitPlan, num_layers: int, w
         raise RuntimeError(f"{store_dir}: chunks {missing[:10]} were not written; run the extraction again")
     rows = sum(pq.read_metadata(path).num_rows for path in sorted(store_dir.glob("part-*.parquet")))
     failed = [entry for chunk in sorted(done) for entry in done[chunk]]
-    build_arrays(store_dir)  # before `complete`: a complete store always has its arrays
+    ensure_arrays(store_dir)  # before `complete`: a complete store always has its arrays (one builder at a time)
     manifest.update(
         {
             "rows": rows,

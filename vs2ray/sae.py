@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vs2ray.devices import bound_heap_growth, precision_scope, worker_device
+from vs2ray.devices import bound_heap_growth, free_gpu_bytes, precision_scope, worker_device
 from vs2ray.store import as_float32, release_pages, write_json, write_tensors
 
 if TYPE_CHECKING:  # shapes in the signatures; jaxtyping is only needed by the type checker
@@ -265,7 +265,8 @@ class ActivationRows:
     cache, shared by every process that maps the column.
     """
 
-    RELEASE_BYTES = 256 * 2**20
+    RELEASE_BYTES = 128 * 2**20  # of mapped pages touched
+    PAGE = 64 * 2**10  # what a fault on a mapped page maps: the kernel maps the page cache around it too
     CHUNK_BYTES = 16 * 2**20  # rows per chunk of `to` and `mean`: this much float32
 
     def __init__(self, array: np.ndarray | torch.Tensor, rows: np.ndarray | None = None) -> None:
@@ -275,6 +276,7 @@ class ActivationRows:
             raise ValueError(f"activation rows must be (N, d); got an array of shape {array.shape}")
         bound_heap_growth()  # batch buffers freed and reallocated must not grow the heap
         self.array, self.rows = array, rows
+        self._ordered = rows is None or bool(np.all(rows[1:] >= rows[:-1]))
         self._read_since_release = 0
 
     def __len__(self) -> int:
@@ -284,19 +286,29 @@ class ActivationRows:
     def width(self) -> int:
         return int(self.array.shape[1])
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored row (float16 and bfloat16 rows are half a float32 one)."""
+        return int(self.array.dtype.itemsize) * self.width
+
     def take(self, positions: np.ndarray) -> Float[Tensor, "batch d"]:
         """The rows at `positions` (batch,) of these n rows, in that order, as a float32 CPU tensor."""
         index = positions if self.rows is None else self.rows[positions]
-        return self._tensor(self.array[index])  # fancy indexing copies: the rows only
+        # scattered rows each touch at least a page of the mapping
+        return self._tensor(self.array[index], touched=len(index) * max(self.PAGE, self.row_bytes))
 
     def chunks(self, size: int) -> Iterator[Float[Tensor, "chunk d"]]:
         """All n rows in order, `size` at a time, as float32 CPU tensors."""
+        self.release()  # a pass starts from nothing mapped, whatever the reads before it left
         for start in range(0, len(self), size):
             stop = min(start + size, len(self))
             if self.rows is None:
-                yield self._tensor(np.array(self.array[start:stop]))  # a slice is a view: copied here
+                # a slice is a view: copied here
+                yield self._tensor(np.array(self.array[start:stop]), touched=self.row_bytes * (stop - start))
             else:
-                yield self.take(np.arange(start, stop))
+                index = self.rows[start:stop]  # in order; a scan over a sparse subset maps the span it covers
+                span = int(index[-1] - index[0]) + 1 if self._ordered else len(index) * self.PAGE // self.row_bytes
+                yield self._tensor(self.array[index], touched=self.row_bytes * max(len(index), span))
 
     @property
     def chunk_rows(self) -> int:
@@ -317,13 +329,17 @@ class ActivationRows:
             total += values.sum(dim=0).double()  # float32 within a chunk: no float64 copy of it
         return (total / max(1, len(self))).float()
 
-    def _tensor(self, values: np.ndarray) -> torch.Tensor:
+    def release(self) -> None:
+        """Hand the mapped pages read so far back to the page cache (a no-op for an in-memory array)."""
+        release_pages(self.array)
+        self._read_since_release = 0
+
+    def _tensor(self, values: np.ndarray, touched: int) -> torch.Tensor:
         # `values` is this read's own copy; up-casting makes another only for float16 / bfloat16
         values = np.ascontiguousarray(as_float32(values)).view(np.ndarray)
-        self._read_since_release += values.nbytes
+        self._read_since_release += touched
         if self._read_since_release >= self.RELEASE_BYTES:
-            release_pages(self.array)
-            self._read_since_release = 0
+            self.release()
         return torch.from_numpy(values)
 
 
@@ -424,13 +440,15 @@ def train_sae(
     on_report: Callable[[int, TopKSAE, float], None] | None = None,
     report_every: int = 0,
     val_acts: Float[Tensor, "m d"] | ActivationRows | None = None,
+    stage: bool | None = None,
 ) -> TrainResult:
     """Train a top-k SAE on activations (N, d), deterministically for a given `params.seed`.
 
     `acts` is a tensor or ActivationRows (a store column read in batches: memory stays at a few
     batches whatever its size); the same rows in either form give the same SAE. Batches are drawn
-    by a seeded permutation of the N rows per epoch. On CUDA, rows that fit in half the free GPU
-    memory are staged there once; otherwise each batch is read from the host.
+    by a seeded permutation of the N rows per epoch. On CUDA, rows that fit in half of what the process
+    may still allocate there (`devices.free_gpu_bytes`) are staged once; otherwise each batch is read
+    from the host (`stage` True / False forces either).
     `labels` (N,) are needed only for PASS (`params.w_aux > 0`) and never used otherwise.
     `init` continues training from a copy of an existing SAE (its b_pre is kept).
     `on_report(step, sae, dead_fraction)` is called after every `report_every` steps (not
@@ -457,7 +475,7 @@ def train_sae(
                 sae.load_state_dict(init.state_dict())
             else:
                 sae.b_pre.copy_(rows.mean())  # b_pre starts at the empirical mean
-        batches = _batches_on(device, rows)
+        batches = _batches_on(device, rows, stage)
         losses, seconds = _train_loop(
             sae, batches, params, labels, num_classes, device, log_every, log, on_report, report_every, generator
         )
@@ -475,10 +493,13 @@ def train_sae(
     return TrainResult(sae=sae.cpu(), metrics=metrics, losses=losses)
 
 
-def _batches_on(device: torch.device, rows: ActivationRows) -> torch.Tensor | ActivationRows:
-    """Where training batches come from: the rows staged on a GPU they fit (half its free memory), else
-    the host rows, read batch by batch (on the CPU a gather from memory or the page cache is as fast)."""
-    if device.type == "cuda" and len(rows) * rows.width * 4 <= torch.cuda.mem_get_info(device)[0] // 2:
+def _batches_on(device: torch.device, rows: ActivationRows, stage: bool | None) -> torch.Tensor | ActivationRows:
+    """Where training batches come from: the rows staged on a GPU they fit (half of what this process may
+    still allocate there), else the host rows, read batch by batch (on the CPU a gather from memory or the
+    page cache is as fast)."""
+    if stage is None:
+        stage = device.type == "cuda" and len(rows) * rows.width * 4 <= free_gpu_bytes(device) // 2
+    if stage:
         return rows.to(device)
     return rows
 

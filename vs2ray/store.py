@@ -190,8 +190,8 @@ class Activations:
     `self[name]` is a float32 (n, d) or (n, tokens, d) array: the store's memory-mapped array for a
     float32 store (nothing is read until rows are touched, and every process on the node shares the
     pages), an up-cast copy for a float16/bfloat16 one. `self.stored(name)` is the mapped array as
-    stored, for readers that up-cast per batch (`as_float32`). Mapped columns are never pickled: an
-    Activations sent through Ray's object store maps them again where it is used.
+    stored, for readers that up-cast per batch (`as_float32`). Columns of the store are never pickled:
+    an Activations sent through Ray's object store maps them again where it is used.
     """
 
     ids: np.ndarray  # (n,) int64
@@ -226,7 +226,8 @@ class Activations:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["columns"] = {n: v for n, v in self.columns.items() if not isinstance(v, np.memmap)}
+        stored = set(self.manifest.get("columns", {})) if self.store_dir is not None else set()
+        state["columns"] = {n: v for n, v in self.columns.items() if n not in stored}  # mapped again where used
         return state
 
 
