@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -247,6 +248,7 @@ def synthetic_table(root: Path, sizes_gb: list[float], steps: int) -> list[str]:
         images = int(size * 2**30 / token_bytes(1))
         store = write_synthetic_store(root / "stores" / f"train-{size}gb", images, seed=0)
         saes = root / f"saes-{size}gb"
+        shutil.rmtree(saes, ignore_errors=True)  # every SAE trains here: none from an earlier run
         (one,), one_pss = run_processes([trial_command(store, test, saes, 0, steps, False)])
         (evaluated,), _ = run_processes([trial_command(store, test, saes, 0, steps, True)])  # SAE from the cache
         pair, pair_pss = run_processes([trial_command(store, test, saes, s, steps, False) for s in (1, 2)])

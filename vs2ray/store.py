@@ -50,7 +50,6 @@ PART_PATTERN = "part-{:05d}.parquet"
 FAILED_METADATA_KEY = b"vs2ray.failed"
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 ARRAYS_DIR = "arrays"
-_STORED_NUMPY_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 class StoreIncomplete(RuntimeError):
@@ -118,6 +117,8 @@ def is_activation_column(name: str) -> bool:
 def to_stored_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
     """float32 activations -> their stored form: float32, float16, or bfloat16 as uint16 bit patterns
     (rounded to nearest, ties to even, as torch rounds)."""
+    if dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"extraction.dtype: {dtype!r} is not one of {', '.join(ACTIVATION_DTYPES)}")
     values = np.ascontiguousarray(values, dtype=np.float32)
     if dtype == "float32":
         return values
