@@ -419,15 +419,15 @@ class Evaluator:
             pool = self.pool
             if pool.attributes is None:
                 raise ValueError("ablate needs the nuisance attribute of the pool rows (a dataset with groups)")
-            rows = self.pool_steered_rows()
-            per_image = len(rows) // len(pool.cls)
-            # 256 images at a time: dense (rows, latents) codes stay small even for every token
-            image_codes = torch.cat(
-                [
-                    steering.mean_codes_per_image(self._dense_codes(x.to(pool.cls.device)), per_image)
-                    for x in rows.chunks(256 * per_image)
-                ]
-            )
+            # 256 images at a time: dense (rows, latents) codes stay small even for every token. [CLS] rows are
+            # already on the device; every token is read from the host
+            if self._steers_every_token:
+                tokens = self._pool_token_rows()
+                per_image = len(tokens) // len(pool.cls)
+                chunks: Iterator[torch.Tensor] = (x.to(pool.cls.device) for x in tokens.chunks(256 * per_image))
+            else:
+                per_image, chunks = 1, iter(torch.split(pool.cls, 256))
+            image_codes = torch.cat([steering.mean_codes_per_image(self._dense_codes(x), per_image) for x in chunks])
             self._latent_scores[score] = steering.association_scores(image_codes, pool.labels, pool.attributes, score)
         return self._latent_scores[score]
 
