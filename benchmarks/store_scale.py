@@ -270,7 +270,7 @@ def quickstart_streaming(steps: int) -> str:
     config = load_config("sweeps/quickstart.yaml", ["sae.k=32", "sae.expansion=4", "pass.w_aux=0"])
     split = load_train_split(config, print)
     mapped = split.rows(split.column(config.sae.layer), split.train_mask)
-    in_memory = ActivationRows(np.array(mapped.array), mapped.rows)
+    in_memory = ActivationRows(np.array(mapped.array), mapped.rows, mapped.group)
     params = dataclasses.replace(sae_params(config), steps=steps)
     rates = {}
     for name, rows in (("in memory", in_memory), ("mapped", mapped), ("in memory again", in_memory)):

@@ -168,3 +168,6 @@ def test_a_split_evaluated_part_by_part_gives_the_whole_splits_figures(world, mo
         np.testing.assert_allclose(
             [c or 0.0 for c in again.coverage], [c or 0.0 for c in result.coverage], atol=1e-9, err_msg=method
         )
+        # nothing of a finished part stays memoised: its SAE pass over every token included
+        memos = [parted._sae_passes, parted._token_rows, parted._zero_shot, parted._neighbours]
+        assert not [key for memo in memos for key in memo if "[" in str(key)], method

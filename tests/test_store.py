@@ -131,6 +131,43 @@ def test_an_sae_streamed_from_the_store_is_the_sae_trained_in_memory(tmp_path):
         assert torch.equal(weight, streamed.sae.state_dict()[name]), name
     assert in_memory.metrics["fvu"] == streamed.metrics["fvu"]
     assert in_memory.losses == streamed.losses
+    # every token of chosen images, selected by image (one index per image, not per token)
+    images = np.sort(np.random.default_rng(2).choice(300, 200, replace=False))
+    by_image = ActivationRows(tokens, images, group=17)
+    assert len(by_image) == 200 * 17
+    np.testing.assert_array_equal(
+        by_image.take(np.array([0, 16, 17, 3399])).numpy(),
+        tokens[[images[0] * 17, images[0] * 17 + 16, images[1] * 17, images[199] * 17 + 16]],
+    )
+    in_memory = train_sae(
+        torch.from_numpy(np.array(tokens.reshape(300, 17, 128)[images])).reshape(-1, 128), params, log=lambda _: None
+    )
+    streamed = train_sae(by_image, params, log=lambda _: None)
+    assert in_memory.losses == streamed.losses
+
+
+def test_an_epoch_larger_than_the_shuffle_window_visits_every_row_once_a_window_at_a_time(monkeypatch):
+    import torch
+
+    from vs2ray.sae import BatchOrder
+
+    def epoch(n: int, group: int, batch: int, seed: int = 0) -> list[np.ndarray]:
+        order = BatchOrder(n, group, torch.Generator().manual_seed(seed))
+        return [order.next(batch).numpy() for _ in range(n // batch)]
+
+    # within the window: exactly the seeded permutation train_sae always drew
+    np.testing.assert_array_equal(
+        np.concatenate(epoch(1000, 10, 100)), torch.randperm(1000, generator=torch.Generator().manual_seed(0)).numpy()
+    )
+    monkeypatch.setattr(BatchOrder, "SHUFFLE_ROWS", 300)  # 30 groups of 10 rows a window
+    batches = epoch(1200, 10, 100)
+    rows = np.concatenate(batches)
+    assert sorted(rows) == list(range(1200))  # every row once in the epoch
+    windows = [set(np.concatenate(batches[i : i + 3]) // 10) for i in range(0, 12, 3)]
+    assert all(len(w) == 30 for w in windows) and set().union(*windows) == set(range(120))  # whole groups a window
+    assert not np.array_equal(rows[:300] // 10, np.sort(rows[:300] // 10))  # rows mixed within a window
+    np.testing.assert_array_equal(rows, np.concatenate(epoch(1200, 10, 100)))  # seeded
+    assert not np.array_equal(rows, np.concatenate(epoch(1200, 10, 100, seed=1)))
 
 
 def test_a_trial_trains_and_evaluates_on_a_store_larger_than_the_memory_it_may_add(tmp_path):

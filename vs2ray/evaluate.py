@@ -274,25 +274,30 @@ class Evaluator:
         return self._whole[split.name]
 
     def _forget(self, name: str) -> None:
-        """Drop what was memoised for the split (or part) called `name`."""
-        for memo in (self._sae_passes, self._zero_shot, self._token_rows):
-            memo.pop(name, None)
-        for key in [key for key in self._neighbours if key[0] == name]:
-            del self._neighbours[key]
-        for key in [key for key in self._code_differences if key[0] == name]:
-            del self._code_differences[key]
+        """Drop what was memoised for the split (or part) called `name` and for its views (`name/tokens`)."""
+
+        def of_name(key: str) -> bool:
+            return key == name or key.startswith(f"{name}/")
+
+        memos: list[dict[Any, Any]] = [self._sae_passes, self._zero_shot, self._token_rows]
+        for memo in memos:
+            for key in [key for key in memo if of_name(key)]:
+                del memo[key]
+        for keyed in (self._neighbours, self._code_differences):
+            for key in [key for key in keyed if of_name(key[0])]:
+                del keyed[key]
 
     @torch.no_grad()
     def _calibrate(self, rows: ActivationRows) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean (d,), per-sample FVU (n,)) of host rows, read a batch at a time onto the SAE's device."""
         device = self.pool.cls.device
         mean = rows.mean().to(device)
-        fvus = []
-        for x in rows.chunks(self.SAE_PASS_ROWS):
+        fvus = torch.empty(len(rows), device=device)  # filled in place: no list of parts and their cat
+        for start, x in zip(range(0, len(rows), self.SAE_PASS_ROWS), rows.chunks(self.SAE_PASS_ROWS), strict=True):
             x = x.to(device)
             values, indices = self.sae.encode(x)
-            fvus.append(per_sample_fvu(x, self.sae.decode(values, indices), mean))
-        return mean, torch.cat(fvus) if fvus else torch.zeros(0, device=device)
+            fvus[start : start + len(x)] = per_sample_fvu(x, self.sae.decode(values, indices), mean)
+        return mean, fvus
 
     @property
     def _steers_every_token(self) -> bool:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vs2ray.devices import bound_heap_growth, free_gpu_bytes, precision_scope, worker_device
-from vs2ray.store import as_float32, release_pages, write_json, write_tensors
+from vs2ray.store import advise_access, as_float32, release_pages, write_json, write_tensors
 
 if TYPE_CHECKING:  # shapes in the signatures; jaxtyping is only needed by the type checker
     from jaxtyping import Bool, Float, Int
@@ -256,8 +256,9 @@ class TrainResult:
 
 class ActivationRows:
     """n activation rows of width d, read in batches from an (N, d) array: a store column memory-mapped
-    (`Activations.stored`), an in-memory array or a CPU tensor, restricted to `rows` (n,) of its N rows
-    when given.
+    (`Activations.stored`), an in-memory array or a CPU tensor, restricted to the groups `rows` (m,) of
+    `group` consecutive rows each when given (an image's tokens are a group; n = m · group): an index per
+    image, not per token, so that what the selection holds is small beside the column.
 
     Every read is a float32 copy of just the rows asked for (float16 and bfloat16 bit patterns are
     up-cast per batch), and a mapped array's pages are handed back every RELEASE_BYTES read, so what a
@@ -265,22 +266,33 @@ class ActivationRows:
     cache, shared by every process that maps the column.
     """
 
-    RELEASE_BYTES = 128 * 2**20  # of mapped pages touched
+    RELEASE_BYTES = 32 * 2**20  # of mapped pages touched
     PAGE = 64 * 2**10  # what a fault on a mapped page maps: the kernel maps the page cache around it too
     CHUNK_BYTES = 16 * 2**20  # rows per chunk of `to` and `mean`: this much float32
 
-    def __init__(self, array: np.ndarray | torch.Tensor, rows: np.ndarray | None = None) -> None:
+    def __init__(self, array: np.ndarray | torch.Tensor, rows: np.ndarray | None = None, group: int = 1) -> None:
         if isinstance(array, torch.Tensor):
             array = array.detach().cpu().numpy()
         if array.ndim != 2:
             raise ValueError(f"activation rows must be (N, d); got an array of shape {array.shape}")
+        if rows is None and group != 1:
+            raise ValueError("groups of rows need the groups chosen (rows)")
         bound_heap_growth()  # batch buffers freed and reallocated must not grow the heap
-        self.array, self.rows = array, rows
+        self.array, self.rows, self.group = array, rows, group
         self._ordered = rows is None or bool(np.all(rows[1:] >= rows[:-1]))
         self._read_since_release = 0
+        self._scattered: bool | None = None  # how the mapping was last advised to be read
 
     def __len__(self) -> int:
-        return len(self.array) if self.rows is None else len(self.rows)
+        return len(self.array) if self.rows is None else len(self.rows) * self.group
+
+    def _index(self, positions: np.ndarray) -> np.ndarray:
+        """The array rows of `positions` (batch,) of these n rows."""
+        if self.rows is None:
+            return positions
+        if self.group == 1:
+            return self.rows[positions]
+        return self.rows[positions // self.group] * self.group + positions % self.group
 
     @property
     def width(self) -> int:
@@ -293,20 +305,30 @@ class ActivationRows:
 
     def take(self, positions: np.ndarray) -> Float[Tensor, "batch d"]:
         """The rows at `positions` (batch,) of these n rows, in that order, as a float32 CPU tensor."""
-        index = positions if self.rows is None else self.rows[positions]
-        # scattered rows each touch at least a page of the mapping
-        return self._tensor(self.array[index], touched=len(index) * max(self.PAGE, self.row_bytes))
+        index = self._index(positions)
+        self._advise(scattered=True)
+        touched = max(self.PAGE, self.row_bytes)  # a scattered row maps the pages around it too
+        per_release = max(1, self.RELEASE_BYTES // touched)
+        if len(index) <= per_release:
+            return self._tensor(self.array[index], touched=len(index) * touched)
+        # a large batch is gathered a release's worth of rows at a time into one buffer
+        out = np.empty((len(index), self.width), dtype=np.float32)
+        for start in range(0, len(index), per_release):
+            part = index[start : start + per_release]
+            out[start : start + len(part)] = self._tensor(self.array[part], touched=len(part) * touched).numpy()
+        return torch.from_numpy(out)
 
     def chunks(self, size: int) -> Iterator[Float[Tensor, "chunk d"]]:
         """All n rows in order, `size` at a time, as float32 CPU tensors."""
         self.release()  # a pass starts from nothing mapped, whatever the reads before it left
+        self._advise(scattered=not self._ordered)
         for start in range(0, len(self), size):
             stop = min(start + size, len(self))
             if self.rows is None:
                 # a slice is a view: copied here
                 yield self._tensor(np.array(self.array[start:stop]), touched=self.row_bytes * (stop - start))
             else:
-                index = self.rows[start:stop]  # in order; a scan over a sparse subset maps the span it covers
+                index = self._index(np.arange(start, stop))  # in order; a sparse scan maps the span it covers
                 span = int(index[-1] - index[0]) + 1 if self._ordered else len(index) * self.PAGE // self.row_bytes
                 yield self._tensor(self.array[index], touched=self.row_bytes * max(len(index), span))
 
@@ -334,6 +356,11 @@ class ActivationRows:
         release_pages(self.array)
         self._read_since_release = 0
 
+    def _advise(self, scattered: bool) -> None:
+        if scattered != self._scattered:
+            advise_access(self.array, scattered)
+            self._scattered = scattered
+
     def _tensor(self, values: np.ndarray, touched: int) -> torch.Tensor:
         # `values` is this read's own copy; up-casting makes another only for float16 / bfloat16
         values = np.ascontiguousarray(as_float32(values)).view(np.ndarray)
@@ -341,6 +368,45 @@ class ActivationRows:
         if self._read_since_release >= self.RELEASE_BYTES:
             self.release()
         return torch.from_numpy(values)
+
+
+class BatchOrder:
+    """Seeded batches of row positions over n rows in groups of `group` consecutive rows: each epoch a
+    permutation of the n rows, drawn whole when n <= SHUFFLE_ROWS and otherwise a window at a time (the
+    groups permuted, then the rows of SHUFFLE_ROWS / group groups at once), so that what the order holds
+    stays small whatever n. A window's last rows short of a batch are left out, as an epoch's are."""
+
+    SHUFFLE_ROWS = 2**22  # 32 MiB of int64 positions
+
+    def __init__(self, n: int, group: int, generator: torch.Generator) -> None:
+        if n % group:
+            raise ValueError(f"{n} rows are not whole groups of {group}")
+        self.n, self.group, self.generator = n, group, generator
+        self._windows: Iterator[Int[Tensor, " window"]] = iter(())
+        self._window = torch.zeros(0, dtype=torch.long)
+        self._cursor = 0
+
+    def next(self, batch_size: int) -> Int[Tensor, " batch"]:
+        """The next `batch_size` positions (batch_size <= n), a new window or epoch begun when needed."""
+        if self._cursor + batch_size > len(self._window):
+            self._window = next(self._windows, None)
+            if self._window is None:
+                self._windows = self._epoch()
+                self._window = next(self._windows)
+            self._cursor = 0
+        batch = self._window[self._cursor : self._cursor + batch_size]
+        self._cursor += batch_size
+        return batch
+
+    def _epoch(self) -> Iterator[Int[Tensor, " window"]]:
+        if self.n <= self.SHUFFLE_ROWS:
+            yield torch.randperm(self.n, generator=self.generator)
+            return
+        groups = torch.randperm(self.n // self.group, generator=self.generator)
+        per_window = max(1, self.SHUFFLE_ROWS // self.group)
+        for chosen in groups.split(per_window):
+            rows = (chosen[:, None] * self.group + torch.arange(self.group)).reshape(-1)
+            yield rows[torch.randperm(len(rows), generator=self.generator)]
 
 
 def as_rows(acts: Float[Tensor, "n d"] | ActivationRows) -> ActivationRows:
@@ -446,7 +512,7 @@ def train_sae(
 
     `acts` is a tensor or ActivationRows (a store column read in batches: memory stays at a few
     batches whatever its size); the same rows in either form give the same SAE. Batches are drawn
-    by a seeded permutation of the N rows per epoch. On CUDA, rows that fit in half of what the process
+    by a seeded permutation of the N rows per epoch (`BatchOrder`). On CUDA, rows that fit in half of what the process
     may still allocate there (`devices.free_gpu_bytes`) are staged once; otherwise each batch is read
     from the host (`stage` True / False forces either).
     `labels` (N,) are needed only for PASS (`params.w_aux > 0`) and never used otherwise.
@@ -476,8 +542,9 @@ def train_sae(
             else:
                 sae.b_pre.copy_(rows.mean())  # b_pre starts at the empirical mean
         batches = _batches_on(device, rows, stage)
+        order = BatchOrder(n, rows.group, generator)
         losses, seconds = _train_loop(
-            sae, batches, params, labels, num_classes, device, log_every, log, on_report, report_every, generator
+            sae, batches, params, labels, num_classes, device, log_every, log, on_report, report_every, order
         )
         metrics = evaluate_sae(sae, batches, labels if params.w_aux > 0 else None)
         if val_acts is not None and len(val_acts):
@@ -531,7 +598,7 @@ def _train_loop(
     log: Callable[[str], None],
     on_report: Callable[[int, TopKSAE, float], None] | None,
     report_every: int,
-    generator: torch.Generator,
+    order: BatchOrder,
 ) -> tuple[list[float], float]:
     """The optimisation steps of `train_sae`: (loss per step, seconds). `data`: rows on the device, or on
     the host, gathered per batch."""
@@ -552,16 +619,11 @@ def _train_loop(
     # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=params.precision == "fp16")
     batch_size = min(params.batch_size, n)
-    order = torch.randperm(n, generator=generator)
-    cursor = 0
     # on the CPU, skipping AuxK while nothing is dead saves its top-k; on CUDA that test would sync every step
     check_dead = device.type != "cuda"
     started = time.perf_counter()
     for step in range(params.steps):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        batch_idx = order[cursor : cursor + batch_size]
-        cursor += batch_size
+        batch_idx = order.next(batch_size)
         if isinstance(data, torch.Tensor):
             x = data[batch_idx.to(device)]
         else:
@@ -638,7 +700,7 @@ def evaluate_sae(
     n = len(acts)
     residual_sq, total_sq, nonzero, code_sq = 0.0, 0.0, 0, 0.0
     fire_counts = torch.zeros(sae.n_latents, device=device)
-    sample_fvus = []
+    sample_fvu = torch.empty(n, device=device)  # filled in place: a list of parts and their cat is two copies
     if labels is not None:
         labels = labels.to(device)
         num_classes = int(labels.max()) + 1
@@ -650,11 +712,10 @@ def evaluate_sae(
         active = values != 0
         nonzero += int(active.sum())
         fire_counts.index_add_(0, indices[active], torch.ones_like(values[active]))
-        sample_fvus.append(per_sample_fvu(x, x_hat, mean))
+        sample_fvu[start : start + len(x)] = per_sample_fvu(x, x_hat, mean)
         if labels is not None:
             class_sums.index_add_(0, labels[start : start + batch_size], sae.dense_codes(values, indices))
             code_sq += values.pow(2).sum().item()
-    sample_fvu = torch.cat(sample_fvus)
     metrics = {
         "fvu": residual_sq / total_sq,
         "fvu_per_sample_mean": sample_fvu.mean().item(),

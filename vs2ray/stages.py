@@ -109,9 +109,7 @@ def column_rows(acts: Activations, column: str, images: np.ndarray) -> Activatio
     batches: one row per image for [CLS], every token of each image (consecutive rows) for an all-token column."""
     stored = acts.stored(column)
     per_image = stored.shape[1] if stored.ndim == 3 else 1
-    chosen = np.flatnonzero(images)
-    rows = (chosen[:, None] * per_image + np.arange(per_image)).reshape(-1)
-    return ActivationRows(stored.reshape(-1, stored.shape[-1]), rows)
+    return ActivationRows(stored.reshape(-1, stored.shape[-1]), np.flatnonzero(images), group=per_image)
 
 
 def blocks_to_load(config: ExperimentConfig, manifest: dict[str, Any]) -> tuple[list[int], list[int]]:

@@ -333,6 +333,14 @@ def release_pages(array: np.ndarray) -> None:
         mapped.madvise(mmap.MADV_DONTNEED)
 
 
+def advise_access(array: np.ndarray, scattered: bool) -> None:
+    """Tell the kernel how a memory-mapped array is about to be read: `scattered` rows (no read-ahead of a
+    cold file around each row) or in order (read-ahead)."""
+    mapped = getattr(array, "_mmap", None)
+    if isinstance(mapped, mmap.mmap):
+        mapped.madvise(mmap.MADV_RANDOM if scattered else mmap.MADV_SEQUENTIAL)
+
+
 def build_arrays(store_dir: Path) -> None:
     """Write every column of the part files as `arrays/<column>.npy`, rows sorted by id, one part in memory
     at a time; `arrays/index.json` (the parts they came from) is written last."""
