@@ -291,8 +291,8 @@ class ActivationRows:
         if self.rows is None:
             return positions
         if self.group == 1:
-            return self.rows[positions]
-        return self.rows[positions // self.group] * self.group + positions % self.group
+            return np.asarray(self.rows[positions])
+        return np.asarray(self.rows[positions // self.group] * self.group + positions % self.group)
 
     @property
     def width(self) -> int:
@@ -389,11 +389,11 @@ class BatchOrder:
     def next(self, batch_size: int) -> Int[Tensor, " batch"]:
         """The next `batch_size` positions (batch_size <= n), a new window or epoch begun when needed."""
         if self._cursor + batch_size > len(self._window):
-            self._window = next(self._windows, None)
-            if self._window is None:
+            window = next(self._windows, None)
+            if window is None:
                 self._windows = self._epoch()
-                self._window = next(self._windows)
-            self._cursor = 0
+                window = next(self._windows)
+            self._window, self._cursor = window, 0
         batch = self._window[self._cursor : self._cursor + batch_size]
         self._cursor += batch_size
         return batch
@@ -404,7 +404,7 @@ class BatchOrder:
             return
         groups = torch.randperm(self.n // self.group, generator=self.generator)
         per_window = max(1, self.SHUFFLE_ROWS // self.group)
-        for chosen in groups.split(per_window):
+        for chosen in torch.split(groups, per_window):
             rows = (chosen[:, None] * self.group + torch.arange(self.group)).reshape(-1)
             yield rows[torch.randperm(len(rows), generator=self.generator)]
 
