@@ -342,8 +342,10 @@ class Evaluator:
 
     def zero_shot_labels(self, split: Split) -> torch.Tensor:
         if split.name not in self._zero_shot:
-            logits = steering.logits_from_embeddings(split.embedding, self.classifier)
-            self._zero_shot[split.name] = logits.argmax(dim=1)
+            # a chunk of logits at a time: the pool's (n, classes) logits would be the largest array of a trial
+            chunks = torch.split(split.embedding, self.SAE_PASS_ROWS)
+            labels = [steering.logits_from_embeddings(chunk, self.classifier).argmax(dim=1) for chunk in chunks]
+            self._zero_shot[split.name] = torch.cat(labels) if labels else split.labels[:0]
         return self._zero_shot[split.name]
 
     def neighbours(self, split: Split, k: int) -> tuple[torch.Tensor, torch.Tensor]:
