@@ -34,6 +34,34 @@ def cli_command(module: str, *args: str, assignments: Sequence[str] = ()) -> lis
     return command
 
 
+QUICKSTART = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
+# a quickstart shortened to seconds per trial; test_sweep's tests share its stores
+SMALL_WORLD = (
+    "dataset.sizes={train: 2000, test: 500}",
+    "extraction.layers=[1, -1]",  # one store for every test here, the two-block sweep's included
+    "extraction.tokens=all",
+    "sae.steps=100",
+    "sae.batch_size=512",
+    "resources.cpus_per_trial=0.5",
+    "retrieval.n_neighbors=20",
+    "search.points_to_evaluate=[]",  # the quickstart's paper defaults lie outside these tests' spaces
+)
+
+
+def run_sweep(storage: Path, address: str, name: str, *assignments: str, extra: tuple[str, ...] = (), timeout=400):
+    """`python -m vs2ray.sweep` of SMALL_WORLD with `assignments` on the cluster at `address`."""
+    command = cli_command(
+        "vs2ray.sweep",
+        "--name",
+        name,
+        "--address",
+        address,
+        *extra,
+        assignments=(*SMALL_WORLD, f"storage.root={storage}", *assignments),
+    )
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
 def train_with_three_seeds(script: Path, tmp_path: Path, *extra: str) -> tuple[dict[str, float], list[dict]]:
     """Run a bundled-world training script (3 steps on 256 images) with seeds 0, 0 and 1.
 

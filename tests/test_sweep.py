@@ -13,7 +13,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from conftest import cli_command
+from conftest import QUICKSTART, SMALL_WORLD, cli_command, run_sweep
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -21,36 +21,10 @@ from vs2ray.config import load_config
 from vs2ray.results import load_results, method_table, trial_file, trial_predictions
 from vs2ray.tuning import SearchSpace, check_sweep
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
-# a quickstart shortened to seconds per trial; the stores are shared by every test of this module
-SMALL_WORLD = (
-    "dataset.sizes={train: 2000, test: 500}",
-    "extraction.layers=[1, -1]",  # one store for every test here, the two-block sweep's included
-    "extraction.tokens=all",
-    "sae.steps=100",
-    "sae.batch_size=512",
-    "resources.cpus_per_trial=0.5",
-    "retrieval.n_neighbors=20",
-    "search.points_to_evaluate=[]",  # the quickstart's paper defaults lie outside these tests' spaces
-)
-
 
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sweep-storage")
-
-
-def run_sweep(storage: Path, address: str, name: str, *assignments: str, extra: tuple[str, ...] = (), timeout=400):
-    command = cli_command(
-        "vs2ray.sweep",
-        "--name",
-        name,
-        "--address",
-        address,
-        *extra,
-        assignments=(*SMALL_WORLD, f"storage.root={storage}", *assignments),
-    )
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
 def test_invalid_sweeps_fail_before_ray_starts_and_name_the_key(tmp_path, capsys):
@@ -328,79 +302,6 @@ def test_resume_refuses_an_experiment_whose_state_was_cut_short(tmp_path):
     assert output.returncode == 1
     assert "experiment_state-2026-11-22_07-31-07.json is cut short" in output.stderr
     assert f"python -m analysis.report {experiment}" in output.stderr
-
-
-def test_the_shipped_cluster_shape_extracts_on_gpu_actors_it_asks_the_autoscaler_for(
-    tmp_path, monkeypatch, ray_session
-):
-    """cluster/aws.yaml's node types on Ray's own autoscaler: a head with CPU 0 and GPU workers from
-    min_workers 0, so the cluster has no GPU when the sweep starts. The extraction must ask for GPU
-    actors (half a GPU each) and wait for the nodes (not start one CPU actor), the trials must land on
-    GPU workers, and the all-token store the worker nodes wrote must be the one a single process writes."""
-    from conftest import LocalAutoscalingCluster
-
-    from vs2ray.extract import extract
-    from vs2ray.store import load_activations
-
-    shipped = yaml.safe_load((QUICKSTART.parents[1] / "cluster" / "aws.yaml").read_text())
-    nodes = shipped["available_node_types"]
-    gpu_x1 = nodes["gpu_x1"]
-    assert nodes[shipped["head_node_type"]]["resources"] == {"CPU": 0} and gpu_x1["min_workers"] == 0
-    # the shipped type, capped at 2 nodes so that this 2-core machine can hold them
-    workers = {"gpu_x1": {"resources": gpu_x1["resources"], "node_config": {}, "min_workers": 0, "max_workers": 2}}
-    cluster = LocalAutoscalingCluster({"CPU": 0}, workers)
-    monkeypatch.setenv("VS2RAY_FAKE_GPUS", "1")  # the drivers below, like the cluster's processes, are told
-    world = (
-        "dataset.sizes={train: 600, test: 200}",
-        "extraction.gpus_per_worker=0.5",
-        "model.device=cuda",  # GPU work by the config, whatever the cold cluster shows
-    )
-    try:
-        address = cluster.start(tmp_path)
-        output = run_sweep(
-            tmp_path,
-            address,
-            "autoscaled",
-            *world,
-            "extraction.max_workers=2",
-            "sae.k={choice: [8, 16]}",
-            "sae.expansion=2",
-            "steering.methods=[zero_shot, vs2, vs2pp]",
-            "resources.gpus_per_trial=0.5",
-            "search.num_samples=2",
-            "search.max_concurrent_trials=2",
-            timeout=500,
-        )
-        assert output.returncode == 0, output.stdout[-3000:] + output.stderr[-3000:]
-        list_nodes = f"import json, ray; ray.init(address={address!r}); print(json.dumps(ray.nodes()))"
-        nodes = json.loads(subprocess.run([sys.executable, "-c", list_nodes], capture_output=True, text=True).stdout)
-    finally:
-        cluster.shutdown()
-    gpu_nodes = {node["NodeID"] for node in nodes if node["Resources"].get("GPU")}
-    head = {node["NodeID"] for node in nodes if not node["Resources"].get("GPU")}
-    assert gpu_nodes and len(head) == 1  # the autoscaler started GPU workers; the head has none
-    assert "1 to 2 encoder actor(s) (0.5 GPU" in output.stdout, output.stdout[-3000:]
-    stores = {split: next((tmp_path / "activations").glob(f"*-{split}-*")) for split in ("train", "test")}
-    for store in stores.values():
-        workers = json.loads((store / "manifest.json").read_text())["workers"]
-        assert workers and all(w["gpus"] and w["device"] == "cpu" and w["fake_gpus"] for w in workers)
-        assert {w["node"] for w in workers} <= gpu_nodes  # GPU encoder actors, on the nodes they asked for
-    # the same store, written by one local process: the same key (resources are not part of it), the same rows
-    monkeypatch.delenv("VS2RAY_FAKE_GPUS")
-    local = load_config(QUICKSTART, [*SMALL_WORLD, *world[:1], f"storage.root={tmp_path / 'local'}"])
-    single = extract(local, "test").store_dir
-    assert single.name == stores["test"].name
-    here, there = load_activations(single, layers=[1, -1]), load_activations(stores["test"], layers=[1, -1])
-    for name in ("cls_1", "cls_3", "embedding"):
-        np.testing.assert_array_equal(here[name], there[name])
-    np.testing.assert_array_equal(here["tokens_1"], there["tokens_1"])
-    trials = load_results(tmp_path / "experiments" / "autoscaled")
-    assert len(trials) == 2 and (trials["status"] == "TERMINATED").all()
-    assert set(trials["node_id"]) <= gpu_nodes  # trials on the GPU workers (the head has CPU 0)
-    assert (trials["gpu_ids"].astype(str).str.len() > 0).all()  # each trial was given a (fake) GPU share
-    assert trials["retrieval_index"].nunique() == 1 and trials["test_top1_vs2pp"].notna().all()
-    assert (trials["device"] == "cpu").all() and trials["env_fake_gpus"].all()  # fake, and recorded as such
-    assert (trials["env_torch"] == __import__("torch").__version__).all()
 
 
 @pytest.mark.parametrize("path", sorted((QUICKSTART.parent).glob("*.yaml")), ids=lambda p: p.name)

@@ -397,6 +397,9 @@ class SearchConfig(Section):
         default_factory=list, description="first trials, e.g. the paper's defaults: {sae.k: 64, ...}"
     )
     max_failures: int = Field(1, ge=0, description="times a failed trial is retried before it counts as failed")
+    reuse_actors: bool = Field(
+        True, description="run a trial in a finished trial's worker process (no new process, imports and data load)"
+    )
     allow_test_selection: bool = Field(
         False, description="let search.metric name a test_* metric (Optuna then selects on test: optimistic)"
     )

@@ -370,9 +370,10 @@ def build_arrays(store_dir: Path) -> None:
         for name, out in outputs.items():
             column = table[name]
             out[rows] = column.combine_chunks().to_numpy_ndarray() if name in shapes else column.to_numpy()
-        for out in outputs.values():  # written through to the page cache; this process keeps none of it
-            out.flush()
+        for out in outputs.values():  # the page cache keeps the written pages (and writes them back); not this process
             release_pages(out)
+    for out in outputs.values():
+        out.flush()  # on disk before index.json says the arrays are ready
     outputs.clear()  # unmapped before the rename
     for name, path in temporary.items():
         os.replace(path, array_path(store_dir, name))

@@ -311,6 +311,7 @@ def build_tuner(config: ExperimentConfig, space: list[tuple[str, Distribution]],
             num_samples=config.search.num_samples,
             max_concurrent_trials=config.search.max_concurrent_trials,
             trial_dirname_creator=_trial_dirname,
+            reuse_actors=config.search.reuse_actors,
         ),
         run_config=tune.RunConfig(
             name=name,
