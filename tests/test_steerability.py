@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from test_suppression import HEAD, NUISANCE, SHAPE, WIDTH
 
@@ -27,7 +28,10 @@ def test_steerability_scores_a_latent_along_a_concept_high_and_one_orthogonal_to
         return SplitData(name, cls, steering.apply_head(cls, HEAD), torch.zeros(n, dtype=torch.long))
 
     evaluator = Evaluator(sae, HEAD, concepts[:2], noise("pool", 2000, 5), noise("val", 200, 6), noise("test", 10, 7))
-    settings = SteerabilitySettings(probe_images=200, units=8, strength=20.0, top=1, threshold=0.2)
+    # vs2ray's earlier score: the top concept's gain, a clamp relative to the on-level, amplify or suppress
+    settings = SteerabilitySettings(
+        probe_images=200, units=8, score="top_gain", clamp="relative", strength=20.0, direction="both", threshold=0.2
+    )
     result = measure_steerability(evaluator, concepts, ["shape", "nuisance", "third"], settings)
 
     latents = {u.unit: u for u in result.of("latent")}
@@ -40,6 +44,56 @@ def test_steerability_scores_a_latent_along_a_concept_high_and_one_orthogonal_to
     assert latents[1].score < 0.2 < latents[0].score
     assert result.share("latent") == 0.5
     assert "shape (+" in format_steerability(result)
+
+
+def test_the_authors_s_f_of_a_latent_along_one_concept_is_the_value_computed_from_its_definition():
+    """S_f = Σ_c (Δ̄p_c)², p = softmax(100 · e · Vᵀ), the latent set to 150 (amplify only), steerable when > 0.1."""
+    import torch.nn.functional as F
+
+    third = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0]) / math.sqrt(2)
+    concepts = torch.stack([SHAPE, NUISANCE, third])
+    sae = TopKSAE(WIDTH, 2, k=2, init="tied", encoder_bias=False)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.stack([SHAPE, third]))
+        sae.W_enc.copy_(sae.W_dec)
+    probe = 0.1 * torch.randn(50, WIDTH, generator=torch.Generator().manual_seed(6))
+    val = SplitData("val", probe, steering.apply_head(probe, HEAD), torch.zeros(50, dtype=torch.long))
+    pool = SplitData("pool", probe.clone(), val.embedding.clone(), val.labels.clone())
+    evaluator = Evaluator(sae, HEAD, concepts[:2], pool, val, val)
+    settings = SteerabilitySettings(probe_images=50, units=2)  # the defaults: the authors' protocol
+    result = measure_steerability(evaluator, concepts, ["shape", "nuisance", "third"], settings)
+
+    def probabilities(x: torch.Tensor) -> torch.Tensor:  # the definition, written out again
+        e = F.layer_norm(x, (WIDTH,), eps=1e-5)
+        return torch.softmax(100 * (e / e.norm(dim=1, keepdim=True)) @ concepts.T, dim=1)
+
+    for latent, direction in enumerate((SHAPE, third)):
+        on = (probe @ direction).clamp_min(0)  # the latent's current activation (both latents are in the top-2)
+        steered = probe + (150.0 - on)[:, None] * direction
+        shift = (probabilities(steered) - probabilities(probe)).mean(dim=0)
+        unit = next(u for u in result.of("latent") if u.unit == latent)
+        assert unit.score == pytest.approx(float(shift.pow(2).sum()), abs=1e-5)
+        assert unit.sum_squares == unit.score and unit.power == pytest.approx(float(shift.max()), abs=1e-5)
+        assert unit.direction == "amplify" and unit.concepts == [["shape", "nuisance", "third"][int(shift.argmax())]]
+        assert unit.steerable == (unit.score > 0.1)
+    assert result.share("latent") == 1.0 and result.distinct_concepts("latent") == 2  # "shape" and "third"
+    # neurons: one coordinate of the residual stream set to 150
+    neuron = next(u for u in result.of("neuron") if u.unit == 4)
+    steered = probe.clone()
+    steered[:, 4] = 150.0
+    shift = (probabilities(steered) - probabilities(probe)).mean(dim=0)
+    assert neuron.score == pytest.approx(float(shift.pow(2).sum()), abs=1e-5)
+    metrics = result.metrics()
+    assert metrics["steerable_latents_low"] < metrics["steerable_latents"] <= metrics["steerable_latents_high"]
+
+
+def test_wilson_interval_of_a_share():
+    from vs2ray.steerability import wilson_interval
+
+    low, high = wilson_interval(5, 10)  # the textbook case: 0.5 ± about 0.263
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and 0 < wilson_interval(0, 20)[1] < 0.2
+    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_clamping_sets_exactly_one_unit_and_keeps_the_rest():

@@ -460,7 +460,10 @@ def test_a_spurious_world_sweep_reports_worst_group_accuracy_and_steerability_by
         assert len(methods["ablate"]["settings"]) == 6
         steer = json.loads(trial_file(trial["trial_dir"], "steerability.json"))
         assert steer["block"] == trial["sae_block"] and len(steer["units"]) == 12
-        assert trial["steerable_latents"] == sum(u["score"] >= 0.1 for u in steer["units"] if u["kind"] == "latent") / 6
+        latents = [u for u in steer["units"] if u["kind"] == "latent"]
+        assert all(u["steerable"] == (u["sum_squares"] > 0.1) for u in latents)  # the authors' rule, by default
+        assert trial["steerable_latents"] == sum(u["steerable"] for u in latents) / 6
+        assert trial["steerable_latents_low"] <= trial["steerable_latents"] <= trial["steerable_latents_high"]
     # vs2ray-tiny's zero-shot follows colour: its worst group is far below its average
     zero = trials.iloc[0]
     assert zero["test_worst_group_zero_shot"] < zero["test_top1_zero_shot"] - 0.25

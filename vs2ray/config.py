@@ -335,14 +335,31 @@ class SteerabilityConfig(Section):
     enabled: bool = Field(False, description="measure S of sampled latents and neurons in every trial")
     probe_images: PositiveInt = Field(64, description="validation images each steered unit is measured on")
     units: PositiveInt = Field(64, description="latents sampled, and neurons sampled, per trial")
-    strength: PositiveFloat = Field(10.0, description="amplify clamps a unit to strength × its on-level")
-    quantile: float = Field(0.9, gt=0.0, le=1.0, description="a unit's on-level: this quantile of its positive values")
-    top: PositiveInt = Field(1, description="S is the probability mass the `top` most-gaining concepts receive")
-    threshold: float = Field(0.1, gt=0.0, le=1.0, description="S at which a unit counts as steerable")
-    vocabulary: str | None = Field(
-        None, description="word list file (one concept per line); default: the dataset's class and attribute words"
+    score: Literal["sum_squares", "top_gain"] = Field(
+        "sum_squares",
+        description="sum_squares: the authors' S_f = Σ_c (Δ̄p_c)²; top_gain: the mass the `top` top concepts gain",
     )
-    template: str = Field("a photo of a {}.", description="prompt each concept word fills (one '{}')")
+    clamp: Literal["absolute", "relative"] = Field(
+        "absolute", description="amplify sets a unit to `value` (absolute), or to `strength` × its on-level (relative)"
+    )
+    value: float = Field(
+        150.0, description="clamp: absolute: the value a latent or neuron is set to (the authors' 150)"
+    )
+    strength: PositiveFloat = Field(
+        10.0, description="clamp: relative: amplify clamps a unit to strength × its on-level"
+    )
+    quantile: float = Field(0.9, gt=0.0, le=1.0, description="a unit's on-level: this quantile of its positive values")
+    direction: Literal["amplify", "both"] = Field(
+        "amplify", description="amplify only (the authors'), or the larger score of amplify and suppress (clamp to 0)"
+    )
+    top: PositiveInt = Field(1, description="top concepts reported per unit (and whose gain makes S under top_gain)")
+    threshold: float = Field(0.1, gt=0.0, le=1.0, description="steerable: S_f > threshold, or top_gain ≥ threshold")
+    vocabulary: str | None = Field(
+        None,
+        description="word list file (one concept per line), or common-words-5k (the authors' 5,000 words, shipped); "
+        "default: the dataset's class and attribute words",
+    )
+    template: str = Field("a photo of a {}.", description="prompt each concept word fills (one '{}'; '{}': bare words)")
 
     @field_validator("template")
     @classmethod

@@ -49,6 +49,7 @@ from vs2ray.results import (
     trial_predictions,
     worst_group_table,
 )
+from vs2ray.steerability import SteerabilitySettings, describe_settings
 
 PER_CLASS_METHODS = ("vs2", "vs2pp")  # the paper's Table 2 / 15
 
@@ -217,13 +218,16 @@ def per_group_section(done: pd.DataFrame, config: Any) -> list[str]:
 
 def steerability_section(shares: pd.DataFrame, ranked: pd.DataFrame, config: Any) -> str:
     """Share of steerable latents against neurons by block, then the most steerable latents."""
-    s = config.steerability if config is not None else None
-    threshold = f" (S ≥ {s.threshold} at clamp strength {s.strength} × the on-level)" if s is not None else ""
+    rule = ""
+    if config is not None:
+        measured = config.steerability.model_dump(exclude={"enabled", "vocabulary", "template"})
+        rule = f" ({describe_settings(SteerabilitySettings(**measured))})"
     text = (
         f"Share of the sampled SAE latents and of the block's neurons (residual-stream coordinates) that are "
-        f"steerable{threshold}: clamped alone at the block (amplified or suppressed), they move at least that much "
-        "probability onto their top concept(s) of the vocabulary (vs2ray docs/companion.md).\n\n"
-        + _markdown(shares, "{:.1f}")
+        f"steerable{rule}: clamped alone at the block, they move the output distribution over the concept "
+        "vocabulary onto few concepts (S_f = Σ_c (Δ̄p_c)², the authors' score, or the top concepts' gain; "
+        "P_f = max_c Δ̄p_c; vs2ray docs/companion.md), with each share's 95% interval over the sampled units."
+        "\n\n" + _markdown(shares, "{:.1f}")
     )
     if len(ranked):
         text += "\n\nMost steerable latents over every trial:\n\n" + _markdown(ranked, "{:.3f}")

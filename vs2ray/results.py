@@ -311,12 +311,26 @@ def steerability_table(trials: pd.DataFrame) -> pd.DataFrame:
                     "tokens": tokens,
                     "trials": len(measured),
                     "latents steerable %": 100 * measured["steerable_latents"].mean(),
+                    "latents 95% interval": _interval(measured, "steerable_latents"),
                     "neurons steerable %": 100 * measured["steerable_neurons"].mean(),
+                    "neurons 95% interval": _interval(measured, "steerable_neurons"),
                     "steerable latents (est.)": measured["steerable_latents_count"].mean(),
                     "steerable neurons (est.)": measured["steerable_neurons_count"].mean(),
+                    "distinct top concepts (latents)": _mean_or_nan(measured, "steerable_latents_concepts"),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _mean_or_nan(trials: pd.DataFrame, column: str) -> float:
+    return float(trials[column].mean()) if column in trials else float("nan")
+
+
+def _interval(trials: pd.DataFrame, share: str) -> str:
+    """'[lo, hi]' (%) of a share's 95% Wilson interval, averaged over the trials that report one ('' if none)."""
+    if f"{share}_low" not in trials or trials[f"{share}_low"].isna().all():
+        return ""
+    return f"[{100 * trials[f'{share}_low'].mean():.1f}, {100 * trials[f'{share}_high'].mean():.1f}]"
 
 
 def most_steerable(trials: pd.DataFrame, limit: int = 10) -> pd.DataFrame:
@@ -337,6 +351,8 @@ def most_steerable(trials: pd.DataFrame, limit: int = 10) -> pd.DataFrame:
                         "tokens": trial.get("sae_tokens", ""),
                         "latent": unit["unit"],
                         "S": unit["score"],
+                        "S_f": unit.get("sum_squares", float("nan")),
+                        "P_f": unit.get("power", float("nan")),
                         "direction": unit["direction"],
                         "top concepts (gain)": concepts,
                     }

@@ -297,9 +297,13 @@ def prepare_data(config: ExperimentConfig, log: Log = lambda _: None) -> SweepDa
     return data
 
 
+SHIPPED_VOCABULARIES = {"common-words-5k": Path(__file__).parent / "assets" / "vocabulary" / "common-words-5k.txt"}
+
+
 def _vocabulary_file(config: ExperimentConfig) -> tuple[list[str], list[str]]:
     """(words of `steerability.vocabulary`, one per line, first occurrences; problems with the file)."""
-    file = Path(config.steerability.vocabulary or "").expanduser()
+    name = config.steerability.vocabulary or ""
+    file = SHIPPED_VOCABULARIES.get(name, Path(name).expanduser())
     if not file.is_file():
         return [], [f"steerability.vocabulary: {str(file)!r} does not exist (a word list, one concept per line)"]
     words = list(dict.fromkeys(line.strip() for line in file.read_text().splitlines() if line.strip()))

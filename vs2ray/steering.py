@@ -370,6 +370,20 @@ def concept_shift(default_probs: Float[Tensor, "n V"], steered_probs: Float[Tens
     return (steered_probs - default_probs).mean(dim=0)
 
 
+def sum_squared_shift(shift: Float[Tensor, " V"]) -> float:
+    """The companion paper's S_f of one steered unit: Σ_c (Δ̄p_c)² over its concept shift Δ̄p (V,).
+
+    Large when the mass moves onto few concepts (one concept gaining g scores about g², spread over m
+    concepts g²/m), whatever the direction of each change."""
+    return float(shift.double().pow(2).sum())
+
+
+def shift_power(shift: Float[Tensor, " V"]) -> tuple[float, int]:
+    """The companion paper's power P_f of one steered unit, max_c Δ̄p_c of its shift (V,), and that concept c."""
+    gain, concept = shift.max(dim=0)
+    return float(gain), int(concept)
+
+
 def steerability(shift: Float[Tensor, " V"], top: int = 1) -> tuple[float, list[int]]:
     """S of one steered unit from its concept shift Δp (V,): the probability mass the `top` concepts gain,
     Σ of the `top` largest max(Δp_j, 0), with those concepts (by gain, largest first).
