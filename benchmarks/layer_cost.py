@@ -38,7 +38,7 @@ def main() -> None:
     gammas = list(np.linspace(1.0, 3.0, args.gammas).round(3))
     lambdas = list(np.linspace(0.5, 5.0, args.lambdas).round(3))
     settings = len(gammas) * len(lambdas) + 2
-    images = int(data.split.val_mask.sum()) + len(data.test.ids)
+    images = int(data.split.val_source()[1].sum()) + len(data.test.ids)
     print(f"torch threads {torch.get_num_threads()}, {images} images per setting, {settings} settings per trial")
     rows, baseline = [], None
     for tokens in ("cls", "all"):

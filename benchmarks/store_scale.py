@@ -183,7 +183,7 @@ def trial_main(argv: list[str]) -> None:
         result: dict[str, Any] = {}
     else:
         result = run_trial(args.train, args.test, args.root, args.seed, args.steps, args.evaluate)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = _hwm_kb("self") / 1024
     if limit is not None:  # is the limit binding? the whole token column read into memory must not fit
         try:
             whole = np.array(load_activations(args.train, layers=[1])["tokens_1"])
@@ -194,6 +194,17 @@ def trial_main(argv: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- measuring processes
+
+
+def _hwm_kb(pid: int | str) -> int:
+    """VmHWM, the peak RSS of a process's own address space. (getrusage's ru_maxrss is not that in a child:
+    Linux carries the parent's resident size at fork across exec into it, so a child of a large parent
+    reports at least the parent's size.)"""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return int(text.split("VmHWM:")[1].split()[0])
 
 
 def _pss_kb(pid: int) -> int:
@@ -300,14 +311,16 @@ def cli_train_sae(root: Path) -> list[str]:
         extract = [sys.executable, "-m", "vs2ray", "extract", "--split", "train", *sets]
         subprocess.run(extract, check=True, env=env, stdout=subprocess.DEVNULL)
         process = subprocess.Popen([sys.executable, "-m", "vs2ray", "train-sae", *sets], env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-        if status:
+        peak_kb = 0
+        while process.poll() is None:  # VmHWM only rises: the last reading before the exit is the peak
+            peak_kb = max(peak_kb, _hwm_kb(process.pid))
+            time.sleep(0.02)
+        if process.returncode:
             raise SystemExit(f"train-sae failed on {images} images")
         column = token_bytes(int(images * 0.9))
-        measured.append((column, usage.ru_maxrss * 1024))
-        lines.append(
-            f"train-sae, {images:,} images: column {column / 2**20:,.0f} MB, peak RSS {usage.ru_maxrss / 1024:,.0f} MB"
-        )
+        measured.append((column, peak_kb * 1024))
+        peak = f"peak RSS {peak_kb / 1024:,.0f} MB"
+        lines.append(f"train-sae, {images:,} images: column {column / 2**20:,.0f} MB, {peak}")
     (small_column, small_rss), (large_column, large_rss) = measured
     lines.append(f"rise: {(large_rss - small_rss) / (large_column - small_column):.3f} bytes of RSS per byte of column")
     return lines

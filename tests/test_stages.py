@@ -84,3 +84,35 @@ def test_steering_grid_grids_both_rules_and_spreads_distributions():
     assert list(grid.lambdas) == [2.0]
     searched = steering_grid(load_config(None, ["retrieval.positive_rule={choice: [majority]}"]))
     assert list(searched.positive_rules) == ["majority"]
+
+
+def test_an_official_validation_split_selects_on_its_own_store_and_keys_the_sae_apart(tmp_path):
+    """dataset.val_split: every train image trains, the validation rows are the val store's, and the SAE key
+    says so (an SAE trained with val_fraction rows held out is not reused)."""
+    from test_store import _small_store
+
+    from vs2ray.stages import load_train_split
+
+    train_store, val_store = _small_store(tmp_path / "train", 300), _small_store(tmp_path / "val", 120)
+    common = [f"storage.root={tmp_path}", "extraction.layers=[1]", "sae.layer=1", "sae.tokens=all"]
+    common += ["sae.k=4", "sae.expansion=2", "sae.steps=5", "sae.batch_size=64"]
+    official = load_config(None, [*common, "dataset.val_split=val"])
+    split = load_train_split(official, store=train_store, val_store=val_store)
+    assert split.train_mask.all() and not split.val_mask.any()
+    val_acts, images = split.val_source()
+    assert val_acts is split.val_acts and images.all() and len(images) == 120
+    np.testing.assert_array_equal(split.val_rows("tokens_1").take(np.arange(17)).numpy(), val_acts["tokens_1"][0])
+    logs: list[str] = []
+    trained = get_or_train_sae(official, sae_params(official), split, logs.append)
+    assert "tokens_1: 5100 of 5100 rows (2040 held out)" in logs[0]  # 300 and 120 images × 17 tokens
+    assert trained.sae.load(trained.directory).config["val_split"] == "val"
+    carved_config = load_config(None, common)
+    carved = get_or_train_sae(
+        carved_config, sae_params(carved_config), load_train_split(carved_config, store=train_store)
+    )
+    assert carved.directory != trained.directory and not carved.cache_hit
+
+
+def test_the_validation_split_cannot_be_the_train_or_test_split():
+    with pytest.raises(ConfigError, match=r"dataset\.val_split: 'test' is the train or the test split"):
+        load_config(None, ["dataset.val_split=test"])

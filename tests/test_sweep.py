@@ -461,7 +461,8 @@ def test_a_spurious_world_sweep_reports_worst_group_accuracy_and_steerability_by
         steer = json.loads(trial_file(trial["trial_dir"], "steerability.json"))
         assert steer["block"] == trial["sae_block"] and len(steer["units"]) == 12
         latents = [u for u in steer["units"] if u["kind"] == "latent"]
-        assert all(u["steerable"] == (u["sum_squares"] > 0.1) for u in latents)  # the authors' rule, by default
+        # the sweep file's earlier rule (top_gain ≥ 0.1); the authors' S_f and P_f are recorded beside it
+        assert all(u["steerable"] == (u["score"] >= 0.1) and u["sum_squares"] >= 0 for u in latents)
         assert trial["steerable_latents"] == sum(u["steerable"] for u in latents) / 6
         assert trial["steerable_latents_low"] <= trial["steerable_latents"] <= trial["steerable_latents_high"]
     # vs2ray-tiny's zero-shot follows colour: its worst group is far below its average

@@ -191,7 +191,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     )
     evaluator = build_evaluator(config, data, trained.sae, saes_by_block=every_block)
     results = evaluator.evaluate_all(config.steering.methods, grid)
-    print(f"{len(evaluator.val.labels)} validation rows (carved from train), {len(evaluator.test.labels)} test rows")
+    source = f"the {config.dataset.val_split} split" if config.dataset.val_split else "carved from train"
+    print(f"{len(evaluator.val.labels)} validation rows ({source}), {len(evaluator.test.labels)} test rows")
     print(format_table(results))
     measured = steerability(config, data, evaluator)
     if measured is not None:

@@ -210,9 +210,10 @@ class DatasetConfig(Section):
     )
     download: bool = Field(False, description="cifar100: download into root when missing")
     seed: int = Field(0, description="shapes, shapes_spurious: generation seed")
-    sizes: dict[Literal["train", "test", "pretrain"], Annotated[int, Field(ge=1)]] = Field(
+    sizes: dict[Literal["train", "test", "val", "pretrain"], Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict,
-        description="shapes: images per split (default train 20000, test 5000; shapes_spurious 10000, 4000)",
+        description="shapes: images per split (default train 20000, test 5000, val 2000; shapes_spurious "
+        "10000, 4000, 1000)",
     )
     spurious_agreement: float = Field(
         0.95, ge=0.0, le=1.0, description="shapes_spurious: share of train images whose colour agrees with the class"
@@ -222,6 +223,11 @@ class DatasetConfig(Section):
     train_split: str = Field("train", description="the split the SAE trains on and validation rows are carved from")
     test_split: str = Field("test", description="the split test figures are reported on")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train held out for selection")
+    val_split: str | None = Field(
+        None,
+        description="a split of its own to select on (Waterbirds / CelebA: val, the official one), "
+        "every train image then trains; default: dataset.val_fraction of train",
+    )
     class_names: list[str] | None = Field(None, description="class names in label order, overriding the dataset's")
     prompt_templates: list[str] | None = Field(None, description="zero-shot prompts with one '{}'")
     hf_path: str | None = Field(None, description="huggingface: dataset id, e.g. 'uoft-cs/cifar100'")
@@ -234,6 +240,10 @@ class DatasetConfig(Section):
             raise PydanticCustomError("dataset_root", f"dataset.name: {self.name} needs dataset.root (a directory)")
         if self.name == "huggingface" and not self.hf_path:
             raise PydanticCustomError("dataset_hf", "dataset.name: huggingface needs dataset.hf_path")
+        if self.val_split is not None and self.val_split in (self.train_split, self.test_split):
+            raise PydanticCustomError(
+                "dataset_val_split", f"dataset.val_split: {self.val_split!r} is the train or the test split"
+            )
         bad = [t for t in self.prompt_templates or [] if t.count("{}") != 1]
         if bad:
             raise PydanticCustomError("dataset_prompt", f"prompt_templates need exactly one '{{}}' each: {bad}")

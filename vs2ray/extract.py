@@ -98,7 +98,7 @@ def store_inputs(
     """Every input that determines a store's content; the store's key is their hash."""
     pretrained = config.model.pretrained
     weights = BUNDLED_WEIGHTS if pretrained == "bundled" else Path(pretrained).expanduser()
-    dataset = config.dataset.model_dump(exclude={"val_fraction", "train_split", "test_split"})
+    dataset = config.dataset.model_dump(exclude={"val_fraction", "val_split", "train_split", "test_split"})
     if dataset["root"]:
         dataset["root"] = str(Path(dataset["root"]).expanduser().resolve())
     return {

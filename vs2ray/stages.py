@@ -84,12 +84,25 @@ def sae_params(config: ExperimentConfig) -> SAETrainParams:
 
 @dataclass
 class TrainSplit:
-    """The train split's activations with the validation rows marked."""
+    """The train split's activations with the validation rows marked, or (`dataset.val_split`) every train row
+    training and the validation rows in a store of their own (`val_acts`)."""
 
     store_dir: Path
     acts: Activations
     train_mask: np.ndarray
     val_mask: np.ndarray
+    val_acts: Activations | None = None
+
+    def val_source(self) -> tuple[Activations, np.ndarray]:
+        """(the activations the validation rows are in, the mask of those rows)."""
+        if self.val_acts is None:
+            return self.acts, self.val_mask
+        return self.val_acts, np.ones(len(self.val_acts.ids), dtype=bool)
+
+    def val_rows(self, column: str) -> ActivationRows:
+        """`column_rows` of the validation images."""
+        acts, images = self.val_source()
+        return column_rows(acts, column, images)
 
     @property
     def num_blocks(self) -> int:
@@ -138,19 +151,35 @@ def blocks_to_load(config: ExperimentConfig, manifest: dict[str, Any]) -> tuple[
     return sorted(cls_blocks), sorted(token_blocks)
 
 
-def load_train_split(config: ExperimentConfig, log: Log = lambda _: None, store: Path | None = None) -> TrainSplit:
-    """Extract (or reuse) the train store, load the [CLS] columns the config reads, carve validation rows.
+def load_train_split(
+    config: ExperimentConfig, log: Log = lambda _: None, store: Path | None = None, val_store: Path | None = None
+) -> TrainSplit:
+    """Extract (or reuse) the train store, load the [CLS] columns the config reads, carve validation rows, or
+    with `dataset.val_split` extract (or reuse) that split's store and select on it.
 
-    `store`: the train store when the caller has just extracted it. All-token columns
+    `store`, `val_store`: the stores when the caller has just extracted them. All-token columns
     stay on disk until a trial reads its block's (`Activations.__getitem__`).
     """
     from vs2ray.extract import extract
 
     store = store or extract(config, config.dataset.train_split, log).store_dir
     cls_blocks, _ = blocks_to_load(config, read_manifest(store) or {})
-    acts = load_activations(store, layers=cls_blocks, retrieval=config.retrieval.space == "dinov2")
-    train_mask, val_mask = train_val_split(acts.ids, config.dataset.val_fraction, config.seed)
-    return TrainSplit(store, acts, train_mask, val_mask)
+    retrieval = config.retrieval.space == "dinov2"
+    acts = load_activations(store, layers=cls_blocks, retrieval=retrieval)
+    if config.dataset.val_split is None:
+        train_mask, val_mask = train_val_split(acts.ids, config.dataset.val_fraction, config.seed)
+        return TrainSplit(store, acts, train_mask, val_mask)
+    val_store = val_store or extract(config, config.dataset.val_split, log).store_dir
+    val_acts = load_activations(val_store, layers=cls_blocks, retrieval=retrieval)
+    everything = np.ones(len(acts.ids), dtype=bool)
+    return TrainSplit(store, acts, everything, ~everything, val_acts)
+
+
+def selection_key(config: ExperimentConfig) -> dict[str, Any]:
+    """What decides which train rows are held out for selection (part of the SAE and FAISS keys)."""
+    if config.dataset.val_split is None:
+        return {"val_fraction": config.dataset.val_fraction}
+    return {"val_split": config.dataset.val_split}
 
 
 @dataclass
@@ -196,14 +225,14 @@ def get_or_train_sae(
     """
     layer = config.sae.layer if layer is None else layer
     column = split.column(layer, config.sae.tokens)
-    training = {**params.key_dict(), "val_fraction": config.dataset.val_fraction}
+    training = {**params.key_dict(), **selection_key(config)}
     directory = sae_dir_for(config.storage.root, f"{split.store_dir.name}-{column}", training)
     device = device if device is not None else worker_device(config.model.device, None)
     with _exclusive(directory):
         if (directory / "metrics.json").is_file():
             saved = TopKSAE.load(directory, expected_d=split.acts.stored(column).shape[-1])
             return TrainedSAE(saved.sae, saved.metrics, directory, cache_hit=True)
-        train, val = split.rows(column, split.train_mask), split.rows(column, split.val_mask)
+        train, val = split.rows(column, split.train_mask), split.val_rows(column)
         per_image = len(train) // max(1, int(split.train_mask.sum()))
         labels = torch.from_numpy(split.acts.labels[split.train_mask].astype(np.int64)).repeat_interleave(per_image)
         total = len(split.acts.ids) * per_image
@@ -283,8 +312,11 @@ def prepare_data(config: ExperimentConfig, log: Log = lambda _: None) -> SweepDa
 
     from vs2ray.extract import extract_splits
 
-    stores = extract_splits(config, [config.dataset.train_split, config.dataset.test_split], log)  # one pipeline
-    split = load_train_split(config, store=stores[config.dataset.train_split].store_dir)
+    val_split = config.dataset.val_split
+    splits = [config.dataset.train_split, *([val_split] if val_split else []), config.dataset.test_split]
+    stores = extract_splits(config, splits, log)  # one pipeline
+    val_store = stores[val_split].store_dir if val_split else None
+    split = load_train_split(config, store=stores[config.dataset.train_split].store_dir, val_store=val_store)
     test_store = stores[config.dataset.test_split].store_dir
     cls_blocks, _ = blocks_to_load(config, read_manifest(test_store) or {})
     test = load_activations(test_store, layers=cls_blocks, retrieval=config.retrieval.space == "dinov2")
@@ -347,7 +379,7 @@ def start_retrieval(config: ExperimentConfig, data: SweepData, gpus_per_shard: f
     inputs = {
         "store": data.split.store_dir.name,
         "column": column,
-        "val_fraction": config.dataset.val_fraction,
+        **selection_key(config),
         "seed": config.seed,
         "index": config.retrieval.index,
         "num_shards": config.retrieval.num_shards,
@@ -403,7 +435,7 @@ def evaluation_splits(
     everything = np.ones(len(data.test.ids), dtype=bool)
     return (
         rows(split.acts, split.train_mask, "pool", () if pool_token_block is None else (pool_token_block,)),
-        rows(split.acts, split.val_mask, "val", token_blocks),
+        rows(*split.val_source(), "val", token_blocks),
         rows(data.test, everything, "test", token_blocks),
     )
 

@@ -85,8 +85,8 @@ class IntermediateReports:
         column = split.column(config.sae.layer, config.sae.tokens)
         generator = torch.Generator().manual_seed(config.seed)
         samples = {}
-        for name, mask in (("fvu", split.train_mask), ("val_fvu", split.val_mask)):
-            rows = split.rows(column, mask)  # read from the store: only the sampled rows are touched
+        for name, rows in (("fvu", split.rows(column, split.train_mask)), ("val_fvu", split.val_rows(column))):
+            # read from the store: only the sampled rows are touched
             samples[name] = rows.take(torch.randperm(len(rows), generator=generator)[: self.SAMPLE_ROWS].numpy())
         return samples
 

@@ -55,9 +55,9 @@ CLASSES: list[tuple[str, str]] = [
 ]
 CLASS_NAMES: list[str] = [f"{colour} {shape}" for colour, shape in CLASSES]
 
-SPLIT_CODES: dict[str, int] = {"train": 1, "test": 2, "pretrain": 3}
+SPLIT_CODES: dict[str, int] = {"train": 1, "test": 2, "pretrain": 3, "val": 4}
 SPURIOUS_CODE = 7  # keeps the spurious world's random streams apart from the shapes world's
-DEFAULT_SPLIT_SIZES: dict[str, int] = {"train": 20_000, "test": 5_000, "pretrain": 30_000}
+DEFAULT_SPLIT_SIZES: dict[str, int] = {"train": 20_000, "test": 5_000, "pretrain": 30_000, "val": 2_000}
 
 BACKGROUNDS = ("plain", "striped", "checkered", "noisy")
 
@@ -105,8 +105,8 @@ CONCEPT_WORDS: tuple[str, ...] = tuple(
 # The spurious world (the Waterbirds analogue): the class is the shape, the nuisance the colour family.
 SPURIOUS_CLASSES: tuple[str, ...] = ("circle", "square")
 SPURIOUS_ATTRIBUTES: dict[str, tuple[str, ...]] = {"warm": ("red", "orange"), "cool": ("blue", "purple")}
-SPURIOUS_SPLIT_SIZES: dict[str, int] = {"train": 10_000, "test": 4_000}
-SPURIOUS_TEST_AGREEMENT = 0.5  # the test split is group-balanced in expectation: colour says nothing about shape
+SPURIOUS_SPLIT_SIZES: dict[str, int] = {"train": 10_000, "test": 4_000, "val": 1_000}
+SPURIOUS_TEST_AGREEMENT = 0.5  # test and val are group-balanced in expectation: colour says nothing about shape
 
 
 @dataclass(frozen=True)
@@ -294,7 +294,7 @@ class SpuriousShapesDataset(ShapesDataset):
 
     The class is the shape (circle, square); the nuisance attribute is the colour family (warm: red or
     orange; cool: blue or purple), drawn to agree with the class (circle-warm, square-cool) with
-    probability `agreement` in `train` and 0.5 in `test`. vs2ray-tiny was pretrained on `shapes`,
+    probability `agreement` in `train` and 0.5 in `test` and `val`. vs2ray-tiny was pretrained on `shapes`,
     where circles are mostly warm and squares only blue or purple, so its zero-shot leans on colour, as
     CLIP leans on the background of a Waterbirds image. Everything else (background, clutter, size,
     noise) is drawn as in `shapes`.
