@@ -94,7 +94,13 @@ def test_an_official_validation_split_selects_on_its_own_store_and_keys_the_sae_
     from vs2ray.stages import load_train_split
 
     train_store, val_store = _small_store(tmp_path / "train", 300), _small_store(tmp_path / "val", 120)
-    common = [f"storage.root={tmp_path}", "extraction.layers=[1]", "sae.layer=1", "sae.tokens=all"]
+    common = [
+        f"storage.root={tmp_path}",
+        "extraction.layers=[1]",
+        "extraction.tokens=all",
+        "sae.layer=1",
+        "sae.tokens=all",
+    ]
     common += ["sae.k=4", "sae.expansion=2", "sae.steps=5", "sae.batch_size=64"]
     official = load_config(None, [*common, "dataset.val_split=val"])
     split = load_train_split(official, store=train_store, val_store=val_store)
@@ -107,9 +113,8 @@ def test_an_official_validation_split_selects_on_its_own_store_and_keys_the_sae_
     assert "tokens_1: 5100 of 5100 rows (2040 held out)" in logs[0]  # 300 and 120 images × 17 tokens
     assert trained.sae.load(trained.directory).config["val_split"] == "val"
     carved_config = load_config(None, common)
-    carved = get_or_train_sae(
-        carved_config, sae_params(carved_config), load_train_split(carved_config, store=train_store)
-    )
+    carved_split = load_train_split(carved_config, store=train_store)
+    carved = get_or_train_sae(carved_config, sae_params(carved_config), carved_split, lambda _: None)
     assert carved.directory != trained.directory and not carved.cache_hit
 
 
