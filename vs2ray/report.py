@@ -220,8 +220,7 @@ def steerability_section(shares: pd.DataFrame, ranked: pd.DataFrame, config: Any
     """Share of steerable latents against neurons by block, then the most steerable latents."""
     rule = ""
     if config is not None:
-        measured = config.steerability.model_dump(exclude={"enabled", "vocabulary", "template"})
-        rule = f" ({describe_settings(SteerabilitySettings(**measured))})"
+        rule = f" ({describe_settings(SteerabilitySettings.from_keys(config.steerability.model_dump()))})"
     text = (
         f"Share of the sampled SAE latents and of the block's neurons (residual-stream coordinates) that are "
         f"steerable{rule}: clamped alone at the block, they move the output distribution over the concept "

@@ -315,7 +315,8 @@ class ActivationRows:
         out = np.empty((len(index), self.width), dtype=np.float32)
         for start in range(0, len(index), per_release):
             part = index[start : start + per_release]
-            out[start : start + len(part)] = self._tensor(self.array[part], touched=len(part) * touched).numpy()
+            out[start : start + len(part)] = as_float32(self.array[part])
+            self._touched(len(part) * touched)
         return torch.from_numpy(out)
 
     def chunks(self, size: int) -> Iterator[Float[Tensor, "chunk d"]]:
@@ -361,12 +362,16 @@ class ActivationRows:
             advise_access(self.array, scattered)
             self._scattered = scattered
 
+    def _touched(self, nbytes: int) -> None:
+        """Count `nbytes` of mapped pages touched; hand them back once RELEASE_BYTES are."""
+        self._read_since_release += nbytes
+        if self._read_since_release >= self.RELEASE_BYTES:
+            self.release()
+
     def _tensor(self, values: np.ndarray, touched: int) -> torch.Tensor:
         # `values` is this read's own copy; up-casting makes another only for float16 / bfloat16
         values = np.ascontiguousarray(as_float32(values)).view(np.ndarray)
-        self._read_since_release += touched
-        if self._read_since_release >= self.RELEASE_BYTES:
-            self.release()
+        self._touched(touched)
         return torch.from_numpy(values)
 
 

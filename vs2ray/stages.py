@@ -527,8 +527,7 @@ def steerability(config: ExperimentConfig, data: SweepData, evaluator: Evaluator
     """S of the sampled latents and neurons at the evaluator's block (`steerability.*`), or None when disabled."""
     if not config.steerability.enabled or data.concepts is None:
         return None
-    measured = config.steerability.model_dump(exclude={"enabled", "vocabulary", "template"})
-    settings = SteerabilitySettings(**measured, seed=config.seed)
+    settings = SteerabilitySettings.from_keys(config.steerability.model_dump(), seed=config.seed)
     concepts = _tensor(data.concepts).to(evaluator.pool.cls.device)
     return measure_steerability(evaluator, concepts, list(data.concept_words or ()), settings)
 

@@ -25,7 +25,7 @@ This module knows neither Ray nor the config: the trial builds the settings and 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -56,6 +56,13 @@ class SteerabilitySettings:
     top: int = 1  # concepts reported per unit (and whose gain makes S under top_gain)
     threshold: float = 0.1  # steerable: S_f > threshold (sum_squares), S ≥ threshold (top_gain)
     seed: int = 0
+
+    @classmethod
+    def from_keys(cls, keys: Mapping[str, Any], seed: int = 0) -> SteerabilitySettings:
+        """Settings from the `steerability.*` keys: `enabled`, `vocabulary` and `template` (what is measured,
+        not how) are left out; any other key must be a setting."""
+        measured = {key: value for key, value in keys.items() if key not in ("enabled", "vocabulary", "template")}
+        return cls(**measured, seed=seed)
 
     def steerable(self, score: float) -> bool:
         return score > self.threshold if self.score == "sum_squares" else score >= self.threshold
@@ -96,7 +103,8 @@ class SteerabilityResult:
 
     def interval(self, kind: UnitKind) -> tuple[float, float]:
         """The 95% Wilson interval of `share(kind)` over the sampled units."""
-        return wilson_interval(sum(u.steerable for u in self.of(kind)), len(self.of(kind)))
+        units = self.of(kind)
+        return wilson_interval(sum(u.steerable for u in units), len(units))
 
     def distinct_concepts(self, kind: UnitKind) -> int:
         """Distinct top concepts among the steerable units of `kind` (the paper's concept-space coverage)."""
