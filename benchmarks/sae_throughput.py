@@ -41,11 +41,11 @@ def peak_memory_mb(device: str) -> float:
 
 def run_one(d: int, expansion: int, k: int, batch: int, steps: int, dense: bool) -> dict:
     """Train for `steps` on random data in this process; returns samples/s and peak memory."""
-    from vs2ray.sae import SAETrainParams, TopKSAE, train_sae
+    from vs2ray.sae import SAETrainParams, SparseAutoencoder, train_sae
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if dense:
-        TopKSAE.decode_without_bias = dense_decode_without_bias
+        SparseAutoencoder.decode_without_bias = dense_decode_without_bias
     acts = torch.randn(batch * 2, d, generator=torch.Generator().manual_seed(0))
     params = SAETrainParams(k=k, expansion=expansion, steps=steps, batch_size=batch, warmup_steps=1)
     train_sae(acts, SAETrainParams(**{**params.as_dict(), "steps": 2}), device=device)  # warm-up

@@ -19,7 +19,7 @@ import torch
 from vs2ray.config import ModelConfig
 from vs2ray.models import encode_images, load_clip
 from vs2ray.retrieval import IndexShard, RetrievalIndex
-from vs2ray.sae import TopKSAE
+from vs2ray.sae import SparseAutoencoder
 from vs2ray.steering import classify, vs2
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     with torch.no_grad():
         encoder_s = best_of(lambda: encode_images(bundle, images)) / batch
     d, embed = 768, 512
-    sae = TopKSAE(d, 4 * d, 64).eval()
+    sae = SparseAutoencoder(d, 4 * d, 64).eval()
     head = {"ln_post.weight": torch.ones(d), "ln_post.bias": torch.zeros(d), "proj": torch.randn(d, embed)}
     classifier = torch.nn.functional.normalize(torch.randn(100, embed), dim=1)
     tokens = torch.randn(4096, d)

@@ -124,7 +124,7 @@ def sae_rows(device: torch.device, small: bool) -> list[Row]:
             result = train_sae(train, run, device=target)
             rows.append(
                 {
-                    "sae": "vs2ray TopKSAE",
+                    "sae": "vs2ray SparseAutoencoder",
                     "device": str(target),
                     "precision": precision,
                     "steps": params.steps,
@@ -155,7 +155,7 @@ def streamed_row(train: torch.Tensor, held_out: torch.Tensor, params: Any, devic
         streamed = train_sae(mapped, params, device=device, stage=False, log=lambda _: None)
     same = all(torch.equal(weight, streamed.sae.state_dict()[name]) for name, weight in staged.sae.state_dict().items())
     return {
-        "sae": "vs2ray TopKSAE, host batches from a memory map",
+        "sae": "vs2ray SparseAutoencoder, host batches from a memory map",
         "device": str(device),
         "precision": "fp32",
         "steps": params.steps,

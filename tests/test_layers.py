@@ -19,7 +19,7 @@ from vs2ray.config import config_with, load_config
 from vs2ray.data import get_dataset
 from vs2ray.evaluate import Evaluator, Grid
 from vs2ray.models import encode_images, load_clip
-from vs2ray.sae import TopKSAE
+from vs2ray.sae import SparseAutoencoder
 from vs2ray.stages import build_evaluator, evaluation_splits, prepare_data
 
 NUM_BLOCKS = 4  # vs2ray-tiny
@@ -47,17 +47,17 @@ def world(ray_session, tmp_path_factory):
     return config, data, bundle, pixels
 
 
-def random_sae(seed: int, d: int = 128, k: int = 16) -> TopKSAE:
+def random_sae(seed: int, d: int = 128, k: int = 16) -> SparseAutoencoder:
     torch.manual_seed(seed)
-    sae = TopKSAE(d, 4 * d, k)
+    sae = SparseAutoencoder(d, 4 * d, k)
     with torch.no_grad():
         sae.b_pre.normal_(0, 0.5)
     return sae.eval()
 
 
-def identity_sae(d: int = 128) -> TopKSAE:
+def identity_sae(d: int = 128) -> SparseAutoencoder:
     """An SAE whose reconstruction is x exactly: latents ±e_i, k = d keeps every positive part."""
-    sae = TopKSAE(d, 2 * d, d)
+    sae = SparseAutoencoder(d, 2 * d, d)
     with torch.no_grad():
         eye = torch.eye(d)
         sae.W_enc.copy_(torch.cat([eye, -eye]))
@@ -86,13 +86,13 @@ def model_logits(world, edits) -> torch.Tensor:
     return steering.logits_from_embeddings(embeddings, torch.from_numpy(data.text_classifier))
 
 
-def evaluator_at(world, layer: int, sae: TopKSAE, tokens: str = "cls", saes_by_block=None) -> Evaluator:
+def evaluator_at(world, layer: int, sae: SparseAutoencoder, tokens: str = "cls", saes_by_block=None) -> Evaluator:
     config, data, _, _ = world
     config = config_with(config, {"sae.layer": layer, "sae.tokens": tokens})
     return build_evaluator(config, data, sae, saes_by_block=saes_by_block)
 
 
-def vs2_rows(sae: TopKSAE, gamma: float, lam: float) -> Callable[[torch.Tensor], torch.Tensor]:
+def vs2_rows(sae: SparseAutoencoder, gamma: float, lam: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda rows: steering.vs2(sae, rows, gamma, lam)
 
 

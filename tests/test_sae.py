@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vs2ray.sae import SAETrainParams, TopKSAE, auxk_loss, evaluate_sae, fvu, per_sample_fvu, train_sae
+from vs2ray.sae import SAETrainParams, SparseAutoencoder, auxk_loss, evaluate_sae, fvu, per_sample_fvu, train_sae
 
 
 def planted(num_atoms: int = 64, d: int = 32, active: int = 4, n: int = 20_000, seed: int = 0, classes: int = 0):
@@ -56,7 +56,7 @@ def test_decoder_rows_stay_unit_norm(planted_run):
 
 
 def test_encode_decode_shapes_and_sparse_dense_agree():
-    sae = TopKSAE(d=16, n_latents=64, k=5)
+    sae = SparseAutoencoder(d=16, n_latents=64, k=5)
     x = torch.randn(7, 16)
     values, indices = sae.encode(x)
     assert values.shape == indices.shape == (7, 5)
@@ -69,36 +69,36 @@ def test_encode_decode_shapes_and_sparse_dense_agree():
 
 def test_initialisations_linear_is_sparsifys_and_tied_copies_the_decoder():
     torch.manual_seed(0)
-    linear = TopKSAE(d=128, n_latents=512, k=8)
+    linear = SparseAutoencoder(d=128, n_latents=512, k=8)
     reference = torch.nn.Linear(128, 512)  # what sparsify's SparseCoder starts its encoder from
     torch.manual_seed(0)
     reference.reset_parameters()
     torch.manual_seed(0)
-    torch.testing.assert_close(TopKSAE(d=128, n_latents=512, k=8).W_enc, reference.weight)
+    torch.testing.assert_close(SparseAutoencoder(d=128, n_latents=512, k=8).W_enc, reference.weight)
     assert 0.55 < linear.W_enc.norm(dim=1).mean().item() < 0.61  # nn.Linear's rows: norm ≈ 1/√3
     torch.testing.assert_close(linear.W_dec, linear.W_enc / linear.W_enc.norm(dim=1, keepdim=True))
-    tied = TopKSAE(d=128, n_latents=512, k=8, init="tied")
+    tied = SparseAutoencoder(d=128, n_latents=512, k=8, init="tied")
     assert torch.equal(tied.W_enc, tied.W_dec)
     torch.testing.assert_close(tied.W_dec.norm(dim=1), torch.ones(512))
     with pytest.raises(ValueError, match=r"sae\.init must be 'linear' or 'tied'"):
-        TopKSAE(d=4, n_latents=8, k=2, init="zeros")
+        SparseAutoencoder(d=4, n_latents=8, k=2, init="zeros")
     # the initialisation is a training parameter, so an SAE of the other start is never reused from the cache
     assert SAETrainParams().as_dict()["init"] == "linear" and SAETrainParams(init="tied").as_dict()["init"] == "tied"
 
 
 def test_topk_variants_keep_largest_values_or_largest_magnitudes():
-    sae = TopKSAE(d=3, n_latents=4, k=2, topk="relu")
+    sae = SparseAutoencoder(d=3, n_latents=4, k=2, topk="relu")
     pre = torch.tensor([[3.0, -5.0, 1.0, 2.0]])
     values, indices = sae.select(pre)
     assert sorted(zip(indices[0].tolist(), values[0].tolist(), strict=True)) == [(0, 3.0), (3, 2.0)]
-    sae_abs = TopKSAE(d=3, n_latents=4, k=2, topk="abs")
+    sae_abs = SparseAutoencoder(d=3, n_latents=4, k=2, topk="abs")
     values, indices = sae_abs.select(pre)
     assert sorted(zip(indices[0].tolist(), values[0].tolist(), strict=True)) == [(0, 3.0), (1, -5.0)]
 
 
 def test_k_larger_than_the_latent_width_is_rejected():
     with pytest.raises(ValueError, match=r"sae.k must be in \[1, n_latents=64\]"):
-        TopKSAE(d=16, n_latents=64, k=65)
+        SparseAutoencoder(d=16, n_latents=64, k=65)
     with pytest.raises(ValueError, match=r"sae\.k"):
         train_sae(torch.randn(100, 8), SAETrainParams(k=40, expansion=4, steps=1), device="cpu")
 
@@ -167,7 +167,7 @@ def test_auxk_trains_the_dead_latents_decoder_rows_on_the_residual_and_nothing_e
     # sparsify's AuxK (its fused encoder's backward drops the pre-activations' gradient): the loss moves
     # only the decoder rows of the top dead latents, toward the residual of the live ones
     torch.manual_seed(0)
-    sae = TopKSAE(d=8, n_latents=16, k=2)
+    sae = SparseAutoencoder(d=8, n_latents=16, k=2)
     x = torch.randn(64, 8)
     pre = sae.pre_activations(x)
     values, indices = sae.select(pre)
@@ -195,14 +195,14 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     assert directory != sae_dir_for(tmp_path, "acts-key", {**params.as_dict(), "lr": 1e-3})
     assert directory == sae_dir_for(tmp_path, "acts-key", dict(reversed(params.as_dict().items())))
     result.sae.save(directory, {**params.as_dict(), "activation_key": "acts-key"}, result.metrics)
-    loaded = TopKSAE.load(directory, expected_d=32)
-    assert isinstance(loaded, SAECheckpoint) and loaded.config["format"] == 2 and loaded.config["n_latents"] == 64
+    loaded = SparseAutoencoder.load(directory, expected_d=32)
+    assert isinstance(loaded, SAECheckpoint) and loaded.config["format"] == 3 and loaded.config["n_latents"] == 64
     output = loaded.sae(x[:50])
     assert isinstance(output, SAEOutput) and output.values.shape == (50, 4)
     torch.testing.assert_close(output.reconstruction, result.sae(x[:50]).reconstruction)
     assert loaded.metrics["fvu"] == pytest.approx(result.metrics["fvu"])
     with pytest.raises(CheckpointError, match="trained on d=32 activations, not d=768"):
-        TopKSAE.load(directory, expected_d=768)
+        SparseAutoencoder.load(directory, expected_d=768)
     assert result.sae.b_enc.abs().sum() > 0  # the encoder bias is trained ...
     frozen = train_sae(x, SAETrainParams(**{**params.as_dict(), "encoder_bias": False}), device="cpu")
     assert not frozen.sae.b_enc.any()  # ... or held at zero: METHOD.md's encoder exactly
@@ -213,12 +213,12 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     old = {n: t for n, t in load_file(directory / "sae.safetensors").items() if n != "b_enc"}
     save_file(old, directory / "sae.safetensors")  # a format-1 checkpoint had no encoder bias
     (directory / "config.json").write_text(json.dumps({**config, "format": 1}))
-    legacy = TopKSAE.load(directory).sae
+    legacy = SparseAutoencoder.load(directory).sae
     assert not legacy.b_enc.any() and not legacy.b_enc.requires_grad
     torch.testing.assert_close(legacy.W_enc, result.sae.W_enc)
     (directory / "config.json").write_text(json.dumps({**config, "format": 0}))  # written by another version
-    with pytest.raises(CheckpointError, match="has format 0; this vs2ray reads formats 1, 2"):
-        TopKSAE.load(directory)
+    with pytest.raises(CheckpointError, match="has format 0; this vs2ray reads formats 1, 2, 3"):
+        SparseAutoencoder.load(directory)
     (directory / "metrics.json").unlink()  # as if training had been interrupted before the end
     with pytest.raises(CheckpointError, match=r"incomplete: missing metrics\.json"):
-        TopKSAE.load(directory)
+        SparseAutoencoder.load(directory)

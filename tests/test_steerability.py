@@ -10,7 +10,7 @@ from test_suppression import HEAD, NUISANCE, SHAPE, WIDTH
 
 from vs2ray import steering
 from vs2ray.evaluate import Evaluator, SplitData
-from vs2ray.sae import TopKSAE
+from vs2ray.sae import SparseAutoencoder
 from vs2ray.steerability import SteerabilitySettings, format_steerability, measure_steerability
 
 
@@ -18,7 +18,7 @@ def test_steerability_scores_a_latent_along_a_concept_high_and_one_orthogonal_to
     third = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0]) / math.sqrt(2)
     orthogonal = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0, 0.0]) / 2  # zero mean, orthogonal to every concept
     concepts = torch.stack([SHAPE, NUISANCE, third])  # the vocabulary's text embeddings (proj is the identity)
-    sae = TopKSAE(WIDTH, 2, k=2, init="tied", encoder_bias=False)
+    sae = SparseAutoencoder(WIDTH, 2, k=2, init="tied", encoder_bias=False)
     with torch.no_grad():
         sae.W_dec.copy_(torch.stack([SHAPE, orthogonal]))
         sae.W_enc.copy_(sae.W_dec)
@@ -52,7 +52,7 @@ def test_the_authors_s_f_of_a_latent_along_one_concept_is_the_value_computed_fro
 
     third = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0]) / math.sqrt(2)
     concepts = torch.stack([SHAPE, NUISANCE, third])
-    sae = TopKSAE(WIDTH, 2, k=2, init="tied", encoder_bias=False)
+    sae = SparseAutoencoder(WIDTH, 2, k=2, init="tied", encoder_bias=False)
     with torch.no_grad():
         sae.W_dec.copy_(torch.stack([SHAPE, third]))
         sae.W_enc.copy_(sae.W_dec)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vs2ray.sae import SAETrainParams, TopKSAE, train_sae
+from vs2ray.sae import SAETrainParams, SparseAutoencoder, train_sae
 from vs2ray.sae import per_sample_fvu as fvu_of_reconstruction
 from vs2ray.steering import (
     centroid_shift,
@@ -31,7 +31,7 @@ from vs2ray.steering import (
 D, EMBED, CLASSES = 24, 8, 5
 
 
-def per_sample_fvu(sae: TopKSAE, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+def per_sample_fvu(sae: SparseAutoencoder, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return fvu_of_reconstruction(x, sae(x).reconstruction, mu)
 
 

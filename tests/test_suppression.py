@@ -8,7 +8,7 @@ import torch
 
 from vs2ray import steering
 from vs2ray.evaluate import Evaluator, Grid, SplitData
-from vs2ray.sae import TopKSAE
+from vs2ray.sae import SparseAutoencoder
 
 WIDTH = 6
 # Two zero-mean directions (ln_post's mean subtraction leaves them alone): the class's and the nuisance's.
@@ -17,9 +17,9 @@ NUISANCE = torch.tensor([0.0, 1.0, 0.0, -1.0, 0.0, 0.0]) / math.sqrt(2)
 HEAD = {"ln_post.weight": torch.ones(WIDTH), "ln_post.bias": torch.zeros(WIDTH), "proj": torch.eye(WIDTH)}
 
 
-def planted_sae() -> TopKSAE:
+def planted_sae() -> SparseAutoencoder:
     """An SAE whose latents are ±SHAPE (0, 1) and ±NUISANCE (2, 3), with an encoder equal to its decoder."""
-    sae = TopKSAE(WIDTH, 4, k=2, init="tied", encoder_bias=False)
+    sae = SparseAutoencoder(WIDTH, 4, k=2, init="tied", encoder_bias=False)
     with torch.no_grad():
         sae.W_dec.copy_(torch.stack([SHAPE, -SHAPE, NUISANCE, -NUISANCE]))
         sae.W_enc.copy_(sae.W_dec)

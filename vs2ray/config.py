@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from vs2ray.methods import METHODS
+from vs2ray.sae import SAE_KINDS, Normalization, SAEKind
 
 DISTRIBUTION_KINDS = ("choice", "uniform", "loguniform", "int")
 STEERING_METHODS = tuple(METHODS)  # the registry's names (vs2ray.methods)
@@ -151,6 +152,8 @@ if TYPE_CHECKING:  # to the type checker a searchable field is Any: a constant o
     UnitFloat: TypeAlias = Any
     LayerIndex: TypeAlias = Any
     TokenSet: TypeAlias = Any
+    SAEKindChoice: TypeAlias = Any
+    NormalizationChoice: TypeAlias = Any
     MomentumFloat: TypeAlias = Any
     PositiveRuleChoice: TypeAlias = Any
 else:
@@ -160,7 +163,9 @@ else:
     AtLeastOneFloat = _searchable(Annotated[float, Field(ge=1)], "a number >= 1", NUMERIC)
     UnitFloat = _searchable(Annotated[float, Field(ge=0, le=1)], "a number in [0, 1]", NUMERIC)
     LayerIndex = _searchable(int, "a block index (negative counts from the end)", ("choice",))
-    TokenSet = _searchable(Literal["cls", "all"], "'cls' or 'all'", ("choice",))
+    TokenSet = _searchable(Literal["cls", "all", "patches"], "'cls', 'all' or 'patches'", ("choice",))
+    SAEKindChoice = _searchable(SAEKind, "one of " + ", ".join(f"'{kind}'" for kind in SAE_KINDS), ("choice",))
+    NormalizationChoice = _searchable(Normalization, "'none' or 'layer_norm'", ("choice",))
     MomentumFloat = _searchable(Annotated[float, Field(ge=0, lt=1)], "a number in [0, 1)", NUMERIC)
     PositiveRuleChoice = _searchable(Literal["query", "majority"], "'query' or 'majority'", ("choice",), grid_list=True)
 
@@ -273,10 +278,38 @@ class ExtractionConfig(Section):
 
 class SAEConfig(Section):
     layer: LayerIndex = Field(-1, description="block whose activations the SAE reads and steering changes")
-    tokens: TokenSet = Field("cls", description="train (and steer) on the [CLS] token or on every token")
-    k: PositiveInt = Field(64, description="active latents per sample (searchable)")
+    tokens: TokenSet = Field(
+        "cls",
+        description="train (and steer) on the [CLS] token, on every token, or on the patch tokens without [CLS] "
+        "(searchable)",
+    )
+    kind: SAEKindChoice = Field(
+        "topk",
+        description="topk (the paper's), batchtopk, matryoshka, jumprelu or relu_l1 (the companion paper's); "
+        "searchable (METHOD.md §9)",
+    )
+    normalize: NormalizationChoice = Field(
+        "none", description="layer_norm: the SAE codes each row's layer norm (x − μ)/σ (searchable)"
+    )
+    k: PositiveInt = Field(
+        64, description="active latents per sample; per sample on average for batchtopk / matryoshka (searchable)"
+    )
     expansion: PositiveInt = Field(4, description="latent width = expansion × d (searchable)")
-    topk: Literal["relu", "abs"] = Field("relu", description="relu: Gao et al.; abs: largest |value| (paper)")
+    topk: Literal["relu", "abs"] = Field(
+        "relu", description="kind topk only; relu: Gao et al.; abs: largest |value| (paper)"
+    )
+    prefixes: PositiveInt = Field(
+        4, description="matryoshka: nested dictionary prefixes n/2^(p−1), …, n/2, n, each trained to reconstruct"
+    )
+    l1_coef: NonNegativeFloat = Field(
+        0.3, description="relu_l1: weight of Σ z_i‖W_dec[i]‖ / Σ‖x − x̄‖ over a batch (searchable)"
+    )
+    l0_coef: NonNegativeFloat = Field(0.03, description="jumprelu: weight of the mean L0 beside the FVU (searchable)")
+    bandwidth: PositiveFloat = Field(1e-3, description="jumprelu: width ε of the straight-through kernel")
+    jumprelu_threshold: PositiveFloat = Field(1e-3, description="jumprelu: every latent's threshold θ at the start")
+    sparsity_warmup_steps: int = Field(
+        200, ge=0, description="relu_l1, jumprelu: steps over which the sparsity weight rises from 0"
+    )
     init: Literal["linear", "tied"] = Field(
         "linear", description="linear: sparsify's initialisation; tied: encoder = the unit-norm decoder"
     )
@@ -524,9 +557,12 @@ class ExperimentConfig(Section):
                 "steering.methods: sae_rec_all needs extraction.tokens: all and every block in extraction.layers "
                 "(from 0 to -1), since it replaces every block's output in one forward pass",
             )
-        if "all" in values_of(self.sae.tokens) and self.extraction.tokens != "all":
+        token_sets = {"all", "patches"} & set(values_of(self.sae.tokens))
+        if token_sets and self.extraction.tokens != "all":
             raise PydanticCustomError(
-                "model_tokens", "sae.tokens: all needs extraction.tokens: all (the store must hold every token)"
+                "model_tokens",
+                f"sae.tokens: {' and '.join(sorted(token_sets))} needs extraction.tokens: all (the store must hold "
+                f"every token)",
             )
         needs_groups = ["ablate"] * ("ablate" in self.steering.methods)
         needs_groups += ["select_by: worst_group"] * (self.steering.select_by == "worst_group")

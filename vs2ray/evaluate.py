@@ -27,7 +27,7 @@ import torch
 
 from vs2ray import steering
 from vs2ray.methods import GRID_PARAMS, METHODS, Setting, Split, Steered, metric_name
-from vs2ray.sae import ActivationRows, TopKSAE, per_sample_fvu
+from vs2ray.sae import ActivationRows, SparseAutoencoder, per_sample_fvu
 
 Search = Callable[[np.ndarray, int, str], tuple[np.ndarray, np.ndarray]]
 
@@ -80,7 +80,13 @@ class Encoder:
     num_blocks: int
     run_block: steering.RunBlock | None = None  # None: only the last block, from the cache
     all_tokens: bool = False  # the SAE reads every token: row-wise methods steer every token of the block
-    block_saes: Sequence[TopKSAE] = ()  # one SAE per block, for SAE_REC^A
+    block_saes: Sequence[SparseAutoencoder] = ()  # one SAE per block, for SAE_REC^A
+    patches_only: bool = False  # with all_tokens: the SAE reads the patch tokens, [CLS] stays as it is
+
+    @property
+    def token_set(self) -> steering.TokenSet:
+        """The tokens the SAE reads and steers: 'cls', 'all' or 'patches'."""
+        return ("patches" if self.patches_only else "all") if self.all_tokens else "cls"
 
     @property
     def at_last_block(self) -> bool:
@@ -197,7 +203,7 @@ class Evaluator:
 
     def __init__(
         self,
-        sae: TopKSAE,
+        sae: SparseAutoencoder,
         head: dict[str, torch.Tensor],
         text_classifier: torch.Tensor,
         pool: SplitData,
@@ -240,7 +246,8 @@ class Evaluator:
         assert self.encoder is not None  # only an all-token SAE inside the encoder steers every token
         if self.encoder.block not in self.pool.token_source:
             raise ValueError("an all-token SAE inside the encoder calibrates on the pool's every token (token_source)")
-        return self.pool.token_source[self.encoder.block]
+        tokens = self.pool.token_source[self.encoder.block]
+        return tokens.without_first() if self.encoder.patches_only else tokens
 
     def pool_steered_rows(self) -> ActivationRows:
         """The pool rows a row-wise method steers (every token of the block, or [CLS]), on the host."""
@@ -295,8 +302,7 @@ class Evaluator:
         fvus = torch.empty(len(rows), device=device)  # filled in place: no list of parts and their cat
         for start, x in zip(range(0, len(rows), self.SAE_PASS_ROWS), rows.chunks(self.SAE_PASS_ROWS), strict=True):
             x = x.to(device)
-            values, indices = self.sae.encode(x)
-            fvus[start : start + len(x)] = per_sample_fvu(x, self.sae.decode(values, indices), mean)
+            fvus[start : start + len(x)] = per_sample_fvu(x, self.sae(x).reconstruction, mean)
         return mean, fvus
 
     @property
@@ -309,6 +315,8 @@ class Evaluator:
         if split.name not in self._token_rows:
             assert self.encoder is not None  # only an all-token SAE inside the encoder steers every token
             tokens = split.tokens[self.encoder.block]
+            if self.encoder.patches_only:
+                tokens = tokens[:, 1:]
             per_image = tokens.shape[1]
 
             def repeat(rows: torch.Tensor) -> torch.Tensor:
@@ -330,11 +338,15 @@ class Evaluator:
     def sae_pass(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """W_dec c (n, d) and per-sample FVU (n,) of a split, from one SAE pass shared by every setting."""
         if split.name not in self._sae_passes:
-            directions = []
-            for x in split.cls.split(self.SAE_PASS_ROWS):
-                directions.append(self.sae.decode_without_bias(*self.sae.encode(x)))
-            direction = torch.cat(directions) if len(directions) != 1 else directions[0]
-            self._sae_passes[split.name] = (direction, per_sample_fvu(split.cls, direction + self.sae.b_pre, self.mean))
+            n = len(split.cls)
+            direction = torch.empty_like(split.cls)
+            fvus = torch.empty(n, dtype=split.cls.dtype, device=split.cls.device)
+            for start in range(0, n, self.SAE_PASS_ROWS):
+                x = split.cls[start : start + self.SAE_PASS_ROWS]
+                part, reconstruction = steering.direction_and_reconstruction(self.sae, x)
+                direction[start : start + len(x)] = part
+                fvus[start : start + len(x)] = per_sample_fvu(x, reconstruction, self.mean)
+            self._sae_passes[split.name] = (direction, fvus)
         return self._sae_passes[split.name]
 
     def gate_threshold(self, quantile: float) -> float:
@@ -381,9 +393,9 @@ class Evaluator:
             for start in range(0, len(rows), 256):  # (chunk, N, n_latents) dense codes stay small
                 chunk = rows[start : start + 256]
                 codes = self._dense_codes(self.pool.cls[chunk.reshape(-1)]).reshape(*chunk.shape, -1)
-                differences.append(
-                    steering.vs2pp_direction(self.sae, codes, positives[start : start + 256], 2.0, pool_mean)
-                )
+                difference = steering.vs2pp_direction(self.sae, codes, positives[start : start + 256], 2.0, pool_mean)
+                # in the query's space: a layer-norm SAE's code difference moves the query σ(query) times as far
+                differences.append(difference * self.sae.input_scale(split.cls[start : start + 256]))
             steered = steering.steerable_queries(positives, self.empty_negatives)
             self._code_differences[memo] = (torch.cat(differences), steered, steering.lacks_negatives(positives))
         return self._code_differences[memo]
@@ -415,7 +427,7 @@ class Evaluator:
             raise ValueError("sae_rec_all needs the encoder and one SAE per block (Encoder.block_saes)")
         if 0 not in split.tokens:
             raise ValueError("sae_rec_all needs every token of block 0 (extraction.tokens: all, layers from 0)")
-        return steering.sae_rec_every_block(split.tokens[0], encoder.block_saes, encoder.run_block, encoder.all_tokens)
+        return steering.sae_rec_every_block(split.tokens[0], encoder.block_saes, encoder.run_block, encoder.token_set)
 
     @torch.no_grad()
     def latent_scores(self, score: steering.AssociationScore) -> torch.Tensor:
@@ -470,8 +482,12 @@ class Evaluator:
             return steered
         tokens = split.tokens[self.encoder.block]  # (n, T, width)
         every = self._steers_every_token and every_token
-        copies = len(steered) // (tokens.shape[0] * tokens.shape[1] if every else tokens.shape[0])
+        patches = every and self.encoder.patches_only
+        per_image = tokens.shape[1] - patches if every else 1
+        copies = len(steered) // (tokens.shape[0] * per_image)
         tokens = tokens.repeat(copies, 1, 1)
+        if patches:
+            return self._finish(steering.with_patches(tokens, steered.reshape(len(tokens), per_image, -1)))
         return self._finish(steered.reshape(tokens.shape) if every else steering.with_cls(tokens, steered))
 
     def _finish(self, tokens_ntd: torch.Tensor) -> torch.Tensor:
@@ -541,7 +557,7 @@ class Evaluator:
         key = metric_name("val_worst_group" if self.select_by == "worst_group" else "val_top1", method)
         return max(scores, key=lambda score: score[key])
 
-    def with_sae(self, sae: TopKSAE) -> Evaluator:
+    def with_sae(self, sae: SparseAutoencoder) -> Evaluator:
         """The same splits, head and encoder with another SAE (every SAE-derived cache starts empty)."""
         return Evaluator(
             sae,

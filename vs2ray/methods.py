@@ -25,7 +25,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 import torch
 
 from vs2ray import steering
-from vs2ray.sae import TopKSAE
+from vs2ray.sae import SparseAutoencoder
 
 Setting = dict[str, Any]
 
@@ -58,7 +58,7 @@ class Context(Protocol):
     """What method functions may ask of the Evaluator (shared, memoised computations)."""
 
     @property
-    def sae(self) -> TopKSAE: ...
+    def sae(self) -> SparseAutoencoder: ...
 
     @property
     def pool(self) -> Split: ...
@@ -161,7 +161,9 @@ def _vs2_gated(ctx: Context, split: Split, s: Setting) -> Steered:
 
 
 def _centroid_shift(ctx: Context, split: Split, s: Setting) -> Steered:
-    return Steered(steering.centroid_shift(split.cls, ctx.sae.b_pre, s["lambda"] * (s["gamma"] - 1)))
+    return Steered(
+        steering.centroid_shift(split.cls, steering.sae_centroid(ctx.sae, split.cls), s["lambda"] * (s["gamma"] - 1))
+    )
 
 
 def _ablate(ctx: Context, split: Split, s: Setting) -> Steered:

@@ -1,20 +1,32 @@
-"""Top-k sparse autoencoder and its training loop (AuxK, PASS). Torch only: no Ray here.
+"""Sparse autoencoders of five kinds and their training loop (AuxK, PASS). Torch only: no Ray here.
 
-    c     = TopK_k( W_enc (x − b_pre) )        (k values and their latent indices)
-    x_hat = W_dec c + b_pre
+Every kind shares the encoder pre-activations and the decoder (METHOD.md §2, §9):
 
-Conventions: `W_dec` is stored as (n_latents, d), one unit-norm row per latent (a
-"decoder column" in the paper's notation); `W_enc` is (n_latents, d) with no bias, as
-in Gao et al. 2024. Codes travel as (values, indices) pairs of shape (batch, k); the
-dense n-wide code is only built where a method needs it.
+    a     = W_enc (x − b_pre) + b_enc
+    x_hat = W_dec z + b_pre
 
-Loss (METHOD.md §2, §5), both terms over one batch, divided by the batch's total variance
+and makes the code z from a in its own way: `topk` keeps each sample's k largest (Gao et al.);
+`batchtopk` the batch's B·k largest in training and one learned threshold θ at inference;
+`matryoshka` BatchTopK codes trained to reconstruct from every nested prefix of the dictionary;
+`jumprelu` z = a · H(a − θ_i) with a learned threshold per latent; `relu_l1` z = ReLU(a) with an
+L1 penalty. With `normalize: layer_norm` the SAE codes and reconstructs x's per-sample layer
+norm (x − μ(x)) / σ(x), and its outputs return to x's space (· σ(x) + μ(x)).
+
+Conventions: `W_dec` is stored as (n_latents, d), one decoder row per latent (a "decoder column"
+in the paper's notation), unit-norm for every kind but `relu_l1`; `W_enc` is (n_latents, d).
+Codes travel as (values, indices) pairs of shape (batch, w): w = k for `topk`, and for the other
+kinds the most latents any sample of the batch fires, the others' rows padded with zero values.
+The dense n-wide code is only built where a method needs it.
+
+Loss (METHOD.md §2, §5, §9), every term over one batch and divided by the batch's total variance
 Σ‖x − x̄‖² so that the reconstruction term is the batch FVU:
 
-    L = FVU + w_aux · Σ_i ‖z_i − z̄_class(i)‖² / Σ‖x − x̄‖²  + auxk_coef · AuxK
+    L = FVU + w_aux · Σ_i ‖z_i − z̄_class(i)‖² / Σ‖x − x̄‖²  + auxk_coef · AuxK + sparsity
 
-which is METHOD's `L_recon + w_aux ‖z_i − z̄‖²` with both terms scaled alike (ours).
-z̄_class is a running mean of each class's codes, updated every step and detached.
+with the FVU averaged over the prefixes for `matryoshka`, sparsity = l1_coef · Σ_i z_i ‖W_dec[i]‖
+/ Σ‖x − x̄‖ for `relu_l1` and l0_coef · mean L0 for `jumprelu` (both scale-free, both warmed up from 0), and AuxK
+only for the kinds whose L0 is set by k. z̄_class is a running mean of each class's codes, updated
+every step and detached.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -43,9 +55,16 @@ if TYPE_CHECKING:  # shapes in the signatures; jaxtyping is only needed by the t
 
 TopKMode = Literal["relu", "abs"]
 SAEInit = Literal["linear", "tied"]  # sparsify's initialisation, or the encoder tied to the decoder
-SAE_FORMAT = 2  # checkpoint layout version, in config.json; a checkpoint of another version is refused
-READABLE_FORMATS = (1, 2)  # format 1 had no encoder bias: it reads as b_enc = 0
+SAEKind = Literal["topk", "batchtopk", "matryoshka", "jumprelu", "relu_l1"]
+SAE_KINDS: tuple[str, ...] = get_args(SAEKind)
+FIXED_L0_KINDS = ("topk", "batchtopk", "matryoshka")  # k sets L0 (per sample, or over a batch); AuxK applies
+UNIT_NORM_KINDS = ("topk", "batchtopk", "matryoshka", "jumprelu")  # relu_l1's penalty weighs the row norms instead
+Normalization = Literal["none", "layer_norm"]
+SAE_FORMAT = 3  # checkpoint layout version, in config.json; a checkpoint of another version is refused
+READABLE_FORMATS = (1, 2, 3)  # format 1 had no encoder bias (b_enc = 0); formats 1 and 2 were top-k, unnormalised
 SAE_FILES = ("sae.safetensors", "config.json", "metrics.json")  # metrics.json is written last
+LAYER_NORM_EPS = 1e-5  # added to σ(x), as SAELens's and ViT-Prisma's layer_norm input normalisation do
+THRESHOLD_DECAY = 0.99  # BatchTopK's θ: a running mean of each batch's smallest kept activation
 
 
 class CheckpointError(RuntimeError):
@@ -53,24 +72,24 @@ class CheckpointError(RuntimeError):
 
 
 class SparseCode(NamedTuple):
-    """A batch's top-k code: the k kept values and their latent indices, each (batch, k)."""
+    """A batch's sparse code: the kept values and their latent indices, each (batch, w); padding values are 0."""
 
     values: torch.Tensor
     indices: torch.Tensor
 
 
 class SAEOutput(NamedTuple):
-    """What `TopKSAE.forward` returns."""
+    """What `SparseAutoencoder.forward` returns."""
 
-    reconstruction: torch.Tensor  # (batch, d)
-    values: torch.Tensor  # (batch, k)
-    indices: torch.Tensor  # (batch, k)
+    reconstruction: torch.Tensor  # (batch, d), in x's space
+    values: torch.Tensor  # (batch, w)
+    indices: torch.Tensor  # (batch, w)
 
 
 class SAECheckpoint(NamedTuple):
     """A loaded checkpoint: the SAE, its config.json (training parameters, d, activation key) and metrics.json."""
 
-    sae: TopKSAE
+    sae: SparseAutoencoder
     config: dict[str, Any]
     metrics: dict[str, Any]
 
@@ -78,8 +97,65 @@ class SAECheckpoint(NamedTuple):
 DENSE_FIRING_RATE = 0.1  # a latent firing on more than this share of samples counts as dense
 
 
-class TopKSAE(nn.Module):
-    """Top-k SAE with a pre-encoder bias `b_pre` and unit-norm decoder rows."""
+class _JumpReLU(torch.autograd.Function):
+    """z = a · H(a − θ): the gradient reaches a where the unit fires and θ through the straight-through
+    pseudo-derivative −(θ/ε)·K((a − θ)/ε) with a rectangle kernel K of width 1 (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad)
+        grad_threshold = -(threshold / ctx.bandwidth) * (window * grad).sum(dim=0)
+        return grad * (pre > threshold), grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """H(a − θ): no gradient to a, −(1/ε)·K((a − θ)/ε) to θ (the L0 penalty's pseudo-derivative)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad)
+        return None, -(window * grad).sum(dim=0) / ctx.bandwidth, None
+
+
+def sparse_of(dense: Float[Tensor, "batch latents"]) -> SparseCode:
+    """A dense non-negative code (batch, n) as (values, indices) of width w = the most latents a row fires
+    (at least 1), rows with fewer padded with zero values."""
+    width = max(1, int((dense != 0).sum(dim=1).max())) if len(dense) else 1
+    values, indices = dense.topk(min(width, dense.shape[1]), dim=-1, sorted=False)
+    return SparseCode(values, indices)
+
+
+def batch_topk(pre: Float[Tensor, "batch latents"], k: int) -> Float[Tensor, "batch latents"]:
+    """BatchTopK's training code: the batch's B·k largest ReLU pre-activations kept, the rest 0 (batch, n)."""
+    flat = F.relu(pre).flatten()
+    kept = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
+    return torch.zeros_like(flat).scatter_(0, kept.indices, kept.values).reshape(pre.shape)
+
+
+def matryoshka_prefixes(n_latents: int, count: int) -> list[int]:
+    """Nested prefix sizes m_1 < … < m_count = n: halving from the whole dictionary (n/8, n/4, n/2, n for 4)."""
+    return sorted({max(1, n_latents >> shift) for shift in range(count)})
+
+
+class SparseAutoencoder(nn.Module):
+    """A sparse autoencoder of one of `SAE_KINDS` with a pre-encoder bias `b_pre` (see the module docstring)."""
+
+    threshold: torch.Tensor  # batchtopk, matryoshka: θ (a buffer)
+    jump_threshold: nn.Parameter  # jumprelu: θ_i (n,)
 
     def __init__(
         self,
@@ -89,15 +165,25 @@ class TopKSAE(nn.Module):
         topk: TopKMode = "relu",
         init: SAEInit = "linear",
         encoder_bias: bool = True,
+        kind: SAEKind = "topk",
+        normalize: Normalization = "none",
+        jumprelu_threshold: float = 1e-3,
     ) -> None:
         super().__init__()
-        if not 1 <= k <= n_latents:
+        if kind not in SAE_KINDS:
+            raise ValueError(f"sae.kind must be one of {', '.join(SAE_KINDS)}; got {kind!r}")
+        if kind in FIXED_L0_KINDS and not 1 <= k <= n_latents:
             raise ValueError(f"sae.k must be in [1, n_latents={n_latents}] (expansion × d), got {k}")
         if topk not in ("relu", "abs"):
             raise ValueError(f"sae.topk must be 'relu' or 'abs', got {topk!r}")
+        if topk == "abs" and kind != "topk":
+            raise ValueError(f"sae.topk: 'abs' is a top-k selection; sae.kind {kind!r} codes ReLU activations")
         if init not in ("linear", "tied"):
             raise ValueError(f"sae.init must be 'linear' or 'tied', got {init!r}")
+        if normalize not in get_args(Normalization):
+            raise ValueError(f"sae.normalize must be 'none' or 'layer_norm', got {normalize!r}")
         self.d, self.n_latents, self.k, self.topk = d, n_latents, k, topk
+        self.kind, self.normalize = kind, normalize
         self.b_pre = nn.Parameter(torch.zeros(d))
         self.W_enc = nn.Parameter(torch.empty(n_latents, d))
         if init == "linear":
@@ -106,13 +192,27 @@ class TopKSAE(nn.Module):
             nn.init.kaiming_uniform_(self.W_enc, a=math.sqrt(5))
             self.W_dec = nn.Parameter(self.W_enc.detach().clone())
             self.normalize_decoder()
-        else:  # "tied": the encoder an exact copy of the unit-norm decoder (Gao et al.; vs2ray before sae.init)
+        else:  # "tied": the encoder an exact copy of the unit-norm decoder (Gao et al.; the companion paper's start)
             self.W_dec = nn.Parameter(torch.randn(n_latents, d))
             self.normalize_decoder()
             with torch.no_grad():
                 self.W_enc.copy_(self.W_dec)
         # sparsify's encoder bias, zero at the start; frozen at zero without it (METHOD.md's formula exactly)
         self.b_enc = nn.Parameter(torch.zeros(n_latents), requires_grad=encoder_bias)
+        if kind == "jumprelu":  # θ_i itself, as dictionary_learning trains it (kept >= 0 after every step)
+            self.jump_threshold = nn.Parameter(torch.full((n_latents,), float(jumprelu_threshold)))
+        if kind in ("batchtopk", "matryoshka"):  # −1 until training has estimated it
+            self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def extra_tensors(self) -> tuple[str, ...]:
+        """The checkpoint's tensors beyond W_enc, b_enc, W_dec and b_pre, by kind."""
+        return {"jumprelu": ("jump_threshold",), "batchtopk": ("threshold",), "matryoshka": ("threshold",)}.get(
+            self.kind, ()
+        )
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.kind in UNIT_NORM_KINDS
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -126,9 +226,35 @@ class TopKSAE(nn.Module):
             parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
             self.W_dec.grad.sub_(parallel * self.W_dec)
 
-    def pre_activations(self, x: Float[Tensor, "batch d"]) -> Float[Tensor, "batch latents"]:
-        """W_enc (x − b_pre) + b_enc: (batch, d) -> (batch, n_latents)."""
-        return (x - self.b_pre) @ self.W_enc.T + self.b_enc
+    # ------------------------------------------------ input normalisation
+
+    def _input_stats(self, x: Float[Tensor, "batch d"]) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = x.mean(dim=-1, keepdim=True)
+        return mean, (x - mean).std(dim=-1, keepdim=True) + LAYER_NORM_EPS
+
+    def to_sae_space(self, x: Float[Tensor, "batch d"]) -> Float[Tensor, "batch d"]:
+        """What the SAE codes: x itself, or its per-sample layer norm (x − μ) / σ. (batch, d) -> (batch, d)."""
+        if self.normalize == "none":
+            return x
+        mean, scale = self._input_stats(x)
+        return (x - mean) / scale
+
+    def from_sae_space(self, y: Float[Tensor, "batch d"], x: Float[Tensor, "batch d"]) -> Float[Tensor, "batch d"]:
+        """A point y of the SAE's space (batch, d) back in the space of the rows x it came from (batch, d)."""
+        if self.normalize == "none":
+            return y
+        mean, scale = self._input_stats(x)
+        return y * scale + mean
+
+    def input_scale(self, x: Float[Tensor, "batch d"]) -> Float[Tensor, "batch 1"] | float:
+        """How far a unit step in the SAE's space moves x: 1, or σ(x) per row (batch, 1)."""
+        return 1.0 if self.normalize == "none" else self._input_stats(x)[1]
+
+    # ------------------------------------------------ codes
+
+    def pre_activations(self, x_sae: Float[Tensor, "batch d"]) -> Float[Tensor, "batch latents"]:
+        """a = W_enc (x − b_pre) + b_enc of rows in the SAE's space (`to_sae_space`): (batch, d) -> (batch, n)."""
+        return (x_sae - self.b_pre) @ self.W_enc.T + self.b_enc
 
     def select(self, pre: Float[Tensor, "batch latents"], k: int | None = None) -> SparseCode:
         """TopK of pre-activations (batch, n) -> values, indices (batch, k)."""
@@ -139,14 +265,27 @@ class TopKSAE(nn.Module):
         indices = pre.abs().topk(k, dim=-1, sorted=False).indices  # largest |value| (the paper)
         return SparseCode(pre.gather(-1, indices), indices)
 
+    def activate(self, pre: Float[Tensor, "batch latents"]) -> Float[Tensor, "batch latents"]:
+        """The inference code of a kind other than top-k from pre-activations (batch, n): dense (batch, n)."""
+        if self.kind == "jumprelu":
+            return pre * (pre > self.jump_threshold)
+        relu = F.relu(pre)
+        if self.kind == "relu_l1":
+            return relu
+        if float(self.threshold) < 0:  # an untrained BatchTopK has no θ yet: the batch's top-k stands in
+            return batch_topk(pre, self.k)
+        return relu * (relu > self.threshold)
+
     def encode(self, x: Float[Tensor, "batch d"]) -> SparseCode:
-        """Sparse codes of x (batch, d): values and latent indices, each (batch, k)."""
-        return self.select(self.pre_activations(x))
+        """Sparse codes of rows x (batch, d): values and latent indices, each (batch, w)."""
+        pre = self.pre_activations(self.to_sae_space(x))
+        return self.select(pre) if self.kind == "topk" else sparse_of(self.activate(pre))
 
     def decode(
         self, values: Float[Tensor, "batch k"], indices: Int[Tensor, "batch k"] | None = None
     ) -> Float[Tensor, "batch d"]:
-        """D(c) = W_dec c + b_pre from a sparse code (values, indices: (batch, k)) or a dense one (batch, n)."""
+        """D(c) = W_dec c + b_pre, in the SAE's space, from a sparse code (values, indices: (batch, w)) or a dense
+        one (batch, n)."""
         return self.decode_without_bias(values, indices) + self.b_pre
 
     def decode_without_bias(
@@ -155,7 +294,7 @@ class TopKSAE(nn.Module):
         """W_dec c, without b_pre: (batch, d)."""
         if indices is None:
             return values @ self.W_dec
-        # embedding_bag sums k decoder rows per sample without a (batch, k, d) intermediate
+        # embedding_bag sums w decoder rows per sample without a (batch, w, d) intermediate
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
 
     def dense_codes(
@@ -167,16 +306,31 @@ class TopKSAE(nn.Module):
         )
 
     def forward(self, x: Float[Tensor, "batch d"]) -> SAEOutput:
-        """Reconstruction (batch, d) and the sparse code (values, indices)."""
+        """Reconstruction (batch, d) in x's space and the sparse code (values, indices)."""
         values, indices = self.encode(x)
-        return SAEOutput(self.decode(values, indices), values, indices)
+        return SAEOutput(self.from_sae_space(self.decode(values, indices), x), values, indices)
+
+    # ------------------------------------------------ checkpoints
+
+    def shape(self) -> dict[str, Any]:
+        """What config.json records of the SAE itself (format, sizes, kind, normalisation)."""
+        return {
+            "format": SAE_FORMAT,
+            "d": self.d,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "topk": self.topk,
+            "kind": self.kind,
+            "normalize": self.normalize,
+        }
 
     def save(self, directory: Path, config: dict[str, Any], metrics: dict[str, Any]) -> None:
-        """Write a checkpoint: sae.safetensors (W_enc, b_enc, W_dec, b_pre), config.json (with the format version,
-        k, topk, d, n_latents added), then metrics.json, the completion mark."""
+        """Write a checkpoint: sae.safetensors (W_enc, b_enc, W_dec, b_pre and the kind's thresholds),
+        config.json (with `shape()` added), then metrics.json, the completion mark."""
         directory.mkdir(parents=True, exist_ok=True)
-        shape = {"format": SAE_FORMAT, "d": self.d, "n_latents": self.n_latents, "k": self.k, "topk": self.topk}
-        tensors = {name: getattr(self, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_pre")}
+        shape = self.shape()
+        names = ("W_enc", "b_enc", "W_dec", "b_pre", *self.extra_tensors())
+        tensors = {name: getattr(self, name).detach() for name in names}
         write_tensors(directory / "sae.safetensors", tensors, {k: str(v) for k, v in shape.items()})
         write_json(directory / "config.json", {**config, **shape})
         write_json(directory / "metrics.json", metrics)
@@ -204,19 +358,40 @@ class TopKSAE(nn.Module):
                 f"(activations {config.get('activation_key')!r})"
             )
         tensors = load_file(directory / "sae.safetensors")
-        sae = cls(config["d"], config["n_latents"], config["k"], config["topk"], encoder_bias="b_enc" in tensors)
+        sae = cls(
+            config["d"],
+            config["n_latents"],
+            config["k"],
+            config["topk"],
+            encoder_bias="b_enc" in tensors,
+            kind=config.get("kind", "topk"),
+            normalize=config.get("normalize", "none"),
+        )
         tensors.setdefault("b_enc", torch.zeros(config["n_latents"]))
-        sae.load_state_dict({name: tensors[name].float() for name in ("W_enc", "b_enc", "W_dec", "b_pre")})
+        names = ("W_enc", "b_enc", "W_dec", "b_pre", *sae.extra_tensors())
+        sae.load_state_dict({name: tensors[name].float() for name in names})
         return SAECheckpoint(sae, config, json.loads((directory / "metrics.json").read_text()))
+
+
+KIND_PARAMS: dict[str, tuple[str, ...]] = {  # the training parameters that only one kind reads
+    "topk": ("topk",),
+    "batchtopk": (),
+    "matryoshka": ("prefixes",),
+    "jumprelu": ("l0_coef", "bandwidth", "jumprelu_threshold", "sparsity_warmup_steps"),
+    "relu_l1": ("l1_coef", "sparsity_warmup_steps"),
+}
+FIXED_L0_PARAMS = ("k", "auxk_coef", "auxk_k", "dead_threshold")  # read by the kinds whose L0 k sets
 
 
 @dataclass
 class SAETrainParams:
-    """Every parameter of one SAE training run (the SAE checkpoint key hashes these)."""
+    """Every parameter of one SAE training run (the SAE checkpoint key hashes the ones its kind reads)."""
 
     k: int = 64
     expansion: int = 4
+    kind: SAEKind = "topk"
     topk: TopKMode = "relu"
+    normalize: Normalization = "none"
     lr: float = 5e-4
     lr_scale_with_width: bool = False
     warmup_steps: int = 100
@@ -226,6 +401,12 @@ class SAETrainParams:
     dead_threshold: int = 100
     auxk_coef: float = 1 / 32
     auxk_k: int | None = None
+    prefixes: int = 4  # matryoshka: nested prefixes n/2^(p−1), …, n/2, n
+    l1_coef: float = 0.3  # relu_l1: weight of Σ z_i ‖W_dec[i]‖ / Σ‖x − x̄‖
+    l0_coef: float = 0.03  # jumprelu: weight of the mean L0
+    bandwidth: float = 1e-3  # jumprelu: ε of the straight-through kernel
+    jumprelu_threshold: float = 1e-3  # jumprelu: every θ_i at the start
+    sparsity_warmup_steps: int = 200  # relu_l1, jumprelu: the penalty's coefficient rises from 0 over these
     w_aux: float = 0.0
     pass_momentum: float = 0.9
     init: SAEInit = "linear"
@@ -237,11 +418,20 @@ class SAETrainParams:
         return asdict(self)
 
     def key_dict(self) -> dict[str, Any]:
-        """The parameters an SAE checkpoint's key hashes: `as_dict` without an fp32 precision, so that fp32
-        SAEs keep the keys they had before `sae.precision` existed."""
+        """The parameters an SAE checkpoint's key hashes: those the kind reads, without the defaults added after
+        a key existed (an fp32 precision, the top-k kind, no normalisation), so that earlier SAEs keep their keys."""
         values = self.as_dict()
-        if values["precision"] == "fp32":
-            del values["precision"]
+        for kind, names in KIND_PARAMS.items():
+            if kind != self.kind:
+                for name in names:
+                    if name not in KIND_PARAMS[self.kind]:
+                        values.pop(name, None)
+        if self.kind not in FIXED_L0_KINDS:
+            for name in FIXED_L0_PARAMS:
+                values.pop(name, None)
+        for name, default in (("precision", "fp32"), ("kind", "topk"), ("normalize", "none")):
+            if values.get(name) == default:
+                del values[name]
         return values
 
 
@@ -249,16 +439,17 @@ class SAETrainParams:
 class TrainResult:
     """A trained SAE and how training went."""
 
-    sae: TopKSAE
+    sae: SparseAutoencoder
     metrics: dict[str, float]
     losses: list[float]
 
 
 class ActivationRows:
     """n activation rows of width d, read in batches from an (N, d) array: a store column memory-mapped
-    (`Activations.stored`), an in-memory array or a CPU tensor, restricted to the groups `rows` (m,) of
-    `group` consecutive rows each when given (an image's tokens are a group; n = m · group): an index per
-    image, not per token, so that what the selection holds is small beside the column.
+    (`Activations.stored`), an in-memory array or a CPU tensor, restricted to the groups `rows` (m,) when given:
+    of an image's `stride` consecutive rows (its tokens), the `group` from `offset` on (every token, or the
+    patches without [CLS]); n = m · group. An index per image, not per token, so that what the selection holds
+    is small beside the column.
 
     Every read is a float32 copy of just the rows asked for (float16 and bfloat16 bit patterns are
     up-cast per batch), and a mapped array's pages are handed back every RELEASE_BYTES read, so what a
@@ -270,15 +461,25 @@ class ActivationRows:
     PAGE = 64 * 2**10  # what a fault on a mapped page maps: the kernel maps the page cache around it too
     CHUNK_BYTES = 16 * 2**20  # rows per chunk of `to` and `mean`: this much float32
 
-    def __init__(self, array: np.ndarray | torch.Tensor, rows: np.ndarray | None = None, group: int = 1) -> None:
+    def __init__(
+        self,
+        array: np.ndarray | torch.Tensor,
+        rows: np.ndarray | None = None,
+        group: int = 1,
+        stride: int | None = None,
+        offset: int = 0,
+    ) -> None:
         if isinstance(array, torch.Tensor):
             array = array.detach().cpu().numpy()
         if array.ndim != 2:
             raise ValueError(f"activation rows must be (N, d); got an array of shape {array.shape}")
-        if rows is None and group != 1:
+        stride = group if stride is None else stride
+        if rows is None and (group != 1 or stride != 1):
             raise ValueError("groups of rows need the groups chosen (rows)")
+        if not 0 <= offset <= stride - group:
+            raise ValueError(f"{group} rows from row {offset} do not fit in groups of {stride}")
         bound_heap_growth()  # batch buffers freed and reallocated must not grow the heap
-        self.array, self.rows, self.group = array, rows, group
+        self.array, self.rows, self.group, self.stride, self.offset = array, rows, group, stride, offset
         self._ordered = rows is None or bool(np.all(rows[1:] >= rows[:-1]))
         self._read_since_release = 0
         self._scattered: bool | None = None  # how the mapping was last advised to be read
@@ -290,13 +491,20 @@ class ActivationRows:
         """The array rows of `positions` (batch,) of these n rows."""
         if self.rows is None:
             return positions
-        if self.group == 1:
+        if self.stride == 1:
             return np.asarray(self.rows[positions])
-        return np.asarray(self.rows[positions // self.group] * self.group + positions % self.group)
+        groups, within = np.divmod(positions, self.group)
+        return np.asarray(self.rows[groups] * self.stride + self.offset + within)
 
     @property
     def width(self) -> int:
         return int(self.array.shape[1])
+
+    def without_first(self) -> ActivationRows:
+        """The same images' rows without the first of each group (every token but [CLS])."""
+        if self.rows is None or self.group < 2:
+            raise ValueError("only rows in groups of an image's tokens have a first token to leave out")
+        return ActivationRows(self.array, self.rows, self.group - 1, self.stride, self.offset + 1)
 
     @property
     def row_bytes(self) -> int:
@@ -464,16 +672,19 @@ class ClassMeans:
         self.seen |= present
 
     def dispersion(
-        self, values: Float[Tensor, "batch k"], indices: Int[Tensor, "batch k"], labels: Int[Tensor, " batch"]
+        self, values: Float[Tensor, "batch w"], indices: Int[Tensor, "batch w"] | None, labels: Int[Tensor, " batch"]
     ) -> Float[Tensor, ""]:
-        """Σ_i ‖z_i − z̄_class(i)‖² from sparse codes, without building (batch, n) tensors with gradients."""
+        """Σ_i ‖z_i − z̄_class(i)‖² from sparse codes, without building (batch, n) tensors with gradients, or
+        from dense codes `values` (batch, n) when `indices` is None."""
         prototypes = self.means[labels]  # (batch, n), no gradient
+        if indices is None:
+            return (values - prototypes).pow(2).sum()
         cross = (values * prototypes.gather(1, indices)).sum()
         return values.pow(2).sum() - 2 * cross + prototypes.pow(2).sum()
 
 
 def auxk_loss(
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     pre: Float[Tensor, "batch latents"],
     residual: Float[Tensor, "batch d"],
     dead: Bool[Tensor, " latents"],
@@ -507,8 +718,8 @@ def train_sae(
     device: str | torch.device | None = None,
     log_every: int = 0,
     log: Callable[[str], None] = print,
-    init: TopKSAE | None = None,
-    on_report: Callable[[int, TopKSAE, float], None] | None = None,
+    init: SparseAutoencoder | None = None,
+    on_report: Callable[[int, SparseAutoencoder, float], None] | None = None,
     report_every: int = 0,
     val_acts: Float[Tensor, "m d"] | ActivationRows | None = None,
     stage: bool | None = None,
@@ -540,12 +751,22 @@ def train_sae(
         params = SAETrainParams(**{**params.as_dict(), "steps": math.ceil(params.epochs * n / params.batch_size)})
     n_latents = params.expansion * d
     with _deterministic_kernels(device):
-        sae = TopKSAE(d, n_latents, params.k, params.topk, params.init, params.encoder_bias).to(device)
+        sae = SparseAutoencoder(
+            d,
+            n_latents,
+            params.k,
+            params.topk,
+            params.init,
+            params.encoder_bias,
+            params.kind,
+            params.normalize,
+            params.jumprelu_threshold,
+        ).to(device)
         with torch.no_grad():
             if init is not None:
                 sae.load_state_dict(init.state_dict())
             else:
-                sae.b_pre.copy_(rows.mean())  # b_pre starts at the empirical mean
+                sae.b_pre.copy_(sae_space_mean(sae, rows))  # b_pre starts at the empirical mean
         batches = _batches_on(device, rows, stage)
         order = BatchOrder(n, rows.group, generator)
         losses, seconds = _train_loop(
@@ -563,6 +784,78 @@ def train_sae(
         }
     )
     return TrainResult(sae=sae.cpu(), metrics=metrics, losses=losses)
+
+
+def sae_space_mean(sae: SparseAutoencoder, rows: ActivationRows) -> Float[Tensor, " d"]:
+    """The mean (d,) of the rows in the SAE's space (`to_sae_space`), accumulated a chunk at a time."""
+    if sae.normalize == "none":
+        return rows.mean()
+    total = torch.zeros(rows.width, dtype=torch.float64)
+    for values in rows.chunks(rows.chunk_rows):
+        total += sae.to_sae_space(values.to(sae.b_pre.device)).sum(dim=0).double().cpu()
+    return (total / max(1, len(rows))).float()
+
+
+class StepLoss(NamedTuple):
+    """One training step's loss and codes: sparse (values, indices (batch, k)) for top-k, else dense
+    `values` (batch, n) with `indices` None."""
+
+    loss: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor | None
+    reconstruction: torch.Tensor  # (batch, d), in the SAE's space
+
+
+def kind_loss(
+    sae: SparseAutoencoder,
+    x: Float[Tensor, "batch d"],
+    pre: Float[Tensor, "batch latents"],
+    params: SAETrainParams,
+    step: int,
+    total_variance: Float[Tensor, ""],
+) -> StepLoss:
+    """The reconstruction and sparsity terms of one step for the SAE's kind (module docstring), from rows x and
+    their pre-activations (batch, n), both in the SAE's space."""
+    if sae.kind == "topk":
+        values, indices = sae.select(pre)
+        x_hat = sae.decode(values, indices)
+        return StepLoss((x - x_hat).pow(2).sum() / total_variance, values, indices, x_hat)
+    warm = min(1.0, (step + 1) / params.sparsity_warmup_steps) if params.sparsity_warmup_steps else 1.0
+    if sae.kind == "jumprelu":
+        thresholds = sae.jump_threshold
+        codes = _JumpReLU.apply(pre, thresholds, params.bandwidth)
+        x_hat = sae.decode(codes)
+        l0 = _Step.apply(pre, thresholds, params.bandwidth).sum(dim=1).mean()
+        loss = (x - x_hat).pow(2).sum() / total_variance + warm * params.l0_coef * l0
+        return StepLoss(loss, codes, None, x_hat)
+    if sae.kind == "relu_l1":
+        codes = F.relu(pre)
+        x_hat = sae.decode(codes)
+        # over Σ‖x − x̄‖, in units of x like the numerator: l1_coef does not depend on the activations' scale
+        l1 = (codes * sae.W_dec.norm(dim=1)).sum() / (x - x.mean(dim=0)).norm(dim=1).sum()
+        return StepLoss((x - x_hat).pow(2).sum() / total_variance + warm * params.l1_coef * l1, codes, None, x_hat)
+    codes = batch_topk(pre, sae.k)
+    _update_threshold(sae, codes.detach())
+    if sae.kind == "batchtopk":
+        x_hat = sae.decode(codes)
+        return StepLoss((x - x_hat).pow(2).sum() / total_variance, codes, None, x_hat)
+    # matryoshka: each prefix's latents alone reconstruct x; the prefixes' FVUs averaged
+    x_hat, losses, start = sae.b_pre.expand_as(x), [], 0
+    for stop in matryoshka_prefixes(sae.n_latents, params.prefixes):
+        x_hat = x_hat + codes[:, start:stop] @ sae.W_dec[start:stop]
+        losses.append((x - x_hat).pow(2).sum() / total_variance)
+        start = stop
+    return StepLoss(torch.stack(losses).mean(), codes, None, x_hat)
+
+
+@torch.no_grad()
+def _update_threshold(sae: SparseAutoencoder, codes: Float[Tensor, "batch latents"]) -> None:
+    """BatchTopK's θ: a running mean of the batch's smallest kept activation (on the device: no host sync)."""
+    smallest = codes.masked_fill(codes <= 0, torch.inf).min()
+    blended = torch.where(
+        sae.threshold < 0, smallest, THRESHOLD_DECAY * sae.threshold + (1 - THRESHOLD_DECAY) * smallest
+    )
+    sae.threshold.copy_(torch.where(torch.isfinite(smallest), blended, sae.threshold))
 
 
 def _batches_on(device: torch.device, rows: ActivationRows, stage: bool | None) -> torch.Tensor | ActivationRows:
@@ -593,7 +886,7 @@ def _deterministic_kernels(device: torch.device) -> Iterator[None]:
 
 
 def _train_loop(
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     data: torch.Tensor | ActivationRows,
     params: SAETrainParams,
     labels: torch.Tensor | None,
@@ -601,7 +894,7 @@ def _train_loop(
     device: torch.device,
     log_every: int,
     log: Callable[[str], None],
-    on_report: Callable[[int, TopKSAE, float], None] | None,
+    on_report: Callable[[int, SparseAutoencoder, float], None] | None,
     report_every: int,
     order: BatchOrder,
 ) -> tuple[list[float], float]:
@@ -636,32 +929,43 @@ def _train_loop(
         for group in optimizer.param_groups:
             group["lr"] = base_lr * lr_factor(step, params)
 
+        x = sae.to_sae_space(x)
         with precision_scope(device, params.precision):
             pre = sae.pre_activations(x)
-        pre = pre.float()  # the top-k, the loss and every update in fp32
-        values, indices = sae.select(pre)
-        x_hat = sae.decode(values, indices)
+        pre = pre.float()  # the codes, the loss and every update in fp32
         total_variance = (x - x.mean(dim=0)).pow(2).sum()
-        loss = (x - x_hat).pow(2).sum() / total_variance
+        loss, values, indices, x_hat = kind_loss(sae, x, pre, params, step, total_variance)
 
-        fired = torch.zeros(n_latents, device=device).index_add_(0, indices.flatten(), (values != 0).flatten().float())
+        if indices is None:
+            fired = (values != 0).sum(dim=0)
+        else:
+            fired = torch.zeros(n_latents, device=device).index_add_(
+                0, indices.flatten(), (values != 0).flatten().float()
+            )
         samples_since_fired += batch_size
         samples_since_fired.masked_fill_(fired > 0, 0)
         dead = samples_since_fired > params.dead_threshold
-        if params.auxk_coef > 0 and (not check_dead or bool(dead.any())):
+        auxk = sae.kind in FIXED_L0_KINDS and params.auxk_coef > 0
+        if auxk and (not check_dead or bool(dead.any())):
             loss = loss + params.auxk_coef * auxk_loss(sae, pre, (x - x_hat).detach(), dead, auxk_k, total_variance)
         if class_means is not None and labels is not None:
             batch_labels = labels[batch_idx.to(device)]
-            class_means.update(sae.dense_codes(values.detach(), indices), batch_labels)
+            dense = values.detach() if indices is None else sae.dense_codes(values.detach(), indices)
+            class_means.update(dense, batch_labels)
             loss = loss + params.w_aux * class_means.dispersion(values, indices, batch_labels) / total_variance
 
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(scaler.scale(loss))
         scaler.unscale_(optimizer)  # the projection below needs the true gradient
-        sae.remove_parallel_decoder_grad()
+        if sae.unit_norm_decoder:
+            sae.remove_parallel_decoder_grad()
         scaler.step(optimizer)
         scaler.update()
-        sae.normalize_decoder()
+        if sae.unit_norm_decoder:
+            sae.normalize_decoder()
+        if sae.kind == "jumprelu":
+            with torch.no_grad():
+                sae.jump_threshold.clamp_(min=0)
         losses[step] = loss.detach()
         if on_report and report_every and (step + 1) % report_every == 0 and step + 1 < params.steps:
             with torch.no_grad():
@@ -680,13 +984,15 @@ def _train_loop(
 
 @torch.no_grad()
 def evaluate_sae(
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     acts: Float[Tensor, "n d"] | ActivationRows,
     labels: Int[Tensor, " n"] | None = None,
     batch_size: int = 8192,
 ) -> dict[str, float]:
-    """FVU, per-sample FVU (mean, median), L0, dead and dense fractions over all of `acts` (N, d), a tensor
-    (on any device) or ActivationRows read `batch_size` rows at a time.
+    """FVU, per-sample FVU (mean, median), L0 (mean, standard deviation, 10th / 50th / 90th percentile), dead
+    and dense fractions over all of `acts` (N, d), a tensor (on any device) or ActivationRows read `batch_size`
+    rows at a time. Rows in groups of an image's every token (ActivationRows.group > 1, [CLS] first) also give
+    `l0_cls` and `l0_patches`, the mean L0 of the [CLS] and of the other tokens.
 
     Dead here: never fired on `acts`. Dense: fired on more than 10% of the samples.
     With `labels` (N,), also the within-class code dispersion that PASS penalises:
@@ -699,13 +1005,17 @@ def evaluate_sae(
         acts = acts.to(device=device, dtype=torch.float32)
         mean = acts.mean(dim=0, dtype=torch.float64).float()  # as ActivationRows.mean
         chunks: Iterator[torch.Tensor] = iter(torch.split(acts, batch_size))
+        first_token_every = 0
     else:
         mean = acts.mean().to(device)
         chunks = (chunk.to(device) for chunk in acts.chunks(batch_size))
+        first_token_every = acts.group if acts.group > 1 and acts.offset == 0 else 0
     n = len(acts)
-    residual_sq, total_sq, nonzero, code_sq = 0.0, 0.0, 0, 0.0
+    residual_sq, total_sq, code_sq = 0.0, 0.0, 0.0
     fire_counts = torch.zeros(sae.n_latents, device=device)
-    sample_fvu = torch.empty(n, device=device)  # filled in place: a list of parts and their cat is two copies
+    # filled in place: a list of parts and their cat is two copies
+    sample_fvu = torch.empty(n, device=device)
+    sample_l0 = torch.empty(n, device=device)
     if labels is not None:
         labels = labels.to(device)
         num_classes = int(labels.max()) + 1
@@ -715,20 +1025,30 @@ def evaluate_sae(
         residual_sq += (x - x_hat).pow(2).sum().item()
         total_sq += (x - mean).pow(2).sum().item()
         active = values != 0
-        nonzero += int(active.sum())
+        sample_l0[start : start + len(x)] = active.sum(dim=1)
         fire_counts.index_add_(0, indices[active], torch.ones_like(values[active]))
         sample_fvu[start : start + len(x)] = per_sample_fvu(x, x_hat, mean)
         if labels is not None:
             class_sums.index_add_(0, labels[start : start + batch_size], sae.dense_codes(values, indices))
             code_sq += values.pow(2).sum().item()
+    ranked_l0 = sample_l0.sort().values  # nearest-rank percentiles (torch.quantile refuses over 2^24 values)
+    l0_quantiles = [ranked_l0[int(share * (n - 1))].item() for share in (0.1, 0.5, 0.9)]
     metrics = {
         "fvu": residual_sq / total_sq,
         "fvu_per_sample_mean": sample_fvu.mean().item(),
         "fvu_per_sample_median": sample_fvu.median().item(),
-        "l0": nonzero / n,
+        "l0": sample_l0.mean().item(),
+        "l0_std": sample_l0.std().item() if n > 1 else 0.0,
+        "l0_p10": l0_quantiles[0],
+        "l0_median": l0_quantiles[1],
+        "l0_p90": l0_quantiles[2],
         "dead_fraction": (fire_counts == 0).float().mean().item(),
         "dense_fraction": (fire_counts > DENSE_FIRING_RATE * n).float().mean().item(),
     }
+    if first_token_every:
+        is_cls = torch.arange(n, device=device) % first_token_every == 0
+        metrics["l0_cls"] = sample_l0[is_cls].mean().item()
+        metrics["l0_patches"] = sample_l0[~is_cls].mean().item()
     if labels is not None:
         counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).float()
         between = (class_sums.pow(2).sum(dim=1) / counts).sum().item()  # Σ_c n_c ‖z̄_c‖²

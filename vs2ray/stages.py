@@ -28,7 +28,7 @@ from vs2ray.devices import worker_device
 from vs2ray.evaluate import Encoder, Evaluator, Grid, SplitData, accuracy
 from vs2ray.methods import METHODS
 from vs2ray.models import block_runner, build_text_classifier, encode_images, load_clip
-from vs2ray.sae import ActivationRows, SAETrainParams, TopKSAE, train_sae
+from vs2ray.sae import ActivationRows, SAETrainParams, SparseAutoencoder, train_sae
 from vs2ray.steerability import SteerabilityResult, SteerabilitySettings, measure_steerability
 from vs2ray.store import (
     Activations,
@@ -50,8 +50,12 @@ def sae_params(config: ExperimentConfig) -> SAETrainParams:
     values = {
         "sae.layer": config.sae.layer,
         "sae.tokens": config.sae.tokens,
+        "sae.kind": config.sae.kind,
+        "sae.normalize": config.sae.normalize,
         "sae.k": config.sae.k,
         "sae.expansion": config.sae.expansion,
+        "sae.l1_coef": config.sae.l1_coef,
+        "sae.l0_coef": config.sae.l0_coef,
         "sae.lr": config.sae.lr,
         "sae.auxk_coef": config.sae.auxk_coef,
         "pass.w_aux": config.pass_.w_aux,
@@ -60,9 +64,19 @@ def sae_params(config: ExperimentConfig) -> SAETrainParams:
     searched = [key for key, value in values.items() if isinstance(value, Distribution)]
     if searched:
         raise ConfigError([f"{key}: is a search distribution here; fix it with --set {key}=VALUE" for key in searched])
+    if config.sae.kind != "topk" and config.sae.topk == "abs":
+        raise ConfigError([f"sae.topk: 'abs' selects by |value| for sae.kind topk only, not {config.sae.kind!r}"])
     return SAETrainParams(
         k=config.sae.k,
         expansion=config.sae.expansion,
+        kind=config.sae.kind,
+        normalize=config.sae.normalize,
+        prefixes=config.sae.prefixes,
+        l1_coef=config.sae.l1_coef,
+        l0_coef=config.sae.l0_coef,
+        bandwidth=config.sae.bandwidth,
+        jumprelu_threshold=config.sae.jumprelu_threshold,
+        sparsity_warmup_steps=config.sae.sparsity_warmup_steps,
         topk=config.sae.topk,
         init=config.sae.init,
         encoder_bias=config.sae.encoder_bias,
@@ -99,30 +113,34 @@ class TrainSplit:
             return self.acts, self.val_mask
         return self.val_acts, np.ones(len(self.val_acts.ids), dtype=bool)
 
-    def val_rows(self, column: str) -> ActivationRows:
+    def val_rows(self, column: str, tokens: str = "all") -> ActivationRows:
         """`column_rows` of the validation images."""
         acts, images = self.val_source()
-        return column_rows(acts, column, images)
+        return column_rows(acts, column, images, tokens)
 
     @property
     def num_blocks(self) -> int:
         return int(self.acts.manifest["model"]["num_layers"])
 
     def column(self, layer: int, tokens: str = "cls") -> str:
-        """The store column an SAE of `layer` reads: cls_<block>, or tokens_<block> for `tokens` "all"."""
-        return cls_column(self.acts.manifest, layer, "tokens" if tokens == "all" else "cls")
+        """The store column an SAE of `layer` reads: cls_<block>, or tokens_<block> for `tokens` "all" / "patches"."""
+        return cls_column(self.acts.manifest, layer, "cls" if tokens == "cls" else "tokens")
 
-    def rows(self, column: str, images: np.ndarray) -> ActivationRows:
+    def rows(self, column: str, images: np.ndarray, tokens: str = "all") -> ActivationRows:
         """`column_rows` of this split's activations."""
-        return column_rows(self.acts, column, images)
+        return column_rows(self.acts, column, images, tokens)
 
 
-def column_rows(acts: Activations, column: str, images: np.ndarray) -> ActivationRows:
+def column_rows(acts: Activations, column: str, images: np.ndarray, tokens: str = "all") -> ActivationRows:
     """The rows of `column` that belong to `images` (a mask over the store's rows), read from the store in
-    batches: one row per image for [CLS], every token of each image (consecutive rows) for an all-token column."""
+    batches: one row per image for [CLS]; for an all-token column every token of each image (consecutive rows),
+    or with `tokens` "patches" every token but the first ([CLS])."""
     stored = acts.stored(column)
     per_image = stored.shape[1] if stored.ndim == 3 else 1
-    return ActivationRows(stored.reshape(-1, stored.shape[-1]), np.flatnonzero(images), group=per_image)
+    flat, chosen = stored.reshape(-1, stored.shape[-1]), np.flatnonzero(images)
+    if tokens == "patches" and per_image > 1:
+        return ActivationRows(flat, chosen, group=per_image - 1, stride=per_image, offset=1)
+    return ActivationRows(flat, chosen, group=per_image)
 
 
 def blocks_to_load(config: ExperimentConfig, manifest: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -134,7 +152,8 @@ def blocks_to_load(config: ExperimentConfig, manifest: dict[str, Any]) -> tuple[
     """
     last = int(manifest["model"]["num_layers"]) - 1
     steered = sorted({block_index(manifest, layer) for layer in values_of(config.sae.layer)})
-    every_token = "all" in values_of(config.sae.tokens)
+    token_sets = set(values_of(config.sae.tokens))
+    every_token = bool({"all", "patches"} & token_sets)
     cls_blocks, token_blocks = set(steered), {b for b in steered if b != last or every_token}
     if "sae_rec_all" in config.steering.methods:
         cls_blocks |= set(range(last + 1))
@@ -145,6 +164,11 @@ def blocks_to_load(config: ExperimentConfig, manifest: dict[str, Any]) -> tuple[
         problems.append(
             f"sae.layer: steering at block(s) {sorted(token_blocks)} before the last ({last}) runs the rest of the "
             f"encoder on every token of the block; set extraction.tokens: all"
+        )
+    if "patches" in token_sets and last in steered:
+        problems.append(
+            f"sae.tokens: patches steers the patch tokens, which reach the head only through later blocks; choose "
+            f"a sae.layer before the last block ({last})"
         )
     if problems:
         raise ConfigError(problems)
@@ -184,7 +208,7 @@ def selection_key(config: ExperimentConfig) -> dict[str, Any]:
 
 @dataclass
 class TrainedSAE:
-    sae: TopKSAE
+    sae: SparseAutoencoder
     metrics: dict[str, Any]
     directory: Path
     cache_hit: bool
@@ -208,7 +232,7 @@ def get_or_train_sae(
     split: TrainSplit,
     log: Log,
     layer: int | None = None,
-    on_report: Callable[[int, TopKSAE, float], None] | None = None,
+    on_report: Callable[[int, SparseAutoencoder, float], None] | None = None,
     device: torch.device | str | None = None,
 ) -> TrainedSAE:
     """The SAE of `layer` (default `sae.layer`) on `sae.tokens`, for (train store, params, training rows):
@@ -224,15 +248,17 @@ def get_or_train_sae(
     an SAE trained on validation rows. An all-token SAE trains on every token of the training images.
     """
     layer = config.sae.layer if layer is None else layer
-    column = split.column(layer, config.sae.tokens)
-    training = {**params.key_dict(), **selection_key(config)}
+    tokens = config.sae.tokens
+    column = split.column(layer, tokens)
+    # the column names the block and cls / every token; patches-only SAEs read the every-token column too
+    training = {**params.key_dict(), **selection_key(config), **({"tokens": tokens} if tokens == "patches" else {})}
     directory = sae_dir_for(config.storage.root, f"{split.store_dir.name}-{column}", training)
     device = device if device is not None else worker_device(config.model.device, None)
     with _exclusive(directory):
         if (directory / "metrics.json").is_file():
-            saved = TopKSAE.load(directory, expected_d=split.acts.stored(column).shape[-1])
+            saved = SparseAutoencoder.load(directory, expected_d=split.acts.stored(column).shape[-1])
             return TrainedSAE(saved.sae, saved.metrics, directory, cache_hit=True)
-        train, val = split.rows(column, split.train_mask), split.val_rows(column)
+        train, val = split.rows(column, split.train_mask, tokens), split.val_rows(column, tokens)
         per_image = len(train) // max(1, int(split.train_mask.sum()))
         labels = torch.from_numpy(split.acts.labels[split.train_mask].astype(np.int64)).repeat_interleave(per_image)
         total = len(split.acts.ids) * per_image
@@ -260,7 +286,7 @@ def block_saes(
     split: TrainSplit,
     log: Log,
     device: torch.device | str | None = None,
-) -> list[TopKSAE] | None:
+) -> list[SparseAutoencoder] | None:
     """One SAE per block (trained on `device`, or reused from the cache) with the same parameters when the
     config evaluates SAE_REC^A; None otherwise."""
     if "sae_rec_all" not in config.steering.methods:
@@ -482,9 +508,9 @@ def _first(value: Any) -> Any:
 def build_evaluator(
     config: ExperimentConfig,
     data: SweepData,
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     device: torch.device | str = "cpu",
-    saes_by_block: list[TopKSAE] | None = None,
+    saes_by_block: list[SparseAutoencoder] | None = None,
 ) -> Evaluator:
     """An Evaluator of `sae` at block `sae.layer` on the shared arrays, searching neighbours through the named
     FAISS actors. Steering before the last block, or SAE_REC^A (`saes_by_block`), loads the CLIP model here
@@ -498,12 +524,12 @@ def build_evaluator(
     num_blocks = data.split.num_blocks
     block = block_index(data.split.acts.manifest, layer)
     inside = block != num_blocks - 1
-    all_tokens = config.sae.tokens == "all"
+    all_tokens = config.sae.tokens in ("all", "patches")
     token_blocks = {block} if inside else set()
     if saes_by_block:
         token_blocks.add(0)  # SAE_REC^A starts from block 0's output and runs every later block itself
     run_block = block_runner(load_clip(config.model, device=device)) if token_blocks else None
-    encoder = Encoder(block, num_blocks, run_block, all_tokens, saes_by_block or ())
+    encoder = Encoder(block, num_blocks, run_block, all_tokens, saes_by_block or (), config.sae.tokens == "patches")
     pool_block = block if inside and all_tokens else None
     pool, val, test = evaluation_splits(data, layer, device, tuple(sorted(token_blocks)), pool_block)
     head = {name: _tensor(value).to(device) for name, value in data.head.items()}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
-from vs2ray.sae import TopKSAE
+from vs2ray.sae import SparseAutoencoder
 
 if TYPE_CHECKING:  # shapes in the signatures; jaxtyping is only needed by the type checker
     from jaxtyping import Bool, Float, Int
@@ -83,6 +83,30 @@ def with_cls(tokens_ntd: Float[Tensor, "n T d"], cls_tokens: Float[Tensor, "n d"
     return replaced
 
 
+def with_patches(tokens_ntd: Float[Tensor, "n T d"], patches: Float[Tensor, "n P d"]) -> Float[Tensor, "n T d"]:
+    """A copy of tokens (n, T, d) whose tokens after [CLS] are `patches` (n, T − 1, d)."""
+    replaced = tokens_ntd.clone()
+    replaced[:, 1:] = patches
+    return replaced
+
+
+TokenSet = Literal["cls", "all", "patches"]
+
+
+def reconstruct_tokens(
+    sae: SparseAutoencoder, tokens_ntd: Float[Tensor, "n T d"], token_set: TokenSet
+) -> Float[Tensor, "n T d"]:
+    """Tokens (n, T, d) with the `token_set` ones ([CLS], every token, or the patches) replaced by their
+    reconstruction and the others kept."""
+    width = tokens_ntd.shape[-1]
+    if token_set == "cls":
+        return with_cls(tokens_ntd, sae.forward(tokens_ntd[:, 0]).reconstruction)
+    if token_set == "patches":
+        patches = tokens_ntd[:, 1:]
+        return with_patches(tokens_ntd, sae.forward(patches.reshape(-1, width)).reconstruction.reshape(patches.shape))
+    return sae.forward(tokens_ntd.reshape(-1, width)).reconstruction.reshape(tokens_ntd.shape)
+
+
 # ---------------------------------------------------------------- SAE-based methods
 
 
@@ -92,38 +116,50 @@ def norm_preserving(x: Float[Tensor, "n d"], shift: Float[Tensor, "n d"]) -> Flo
     return torch.mul(moved, torch.div(x.norm(dim=-1, keepdim=True), moved.norm(dim=-1, keepdim=True)))
 
 
-def sae_rec_final(sae: TopKSAE, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+def sae_rec_final(sae: SparseAutoencoder, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
     """SAE_REC^F: x replaced by its reconstruction D(c): (n, d) -> (n, d)."""
     return sae.forward(x).reconstruction
 
 
 def sae_rec_every_block(
-    first_tokens: Float[Tensor, "n T d"], saes: Sequence[TopKSAE], run_block: RunBlock, all_tokens: bool
+    first_tokens: Float[Tensor, "n T d"], saes: Sequence[SparseAutoencoder], run_block: RunBlock, token_set: TokenSet
 ) -> Float[Tensor, "n d"]:
     """SAE_REC^A: block 0's output tokens (n, T, d) through the whole encoder with every block's output
-    replaced by the reconstruction of that block's SAE (`saes[b]`, one per block, in order): the [CLS]
-    token only, or with `all_tokens` every token. Returns the last block's [CLS] tokens (n, d)."""
+    replaced by the reconstruction of that block's SAE (`saes[b]`, one per block, in order) on its token set
+    (`reconstruct_tokens`). Returns the last block's [CLS] tokens (n, d)."""
     tokens = first_tokens
     for block, sae in enumerate(saes):
         if block > 0:
             tokens = run_block(tokens, block)
-        if all_tokens:
-            tokens = sae(tokens.reshape(-1, tokens.shape[-1]))[0].reshape(tokens.shape)
-        else:
-            tokens = with_cls(tokens, sae(tokens[:, 0])[0])
+        tokens = reconstruct_tokens(sae, tokens, token_set)
     return tokens[:, 0]
 
 
-def sae_rec_amplified(sae: TopKSAE, x: Float[Tensor, "n d"], gamma: float) -> Float[Tensor, "n d"]:
-    """SAE_REC^{F+γ}: x replaced by D(γc): (n, d) -> (n, d)."""
+def sae_rec_amplified(sae: SparseAutoencoder, x: Float[Tensor, "n d"], gamma: float) -> Float[Tensor, "n d"]:
+    """SAE_REC^{F+γ}: x replaced by D(γc) (back in x's space): (n, d) -> (n, d)."""
     values, indices = sae.encode(x)
-    return sae.decode(gamma * values, indices)
+    return sae.from_sae_space(sae.decode(gamma * values, indices), x)
 
 
-def code_direction(sae: TopKSAE, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
-    """u = W_dec c (without b_pre): the direction VS2 amplifies, v = (γ − 1) u. (n, d) -> (n, d)."""
+def direction_and_reconstruction(
+    sae: SparseAutoencoder, x: Float[Tensor, "n d"]
+) -> tuple[Float[Tensor, "n d"], Float[Tensor, "n d"]]:
+    """From one SAE pass over x (n, d): u = W_dec c in x's space (σ(x) · W_dec c under a layer-norm SAE) and
+    the reconstruction D(c) in x's space, each (n, d)."""
     values, indices = sae.encode(x)
-    return sae.decode_without_bias(values, indices)
+    direction = sae.decode_without_bias(values, indices)
+    return direction * sae.input_scale(x), sae.from_sae_space(direction + sae.b_pre, x)
+
+
+def code_direction(sae: SparseAutoencoder, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+    """u = W_dec c (without b_pre, in x's space): the direction VS2 amplifies, v = (γ − 1) u. (n, d) -> (n, d)."""
+    return direction_and_reconstruction(sae, x)[0]
+
+
+def sae_centroid(sae: SparseAutoencoder, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"] | Float[Tensor, " d"]:
+    """The SAE's centroid b_pre in the space of x (n, d): b_pre itself (d,), or per row (n, d) under a
+    layer-norm SAE."""
+    return sae.b_pre if sae.normalize == "none" else sae.from_sae_space(sae.b_pre.expand_as(x), x)
 
 
 def vs2_from_direction(
@@ -136,13 +172,16 @@ def vs2_from_direction(
     return norm_preserving(x, lam * (gamma - 1) * direction)
 
 
-def vs2(sae: TopKSAE, x: Float[Tensor, "n d"], gamma: float, lam: float) -> Float[Tensor, "n d"]:
+def vs2(sae: SparseAutoencoder, x: Float[Tensor, "n d"], gamma: float, lam: float) -> Float[Tensor, "n d"]:
     """VS2: x + λ(γ − 1) W_dec c, rescaled to ‖x‖. (n, d) -> (n, d)."""
     return vs2_from_direction(x, code_direction(sae, x), gamma, lam)
 
 
-def centroid_shift(x: Float[Tensor, "n d"], centroid: Float[Tensor, " d"], alpha: float) -> Float[Tensor, "n d"]:
-    """Our ablation: x + α(x − b_pre) rescaled to ‖x‖, with the SAE's centroid b_pre (d,) and no sparse code.
+def centroid_shift(
+    x: Float[Tensor, "n d"], centroid: Float[Tensor, " d"] | Float[Tensor, "n d"], alpha: float
+) -> Float[Tensor, "n d"]:
+    """Our ablation: x + α(x − b_pre) rescaled to ‖x‖, with the SAE's centroid b_pre (d,) or (n, d)
+    (`sae_centroid`) and no sparse code.
 
     It is VS2's closed form (METHOD.md §3, Proposition 3.1) without the SAE's error term α·ε(x):
     VS2's unnormalised shift minus this one is exactly α·(D(c) − x).
@@ -234,7 +273,7 @@ def group_mean_difference(
 
 
 def vs2pp_direction(
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     neighbour_codes: Float[Tensor, "n N latents"],
     positives: Bool[Tensor, "n N"],
     gamma: float,
@@ -338,24 +377,26 @@ def association_scores(
     return torch.where(std > 0, scores, torch.zeros_like(scores)).float()
 
 
-def ablate(sae: TopKSAE, x: Float[Tensor, "n d"], latents: Int[Tensor, " s"]) -> Float[Tensor, "n d"]:
+def ablate(sae: SparseAutoencoder, x: Float[Tensor, "n d"], latents: Int[Tensor, " s"]) -> Float[Tensor, "n d"]:
     """Feature suppression: x with the selected latents' contribution Σ_{f∈S} c_f W_dec[f] removed. (n, d) -> (n, d).
 
     The SAE's error term and every other latent stay, so an empty `latents` leaves x unchanged.
     """
     values, indices = sae.encode(x)
     selected = torch.isin(indices, latents.to(indices.device))
-    return x - sae.decode_without_bias(values * selected, indices)
+    return x - sae.input_scale(x) * sae.decode_without_bias(values * selected, indices)
 
 
 # ---------------------------------------------------------------- steerability (METHOD.md §8)
 
 
-def clamp_latent(sae: TopKSAE, x: Float[Tensor, "n d"], latent: int, value: float) -> Float[Tensor, "n d"]:
-    """x with latent `latent`'s activation set to `value` (the rest of the code and the error term kept). (n, d)."""
+def clamp_latent(sae: SparseAutoencoder, x: Float[Tensor, "n d"], latent: int, value: float) -> Float[Tensor, "n d"]:
+    """x with latent `latent`'s activation set to `value` (the rest of the code and the error term kept). (n, d).
+
+    `value` is in the SAE's code space: under a layer-norm SAE the move in x's space is σ(x) times as long."""
     values, indices = sae.encode(x)
-    current = (values * (indices == latent)).sum(dim=1, keepdim=True)  # 0 where the latent is not in the top-k
-    return x + (value - current) * sae.W_dec[latent]
+    current = (values * (indices == latent)).sum(dim=1, keepdim=True)  # 0 where the latent does not fire
+    return x + sae.input_scale(x) * (value - current) * sae.W_dec[latent]
 
 
 def clamp_neuron(x: Float[Tensor, "n d"], neuron: int, value: float) -> Float[Tensor, "n d"]:

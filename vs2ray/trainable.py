@@ -32,7 +32,7 @@ from vs2ray.results import (
     STEERABILITY_FILE,
     record_stopped,
 )
-from vs2ray.sae import TopKSAE, evaluate_sae
+from vs2ray.sae import SparseAutoencoder, evaluate_sae
 from vs2ray.stages import (
     SAE_METRICS,
     SweepData,
@@ -85,12 +85,14 @@ class IntermediateReports:
         column = split.column(config.sae.layer, config.sae.tokens)
         generator = torch.Generator().manual_seed(config.seed)
         samples = {}
-        for name, rows in (("fvu", split.rows(column, split.train_mask)), ("val_fvu", split.val_rows(column))):
+        tokens = config.sae.tokens
+        training, held_out = split.rows(column, split.train_mask, tokens), split.val_rows(column, tokens)
+        for name, rows in (("fvu", training), ("val_fvu", held_out)):
             # read from the store: only the sampled rows are touched
             samples[name] = rows.take(torch.randperm(len(rows), generator=generator)[: self.SAMPLE_ROWS].numpy())
         return samples
 
-    def __call__(self, step: int, sae: TopKSAE, dead_fraction: float) -> None:
+    def __call__(self, step: int, sae: SparseAutoencoder, dead_fraction: float) -> None:
         from ray import tune
 
         started = time.perf_counter()
