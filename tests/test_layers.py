@@ -121,7 +121,7 @@ def test_final_block_steering_is_exactly_the_cached_path_and_the_real_model(worl
     assert (steered.argmax(1) != at_last.logits("zero_shot", at_last.test, {})[0].argmax(1)).any()
 
 
-@pytest.mark.parametrize("tokens", ["cls", "all"])
+@pytest.mark.parametrize("tokens", ["cls", "all", "patches"])
 def test_mid_block_steering_equals_the_real_model_steered_at_that_block(world, tokens):
     sae = random_sae(2)
     evaluator = evaluator_at(world, 1, sae, tokens)
@@ -129,6 +129,12 @@ def test_mid_block_steering_equals_the_real_model_steered_at_that_block(world, t
     rows = vs2_rows(sae, 3.0, 2.1)
     if tokens == "all":
         edit = lambda out: rows(out.reshape(-1, out.shape[-1])).reshape(out.shape)  # noqa: E731
+    elif tokens == "patches":  # [CLS] as it was, every other token steered
+
+        def edit(out: torch.Tensor) -> torch.Tensor:
+            patches = out[:, 1:]
+            return steering.with_patches(out, rows(patches.reshape(-1, out.shape[-1])).reshape(patches.shape))
+
     else:
         edit = lambda out: steering.with_cls(out, rows(out[:, 0]))  # noqa: E731
     torch.testing.assert_close(steered, model_logits(world, {1: edit}), atol=2e-3, rtol=0)

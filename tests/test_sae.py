@@ -1,4 +1,4 @@
-"""Top-k SAE and PASS training on synthetic data with a known answer (torch only, CPU)."""
+"""SAEs of every kind and PASS training on synthetic data with a known answer (torch only, CPU)."""
 
 from __future__ import annotations
 
@@ -222,3 +222,135 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     (directory / "metrics.json").unlink()  # as if training had been interrupted before the end
     with pytest.raises(CheckpointError, match=r"incomplete: missing metrics\.json"):
         SparseAutoencoder.load(directory)
+
+
+# ---------------------------------------------------------------- the other kinds (METHOD.md §9)
+
+KIND_RUNS = {  # every kind on the planted data of `planted_run`; what each must recover
+    "batchtopk": {},
+    "matryoshka": {"prefixes": 2},  # prefixes 64 and 128: the first 64 latents alone must span the 64 atoms
+    "jumprelu": {"threshold_lr_scale": 5.0},  # θ's learning rate 1e-2, as at the defaults (FAST's lr is 4× theirs)
+    "relu_l1": {},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_RUNS))
+def test_every_kind_recovers_the_planted_dictionary(kind):
+    # the same well-posed fit as the top-k test: 64 unit atoms, 4 active per sample, 128 latents. A kind whose code,
+    # loss or update is wrong leaves FVU near 1 or atoms unmatched (best cosine ~0.5 for random directions)
+    x, atoms, _ = planted()
+    result = train_sae(x, SAETrainParams(**{**FAST, "kind": kind, **KIND_RUNS[kind]}), device="cpu")
+    best_cosine = (F.normalize(result.sae.W_dec, dim=1) @ atoms.T).max(dim=0).values
+    assert (best_cosine > 0.9).float().mean() >= 0.8
+    assert result.metrics["fvu"] < 0.25
+    # L0: k on average for the BatchTopK kinds; measured for the penalised ones, and sparse (4 atoms, 128 latents)
+    if kind in ("batchtopk", "matryoshka"):
+        assert result.metrics["l0"] == pytest.approx(4.0, rel=0.15)
+        assert result.metrics["l0_std"] > 0.3  # per-sample L0 varies: θ, not a per-sample top-k
+    else:
+        assert 2 < result.metrics["l0"] < 16
+    if kind == "relu_l1":  # decoder rows are free: the penalty weighs their norms
+        assert result.sae.W_dec.norm(dim=1).std() > 1e-3
+    else:
+        torch.testing.assert_close(result.sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5, rtol=0)
+
+
+def test_batch_topk_keeps_exactly_k_per_sample_over_the_batch_with_a_varying_per_sample_l0():
+    from vs2ray.sae import batch_topk
+
+    pre = torch.randn(64, 50) + torch.linspace(-1, 1, 64)[:, None]  # later rows have larger activations
+    codes = batch_topk(pre, 5)
+    assert int((codes != 0).sum()) == 64 * 5  # B·k kept over the batch: mean L0 exactly k
+    per_sample = (codes != 0).sum(dim=1)
+    assert per_sample[:16].float().mean() < 5 < per_sample[-16:].float().mean()
+    kept = codes[codes != 0]
+    assert kept.min() >= F.relu(pre).flatten().topk(64 * 5).values.min()  # the largest ones, unchanged
+    assert torch.equal(codes[codes != 0], pre[codes != 0])
+
+
+def test_a_trained_batch_topk_codes_by_its_threshold_at_inference():
+    x, _, _ = planted(n=4000)
+    sae = train_sae(x, SAETrainParams(**{**FAST, "kind": "batchtopk", "steps": 300}), device="cpu").sae
+    theta = float(sae.threshold)
+    assert theta > 0  # estimated in training
+    values, indices = sae.encode(x[:500])
+    pre = sae.pre_activations(x[:500])
+    expected = F.relu(pre) * (F.relu(pre) > theta)
+    torch.testing.assert_close(sae.dense_codes(values, indices), expected)
+    assert values.shape[1] == int((expected != 0).sum(dim=1).max())  # width: the most a sample fires
+
+
+def test_jumprelu_thresholds_receive_the_straight_through_gradient_and_nothing_else_does():
+    from vs2ray.sae import _JumpReLU, _Step
+
+    eps = 0.1
+    threshold = torch.tensor([1.0, 2.0], requires_grad=True)
+    pre = torch.tensor([[1.02, 0.5], [0.97, 2.04], [3.0, 1.5]], requires_grad=True)
+    codes = _JumpReLU.apply(pre, threshold, eps)
+    assert torch.equal(codes.detach(), torch.tensor([[1.02, 0.0], [0.0, 2.04], [3.0, 0.0]]))
+    codes.sum().backward()
+    # by hand: dz/dθ_i = −(θ_i/ε)·1[|a − θ_i| < ε/2]; latent 0 has a = 1.02 and 0.97 in the window, latent 1 a = 2.04
+    torch.testing.assert_close(threshold.grad, torch.tensor([-2 * 1.0 / eps, -1 * 2.0 / eps]))
+    assert torch.equal(pre.grad, torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))  # where the unit fires
+
+    threshold.grad, pre.grad = None, None
+    _Step.apply(pre, threshold, eps).sum().backward()  # the L0 term: only θ learns from it
+    torch.testing.assert_close(threshold.grad, torch.tensor([-2 / eps, -1 / eps]))
+    assert pre.grad is None or not pre.grad.any()
+
+
+def test_a_jumprelu_sae_trains_its_thresholds_up_from_their_start():
+    x, _, _ = planted(n=4000)
+    sae = train_sae(x, SAETrainParams(**{**FAST, "kind": "jumprelu", "steps": 300}), device="cpu").sae
+    assert sae.jump_threshold.min() >= 0 and sae.jump_threshold.mean() > 10 * 1e-3
+
+
+def test_layer_norm_saes_code_the_rows_layer_norm_and_answer_in_the_rows_space():
+    # (x − μ)/σ is the same for a·x + b, so the reconstruction of a·x + b is a·x̂ + b and the codes are equal
+    from vs2ray import steering
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(16, 64, 5, normalize="layer_norm")
+    x = torch.randn(9, 16) * 3 + 1
+    moved = 2.5 * x - 4.0
+    torch.testing.assert_close(sae(moved).reconstruction, 2.5 * sae(x).reconstruction - 4.0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae.encode(moved).values, sae.encode(x).values, atol=1e-4, rtol=1e-4)
+    # a code change of 1 along latent f moves x by σ(x)·W_dec[f], the latent's unit in the SAE's space
+    sigma = (x - x.mean(dim=1, keepdim=True)).std(dim=1, keepdim=True)
+    values, indices = sae.encode(x)
+    latent = int(indices[0, 0])
+    current = (values * (indices == latent)).sum(dim=1, keepdim=True)
+    clamped = steering.clamp_latent(sae, x, latent, 7.0)
+    torch.testing.assert_close(clamped - x, (7.0 - current) * sigma * sae.W_dec[latent], atol=1e-4, rtol=1e-4)
+    # VS2's direction and the SAE pass agree with the SAE's own reconstruction
+    direction, reconstruction = steering.direction_and_reconstruction(sae, x)
+    torch.testing.assert_close(reconstruction, sae(x).reconstruction)
+    torch.testing.assert_close(direction, sigma * sae.decode_without_bias(values, indices), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["batchtopk", "jumprelu", "relu_l1"])
+def test_checkpoints_keep_the_kind_its_thresholds_and_normalisation(tmp_path, kind):
+    x, _, _ = planted(n=2000)
+    params = SAETrainParams(
+        k=4, expansion=2, steps=30, batch_size=256, warmup_steps=5, kind=kind, normalize="layer_norm"
+    )
+    result = train_sae(x, params, device="cpu")
+    result.sae.save(tmp_path, params.as_dict(), result.metrics)
+    loaded = SparseAutoencoder.load(tmp_path).sae
+    assert (loaded.kind, loaded.normalize) == (kind, "layer_norm")
+    torch.testing.assert_close(loaded(x[:100]).reconstruction, result.sae(x[:100]).reconstruction)
+
+
+def test_the_cache_key_holds_a_kinds_own_parameters_and_keeps_top_k_keys_as_they_were():
+    topk = SAETrainParams().key_dict()
+    before = {  # the fields a top-k SAE's key hashed before sae.kind existed
+        "k", "expansion", "topk", "lr", "lr_scale_with_width", "warmup_steps", "steps", "epochs", "batch_size",
+        "dead_threshold", "auxk_coef", "auxk_k", "w_aux", "pass_momentum", "init", "encoder_bias", "seed",
+    }  # fmt: skip
+    assert set(topk) == before
+    relu_l1 = SAETrainParams(kind="relu_l1").key_dict()
+    assert relu_l1["kind"] == "relu_l1" and "l1_coef" in relu_l1 and "sparsity_warmup_steps" in relu_l1
+    assert not {"k", "topk", "auxk_coef", "l0_coef", "prefixes"} & set(relu_l1)  # L0 is measured: k changes nothing
+    assert SAETrainParams(kind="relu_l1", k=8).key_dict() == SAETrainParams(kind="relu_l1", k=64).key_dict()
+    matryoshka = SAETrainParams(kind="matryoshka", normalize="layer_norm").key_dict()
+    assert {"k", "prefixes", "normalize"} <= set(matryoshka) and "l1_coef" not in matryoshka

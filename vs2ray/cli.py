@@ -144,7 +144,7 @@ def zero_shot_command(args: argparse.Namespace) -> int:
 
 
 def train_sae_command(args: argparse.Namespace) -> int:
-    """Train (or reuse) the configured top-k SAE on the train split, minus the validation rows."""
+    """Train (or reuse) the configured SAE (sae.kind) on the train split, minus the validation rows."""
     from vs2ray.stages import get_or_train_sae, load_train_split, sae_params
 
     config = _config(args)

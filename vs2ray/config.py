@@ -307,6 +307,11 @@ class SAEConfig(Section):
     l0_coef: NonNegativeFloat = Field(0.03, description="jumprelu: weight of the mean L0 beside the FVU (searchable)")
     bandwidth: PositiveFloat = Field(1e-3, description="jumprelu: width ε of the straight-through kernel")
     jumprelu_threshold: PositiveFloat = Field(1e-3, description="jumprelu: every latent's threshold θ at the start")
+    threshold_lr_scale: PositiveFloat = Field(
+        20.0,
+        description="jumprelu: θ's learning rate over sae.lr (Adam moves θ by about its learning rate a step: "
+        "short runs need it larger)",
+    )
     sparsity_warmup_steps: int = Field(
         200, ge=0, description="relu_l1, jumprelu: steps over which the sparsity weight rises from 0"
     )

@@ -104,6 +104,29 @@ def fvu_vs_accuracy(trials: pd.DataFrame, out: Path, method: str = "vs2") -> Pat
     return _save(fig, out)
 
 
+def fvu_vs_l0(trials: pd.DataFrame, out: Path) -> Path | None:
+    """Validation FVU against mean L0, one dot per distinct SAE, one colour per SAE kind (and normalisation):
+    the sparsity-reconstruction trade-off each kind reaches."""
+    if not {"val_fvu", "l0", "sae_kind"} <= set(trials):
+        return None
+    saes = trials.dropna(subset=["val_fvu", "l0"])
+    saes = saes.drop_duplicates("sae_dir") if "sae_dir" in saes else saes
+    if len(saes) < 2:
+        return None
+    normalize = saes["sae_normalize"] if "sae_normalize" in saes else pd.Series("none", index=saes.index)
+    label = saes["sae_kind"].astype(str) + np.where(normalize == "layer_norm", " (layer norm)", "")
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for i, name in enumerate(sorted(label.unique())):
+        group = saes[label == name].sort_values("l0")
+        ax.plot(group["l0"], group["val_fvu"], "o-" if len(group) > 1 else "o", color=f"C{i}", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (mean active latents per sample, training rows)")
+    ax.set_ylabel("validation FVU (lower = better reconstruction)")
+    ax.set_title("Sparsity against reconstruction by SAE kind, one dot per SAE")
+    ax.legend(fontsize=8, title="sae.kind", title_fontsize=8)
+    return _save(fig, out)
+
+
 def accuracy_by_capacity(trials: pd.DataFrame, out: Path, method: str = "vs2") -> Path | None:
     """Best validation-selected test top-1 of `method` per (k, expansion): one line per expansion."""
     column, val = metric_name("test_top1", method), metric_name("val_top1", method)
@@ -138,7 +161,7 @@ def by_block(table: pd.DataFrame, out: Path) -> Path | None:
         return None
     methods = [m for m in METHOD_LABELS if m in table]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    styles = {"cls": "o-", "all": "s--"}
+    styles = {"cls": "o-", "all": "s--", "patches": "d-."}
     for tokens, group in table.groupby("tokens"):
         group = group.sort_values("block")
         for i, method in enumerate(methods):
@@ -154,6 +177,10 @@ def by_block(table: pd.DataFrame, out: Path) -> Path | None:
                 ax.plot(
                     group["block"], group[column], styles.get(tokens, "^:"), color="black", label=f"{tokens} tokens"
                 )
+        for column, color in (("l0_cls", "C3"), ("l0_patches", "C4")):  # an all-token SAE's L0 by token type
+            if column in group and group[column].notna().any():
+                name = column.removeprefix("l0_").replace("cls", "[CLS]")
+                axes[2].plot(group["block"], group[column], ":", color=color, label=f"{name} of {tokens} tokens")
     axes[0].set(xlabel="block", ylabel="test top-1 (%)", title="Accuracy when steering at each block")
     axes[1].set(xlabel="block", ylabel="FVU (train)", title="SAE reconstruction by block")
     axes[2].set(xlabel="block", ylabel="L0 (active latents)", title="SAE sparsity by block")

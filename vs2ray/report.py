@@ -5,8 +5,10 @@ Needs no running Ray: it reads the experiment dir through `vs2ray.results`. Writ
     report.md                 the method table (paper Table 1 layout), best trials, per-class tables
     heatmap_gamma_lambda.png  validation top-1 of VS2 over (γ, λ)
     fvu_vs_accuracy.png       test top-1 against SAE FVU by PASS w_aux, with the Pareto front
+    fvu_vs_l0.png             validation FVU against L0, one dot per SAE, by SAE kind (with the by-kind table)
     accuracy_by_capacity.png  test top-1 against k, one line per expansion
-    by_block.png              accuracy, FVU and L0 by SAE block ([CLS] and all-token SAEs side by side)
+    by_block.png              accuracy, FVU and L0 by SAE block ([CLS], all-token and patch SAEs side by side;
+                              an all-token SAE's L0 on [CLS] and on the patches)
     per_class_<method>.png    largest per-class gains and losses against zero-shot (VS2, VS2++)
     gate_coverage.png         accuracy against coverage for each FVU-gate quantile
     optuna_history.png        Optuna's optimisation history
@@ -38,6 +40,7 @@ from vs2ray.results import (
     STATUS_STOPPED,
     best_trials,
     block_table,
+    kind_table,
     learning_curves,
     load_results,
     load_sweep_config,
@@ -167,12 +170,31 @@ def method_section(table: pd.DataFrame) -> str:
 def block_section(blocks: pd.DataFrame) -> str:
     """The by-block table: per block and token set, SAE quality and each method's test top-1."""
     shown = blocks.rename(columns={m: METHOD_LABELS[m] for m in METHOD_LABELS if m in blocks})
-    shown = shown.rename(columns={"fvu": "FVU", "val_fvu": "val FVU", "l0": "L0"})
+    shown = shown.rename(
+        columns={"fvu": "FVU", "val_fvu": "val FVU", "l0": "L0", "l0_cls": "L0 [CLS]", "l0_patches": "L0 patches"}
+    )
     return (
         "Steering at block L changes block L's tokens and runs blocks L+1 … end of the real encoder. Per block "
-        "and token set the SAE read ([CLS] or every token): FVU, validation FVU and L0 averaged over the "
-        "block's SAEs, then each method's test top-1 (%) at the block's trial with the best validation top-1 "
-        "for that method.\n\n" + _markdown(shown, "{:.4g}")
+        "and token set the SAE read ([CLS], every token, or the patches): FVU, validation FVU and L0 averaged "
+        "over the block's SAEs (an all-token SAE's L0 also on its [CLS] and its patch tokens), then each "
+        "method's test top-1 (%) at the block's trial with the best validation top-1 for that method.\n\n"
+        + _markdown(shown, "{:.4g}")
+    )
+
+
+def kind_section(kinds: pd.DataFrame) -> str:
+    """The by-kind table: per SAE kind and normalisation, SAE quality and each method's test top-1."""
+    shown = kinds.rename(columns={m: METHOD_LABELS[m] for m in METHOD_LABELS if m in kinds})
+    shown = shown.rename(
+        columns={"fvu": "FVU", "val_fvu": "val FVU", "l0": "L0", "l0_p10": "L0 p10", "l0_p90": "L0 p90"}
+    )
+    shown = shown.rename(columns={"dead_fraction": "dead"})
+    return (
+        "Per SAE kind (`sae.kind`, METHOD.md §9) and input normalisation: FVU, validation FVU, L0 (mean and its "
+        "10th / 90th percentile over samples) and the dead share averaged over the kind's SAEs, then each "
+        "method's test top-1 (%) at the kind's trial with the best validation top-1 for that method. top-k fixes "
+        "every sample's L0 at k, BatchTopK and Matryoshka its mean; JumpReLU and ReLU + L1 reach theirs.\n\n"
+        + _markdown(shown, "{:.4g}")
     )
 
 
@@ -298,6 +320,10 @@ def write_report(experiment: str, out: Path) -> Path:
     figures.append(
         ("Accuracy by SAE k and expansion", plots.accuracy_by_capacity(done, out / "accuracy_by_capacity.png"))
     )
+    kinds = kind_table(trials) if len(done) else pd.DataFrame()
+    if len(kinds) > 1:
+        lines += ["## By SAE kind", "", kind_section(kinds), ""]
+        figures.append(("Sparsity against reconstruction by SAE kind", plots.fvu_vs_l0(done, out / "fvu_vs_l0.png")))
     blocks = block_table(trials) if len(done) else pd.DataFrame()
     if len(blocks) > 1:
         lines += ["## By block (steering inside the encoder)", "", block_section(blocks), ""]

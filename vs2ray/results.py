@@ -255,11 +255,42 @@ def block_table(trials: pd.DataFrame) -> pd.DataFrame:
     for (block, tokens), group in _done_by_block(trials):
         saes = group.drop_duplicates("sae_dir")
         row: dict[str, Any] = {"block": int(block), "tokens": tokens, "trials": len(group)}
-        row.update({name: saes[name].mean() for name in ("fvu", "val_fvu", "l0") if name in saes})
+        measured = ("fvu", "val_fvu", "l0", "l0_cls", "l0_patches")
+        row.update({name: saes[name].mean() for name in measured if name in saes and saes[name].notna().any()})
         for method in methods_in(group):
             scored = group.dropna(subset=[metric_name("val_top1", method)])
             best = scored.loc[scored[metric_name("val_top1", method)].idxmax()]
             row[method] = 100 * best[metric_name("test_top1", method)]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+KIND_COLUMNS = ("sae_kind", "sae_normalize")  # which SAE a trial trained, whatever was searched
+KIND_SAE_METRICS = ("fvu", "val_fvu", "l0", "l0_p10", "l0_p90", "dead_fraction")
+
+
+def kind_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """SAE quality and accuracy by SAE kind and input normalisation (METHOD.md §9).
+
+    One row per (kind, normalisation) with finished trials: their count and distinct SAEs; FVU, validation
+    FVU, L0 (mean, 10th and 90th percentile) and dead fraction averaged over the distinct SAEs; then per
+    method the test top-1 (%) at the group's trial with the best validation top-1 for that method.
+    """
+    done = _done(trials)
+    if done.empty or "sae_kind" not in done:
+        return pd.DataFrame()
+    # trials written before sae.normalize existed report no normalisation: they had none
+    done = done.assign(sae_normalize=done.get("sae_normalize", pd.Series("none", index=done.index)).fillna("none"))
+    rows = []
+    for (kind, normalize), group in done.groupby(list(KIND_COLUMNS), sort=True):
+        saes = group.drop_duplicates("sae_dir") if "sae_dir" in group else group
+        row: dict[str, Any] = {"kind": kind, "normalize": normalize, "trials": len(group), "SAEs": len(saes)}
+        row.update({name: saes[name].mean() for name in KIND_SAE_METRICS if name in saes})
+        for method in methods_in(group):
+            scored = group.dropna(subset=[metric_name("val_top1", method)])
+            if len(scored):
+                best = scored.loc[scored[metric_name("val_top1", method)].idxmax()]
+                row[method] = 100 * best[metric_name("test_top1", method)]
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -377,7 +377,7 @@ KIND_PARAMS: dict[str, tuple[str, ...]] = {  # the training parameters that only
     "topk": ("topk",),
     "batchtopk": (),
     "matryoshka": ("prefixes",),
-    "jumprelu": ("l0_coef", "bandwidth", "jumprelu_threshold", "sparsity_warmup_steps"),
+    "jumprelu": ("l0_coef", "bandwidth", "jumprelu_threshold", "threshold_lr_scale", "sparsity_warmup_steps"),
     "relu_l1": ("l1_coef", "sparsity_warmup_steps"),
 }
 FIXED_L0_PARAMS = ("k", "auxk_coef", "auxk_k", "dead_threshold")  # read by the kinds whose L0 k sets
@@ -406,6 +406,9 @@ class SAETrainParams:
     l0_coef: float = 0.03  # jumprelu: weight of the mean L0
     bandwidth: float = 1e-3  # jumprelu: ε of the straight-through kernel
     jumprelu_threshold: float = 1e-3  # jumprelu: every θ_i at the start
+    # jumprelu: θ's learning rate over the weights'. Adam moves θ by about its lr a step, so at vs2ray's
+    # 10^3–10^4 steps the thresholds would stay near their start without it (the reference trains 10^5 steps)
+    threshold_lr_scale: float = 20.0
     sparsity_warmup_steps: int = 200  # relu_l1, jumprelu: the penalty's coefficient rises from 0 over these
     w_aux: float = 0.0
     pass_momentum: float = 0.9
@@ -903,8 +906,15 @@ def _train_loop(
     n = len(data)
     n_latents = sae.n_latents
     base_lr = effective_lr(params, n_latents)
+    thresholds = [sae.jump_threshold] if sae.kind == "jumprelu" else []
+    weights = [p for p in sae.parameters() if all(p is not t for t in thresholds)]
+    groups = [{"params": weights, "scale": 1.0}, {"params": thresholds, "scale": params.threshold_lr_scale}]
     optimizer = torch.optim.Adam(
-        sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10, fused=device.type == "cuda" or None
+        [g for g in groups if g["params"]],
+        lr=base_lr,
+        betas=(0.9, 0.999),
+        eps=6.25e-10,
+        fused=device.type == "cuda" or None,
     )
     auxk_k = params.auxk_k or sae.d // 2
     samples_since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
@@ -927,7 +937,7 @@ def _train_loop(
         else:
             x = data.take(batch_idx.numpy()).to(device, non_blocking=True)
         for group in optimizer.param_groups:
-            group["lr"] = base_lr * lr_factor(step, params)
+            group["lr"] = group["scale"] * base_lr * lr_factor(step, params)
 
         x = sae.to_sae_space(x)
         with precision_scope(device, params.precision):

@@ -42,7 +42,21 @@ from vs2ray.store import (
 )
 
 Log = Callable[[str], None]
-SAE_METRICS = ("fvu", "val_fvu", "l0", "dead_fraction", "dense_fraction", "train_seconds")  # reported per trial
+SAE_METRICS = (  # reported per trial; l0_cls and l0_patches by SAEs on every token
+    "fvu",
+    "val_fvu",
+    "l0",
+    "l0_std",
+    "l0_p10",
+    "l0_median",
+    "l0_p90",
+    "l0_cls",
+    "l0_patches",
+    "val_l0",
+    "dead_fraction",
+    "dense_fraction",
+    "train_seconds",
+)
 
 
 def sae_params(config: ExperimentConfig) -> SAETrainParams:
@@ -76,6 +90,7 @@ def sae_params(config: ExperimentConfig) -> SAETrainParams:
         l0_coef=config.sae.l0_coef,
         bandwidth=config.sae.bandwidth,
         jumprelu_threshold=config.sae.jumprelu_threshold,
+        threshold_lr_scale=config.sae.threshold_lr_scale,
         sparsity_warmup_steps=config.sae.sparsity_warmup_steps,
         topk=config.sae.topk,
         init=config.sae.init,

@@ -204,6 +204,8 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data: SweepDa
     metrics.update(
         sae_block=evaluator.encoder.block if evaluator.encoder else -1,  # the block index, whatever sae.layer says
         sae_tokens=config.sae.tokens,
+        sae_kind=config.sae.kind,
+        sae_normalize=config.sae.normalize,
         sae_step=full_steps(config),  # a cached SAE counts as fully trained for the schedulers
         report_seconds=reports.seconds if reports else 0.0,
         eval_seconds=time.perf_counter() - evaluation_started,
