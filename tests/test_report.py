@@ -43,3 +43,21 @@ def test_a_missing_experiment_dir_is_a_clear_error_that_creates_nothing(tmp_path
     assert main([str(missing)]) == 2
     assert "no such experiment dir" in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_fvu_vs_l0_draws_one_dot_per_distinct_sae_and_needs_two(tmp_path):
+    import pandas as pd
+
+    from vs2ray.plots import fvu_vs_l0
+
+    saes = pd.DataFrame(
+        {
+            "sae_kind": ["topk", "topk", "batchtopk"],
+            "sae_dir": ["/a", "/a", "/b"],
+            "l0": [16.0, 16.0, 15.2],
+            "val_fvu": [0.1, 0.1, 0.09],
+        }
+    )
+    assert fvu_vs_l0(saes.iloc[:2], tmp_path / "one.png") is None  # one SAE, reported twice
+    assert fvu_vs_l0(saes, tmp_path / "kinds.png").read_bytes().startswith(b"\x89PNG")
+    assert fvu_vs_l0(saes.drop(columns="sae_kind"), tmp_path / "none.png") is None  # trials before sae.kind

@@ -71,3 +71,24 @@ def test_method_table_selects_each_method_on_validation_and_splits_vs2_by_pass(e
 def test_a_dir_that_is_no_experiment_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a vs2ray experiment dir"):
         load_results(tmp_path)
+
+
+def test_kind_table_averages_each_kinds_distinct_saes_and_selects_each_method_on_validation(tmp_path):
+    from vs2ray.results import kind_table
+
+    def trial(trial_id, kind, sae, fvu, l0, val, test, started, normalize="none"):
+        sae_metrics = {"fvu": fvu, "val_fvu": fvu + 0.01, "l0": l0, "l0_p10": l0 - 1, "l0_p90": l0 + 1}
+        result = {**sae_metrics, "dead_fraction": 0.0, "sae_dir": sae, "sae_kind": kind, "sae_normalize": normalize}
+        write_trial(tmp_path, trial_id, started, {"sae.kind": kind}, {**result, **metrics("vs2", val, test, test)})
+
+    trial("a", "topk", "/saes/t16", 0.10, 16.0, 0.60, 0.58, 100.0)
+    trial("b", "topk", "/saes/t16", 0.10, 16.0, 0.62, 0.57, 101.0)  # the same SAE, other steering: counted once
+    trial("c", "topk", "/saes/t32", 0.06, 32.0, 0.61, 0.59, 102.0)
+    trial("d", "relu_l1", "/saes/l1", 0.20, 9.0, 0.55, 0.54, 103.0)
+    table = kind_table(load_results(tmp_path)).set_index("kind")
+    assert table.loc["topk", "trials"] == 3 and table.loc["topk", "SAEs"] == 2
+    assert table.loc["topk", "fvu"] == pytest.approx(0.08)  # (0.10 + 0.06) / 2, not (0.10 + 0.10 + 0.06) / 3
+    assert table.loc["topk", "l0"] == pytest.approx(24.0)
+    assert table.loc["topk", "vs2"] == pytest.approx(57.0)  # trial b: the best validation top-1
+    assert table.loc["relu_l1", "vs2"] == pytest.approx(54.0) and table.loc["relu_l1", "SAEs"] == 1
+    assert list(table["normalize"]) == ["none", "none"]

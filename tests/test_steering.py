@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vs2ray import steering
 from vs2ray.sae import SAETrainParams, SparseAutoencoder, train_sae
 from vs2ray.sae import per_sample_fvu as fvu_of_reconstruction
 from vs2ray.steering import (
@@ -209,3 +210,37 @@ def test_weighted_rag_with_no_positive_similarity_weighs_neighbours_equally():
     # a negative similarity counts as 0 beside a positive one
     one_positive = weighted_rag(q[:1], neighbours[:1], torch.tensor([[-0.3, 0.6]]), a=0.0)
     torch.testing.assert_close(one_positive, F.normalize(neighbours[:1, 1], dim=1))
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu_l1"])
+@pytest.mark.parametrize("normalize", ["none", "layer_norm"])
+def test_every_steering_function_reads_codes_of_any_kind_consistently(kind, normalize):
+    # the identities every method relies on, whatever makes the code: VS2's direction and the SAE pass agree with
+    # the SAE's own reconstruction; ablating every firing latent leaves the error term and b_pre; a latent clamped
+    # to its own value changes nothing, and clamped elsewhere moves x along its decoder row only
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(16, 64, 6, kind=kind, normalize=normalize)
+    with torch.no_grad():
+        sae.b_pre.normal_(0, 0.3)
+        if kind == "batchtopk" or kind == "matryoshka":
+            sae.threshold.fill_(0.2)
+        if kind == "jumprelu":
+            sae.jump_threshold.fill_(0.2)
+    x = torch.randn(12, 16) * 2 + 0.5
+    values, indices = sae.encode(x)
+    assert (values >= 0).all() and ((values != 0).sum(dim=1) > 0).any()
+    direction, reconstruction = steering.direction_and_reconstruction(sae, x)
+    torch.testing.assert_close(reconstruction, sae(x).reconstruction)
+    torch.testing.assert_close(steering.code_direction(sae, x), direction)
+    centroid = steering.sae_centroid(sae, x)
+    torch.testing.assert_close(reconstruction - centroid, direction, atol=1e-5, rtol=1e-5)  # x̂ = centroid + W_dec c
+    everything = torch.arange(sae.n_latents)
+    torch.testing.assert_close(steering.ablate(sae, x, everything), x - direction, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(steering.ablate(sae, x, everything[:0]), x)
+    latent = int(indices[values != 0][0])
+    current = (values * (indices == latent)).sum(dim=1, keepdim=True)
+    moved = steering.clamp_latent(sae, x, latent, 5.0)
+    row = sae.W_dec[latent] / sae.W_dec[latent].norm()
+    residual = (moved - x) - ((moved - x) @ row)[:, None] * row
+    assert residual.abs().max() < 1e-4 and ((moved - x) @ row).abs().gt(0).any()
+    torch.testing.assert_close(steering.clamp_latent(sae, x[:1], latent, float(current[0].detach())), x[:1])
