@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a cluster head or in CI
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
@@ -119,7 +120,14 @@ def fvu_vs_l0(trials: pd.DataFrame, out: Path) -> Path | None:
     for i, name in enumerate(sorted(label.unique())):
         group = saes[label == name].sort_values("l0")
         ax.plot(group["l0"], group["val_fvu"], "o-" if len(group) > 1 else "o", color=f"C{i}", label=name)
-    ax.set_xscale("log")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    # plain numbers at 1-2-5 steps: a log axis's own minor labels overlap at this size
+    low, high = saes["val_fvu"].min(), saes["val_fvu"].max()
+    ax.set_yticks([t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0) if low / 2 <= t <= 2 * high])
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("L0 (mean active latents per sample, training rows)")
     ax.set_ylabel("validation FVU (lower = better reconstruction)")
     ax.set_title("Sparsity against reconstruction by SAE kind, one dot per SAE")

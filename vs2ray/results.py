@@ -23,6 +23,7 @@ import pandas as pd
 
 from vs2ray.files import list_dirs, modified, read_bytes, read_text, write_text
 from vs2ray.methods import METHODS, method_of, metric_name
+from vs2ray.sae import kind_reads
 from vs2ray.steerability import format_concepts
 
 # row label of each method in tables, in registry order; "vs2_pass" is VS2 on the PASS-trained SAEs
@@ -210,7 +211,12 @@ def method_table(trials: pd.DataFrame, select_by: str = "top1") -> pd.DataFrame:
             if subset.empty:
                 continue
             best = subset.loc[subset[selection].idxmax()]
-            chosen = {k: best[k] for k in _relevant_keys(subset, method) if pd.notna(best[k])}
+            kind = best.get("sae_kind", best.get("sae.kind", "topk"))
+            chosen = {
+                k: best[k]
+                for k in _relevant_keys(subset, method)
+                if pd.notna(best[k]) and kind_reads(str(kind), k.removeprefix("sae."))
+            }
             for column in _selected(best, method):  # the setting chosen within the trial (γ, λ, q, a, N)
                 chosen[column.removeprefix("selected_").removesuffix(f"_{method}")] = best[column]
             rows.append(

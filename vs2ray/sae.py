@@ -383,6 +383,14 @@ KIND_PARAMS: dict[str, tuple[str, ...]] = {  # the training parameters that only
 FIXED_L0_PARAMS = ("k", "auxk_coef", "auxk_k", "dead_threshold")  # read by the kinds whose L0 k sets
 
 
+def kind_reads(kind: str, name: str) -> bool:
+    """Whether an SAE of `kind` reads the training parameter `name` (a parameter of no kind in particular: yes)."""
+    if name in FIXED_L0_PARAMS:
+        return kind in FIXED_L0_KINDS
+    owners = [owner for owner, names in KIND_PARAMS.items() if name in names]
+    return not owners or kind in owners
+
+
 @dataclass
 class SAETrainParams:
     """Every parameter of one SAE training run (the SAE checkpoint key hashes the ones its kind reads)."""
