@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # torchvision pair lies on their disk (PyPI's torchvision does not import beside the
 # CPU torch wheel there). Override on other machines: make test TORCH_PINS=
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= cpu,dev,mlflow,tensorboard
+EXTRAS ?= cpu,dev,bench,mlflow,tensorboard  # bench: sparsify, whose own loader the SAE export tests
 
 .PHONY: install test lint docs demo world world-card gpu-check clean
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vs2ray.config import ConfigError, load_config
 from vs2ray.stages import TrainSplit, blocks_to_load, get_or_train_sae, sae_params, steering_grid
@@ -121,3 +122,40 @@ def test_an_official_validation_split_selects_on_its_own_store_and_keys_the_sae_
 def test_the_validation_split_cannot_be_the_train_or_test_split():
     with pytest.raises(ConfigError, match=r"dataset\.val_split: 'test' is the train or the test split"):
         load_config(None, ["dataset.val_split=test"])
+
+
+def test_a_patch_sae_trains_on_every_token_but_cls_and_keys_apart_from_an_all_token_one(tmp_path):
+    common = [f"storage.root={tmp_path}", "sae.k=4", "sae.expansion=2", "sae.steps=5", "sae.batch_size=64"]
+    split = small_split(tmp_path, 0.1)
+    logs: list[str] = []
+    patches_config = load_config(None, [*common, "extraction.tokens=all", "sae.tokens=patches"])
+    patches = get_or_train_sae(patches_config, sae_params(patches_config), split, logs.append)
+    assert "tokens_3: 2160 of 2400 rows (240 held out)" in logs[0]  # 540 training images × 4 patch tokens
+    every_config = load_config(None, [*common, "extraction.tokens=all", "sae.tokens=all"])
+    every = get_or_train_sae(every_config, sae_params(every_config), split, lambda _: None)
+    assert every.directory != patches.directory and not every.cache_hit
+    rows = split.rows("tokens_3", split.train_mask, "patches")
+    first = int(np.flatnonzero(split.train_mask)[0])
+    np.testing.assert_array_equal(rows.take(np.arange(4)).numpy(), split.acts["tokens_3"][first, 1:])
+    with pytest.raises(ConfigError, match="patches steers the patch tokens"):
+        blocks_to_load(load_config(None, ["extraction.tokens=all", "sae.tokens=patches"]), MANIFEST)
+
+
+def test_sae_from_steers_with_an_imported_sae_measured_on_the_split_and_trains_nothing(tmp_path):
+    from vs2ray.interop import export_sae
+
+    common = [f"storage.root={tmp_path}", "sae.k=4", "sae.expansion=2", "sae.steps=5", "sae.batch_size=64"]
+    config = load_config(None, common)
+    split = small_split(tmp_path, 0.1)
+    trained = get_or_train_sae(config, sae_params(config), split, lambda _: None)
+    exported = export_sae(trained.directory, tmp_path / "export")
+    from_config = load_config(None, [*common, f"sae.from={exported}"])
+    logs: list[str] = []
+    imported = get_or_train_sae(from_config, sae_params(from_config), split, logs.append)
+    assert logs == [f"steering with vs2ray SAE {exported} (topk, 32 latents)"]
+    assert torch.equal(imported.sae.W_dec, trained.sae.W_dec)
+    assert imported.metrics["fvu"] == pytest.approx(trained.metrics["fvu"], rel=1e-5)  # measured again, the same rows
+    assert imported.metrics["val_fvu"] == pytest.approx(trained.metrics["val_fvu"], rel=1e-5)
+    with pytest.raises(ConfigError, match=r"sae\.from: one SAE cannot be every block's"):
+        load_config(None, [f"sae.from={exported}", "extraction.tokens=all", "extraction.layers=[0, 1, 2, 3]",
+                           "steering.methods=[zero_shot, sae_rec_all]"])  # fmt: skip

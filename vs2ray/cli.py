@@ -5,6 +5,7 @@
     python -m vs2ray train-sae  [--config YAML] [--layer L] [--set K=V ...]
     python -m vs2ray evaluate   [--config YAML] [--set K=V ...] [--gammas G,..] [--lambdas L,..] [--address ADDR]
     python -m vs2ray sweep      [--config YAML] [--name NAME] [--set K=V ...] [--resume] [--address ADDR]
+    python -m vs2ray export-sae SAE_OR_TRIAL_DIR --out DIR
     python -m vs2ray report     EXPERIMENT_DIR [--out DIR]
     python -m vs2ray devices    [--require-cuda]
 
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from vs2ray.config import ConfigError, ExperimentConfig, config_to_yaml, config_with, load_config
@@ -299,6 +302,22 @@ def devices_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_sae_command(args: argparse.Namespace) -> int:
+    """Write an SAE (a vs2ray SAE dir, or a finished trial's) in a Hugging Face Hub model layout."""
+    from vs2ray.interop import export_sae, load_any_sae
+
+    source = Path(args.source).expanduser()
+    provenance: dict[str, str] = {}
+    if (source / "result.json").is_file():  # a trial's dir: its SAE, named in its result
+        result = json.loads((source / "result.json").read_text().strip().splitlines()[-1])
+        provenance = {"trial": source.name, "experiment": str(source.parent)}
+        source = Path(result["sae_dir"])
+    out = export_sae(source, Path(args.out).expanduser(), provenance)
+    loaded = load_any_sae(out).sae
+    print(f"exported {source} to {out} ({loaded.kind}, {loaded.n_latents} latents over d = {loaded.d})")
+    return 0
+
+
 def report_command(args: argparse.Namespace) -> int:
     """report.md and PNG figures for a finished (or interrupted) sweep; no Ray needed."""
     from vs2ray.report import main as report_main
@@ -345,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--name", help="experiment name (default: <config name>-<date>-<time>; with --resume: latest)")
     sub.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     sub.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: a local instance")
+    sub = command("export-sae", export_sae_command)
+    sub.add_argument("source", help="a vs2ray SAE dir (<storage.root>/saes/...) or a finished trial's dir")
+    sub.add_argument("--out", required=True, help="the directory to write (upload it with huggingface-cli upload)")
     sub = command("report", report_command)
     sub.add_argument("experiment", help="the sweep's experiment dir (local path or s3:// / gs:// URI)")
     sub.add_argument("--out", help="where to write (default: <experiment>/report, or ./report-<name> for a URI)")

@@ -278,6 +278,12 @@ class ExtractionConfig(Section):
 
 class SAEConfig(Section):
     layer: LayerIndex = Field(-1, description="block whose activations the SAE reads and steering changes")
+    from_: str | None = Field(
+        None,
+        alias="from",
+        description="steer with this SAE instead of training one: a vs2ray SAE dir or export, a sparsify, SAELens "
+        "or ViT-Prisma checkpoint dir, a saev file, or a Hugging Face Hub id (vs2ray/interop.py)",
+    )
     tokens: TokenSet = Field(
         "cls",
         description="train (and steer) on the [CLS] token, on every token, or on the patch tokens without [CLS] "
@@ -561,6 +567,11 @@ class ExperimentConfig(Section):
                 "model_tokens",
                 "steering.methods: sae_rec_all needs extraction.tokens: all and every block in extraction.layers "
                 "(from 0 to -1), since it replaces every block's output in one forward pass",
+            )
+        if self.sae.from_ is not None and "sae_rec_all" in self.steering.methods:
+            raise PydanticCustomError(
+                "model_tokens",
+                "sae.from: one SAE cannot be every block's: sae_rec_all trains one SAE per block; drop one of them",
             )
         token_sets = {"all", "patches"} & set(values_of(self.sae.tokens))
         if token_sets and self.extraction.tokens != "all":

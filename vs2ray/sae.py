@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # shapes in the signatures; jaxtyping is only needed by the t
     from jaxtyping import Bool, Float, Int
     from torch import Tensor
 
-TopKMode = Literal["relu", "abs"]
+TopKMode = Literal["relu", "abs", "signed"]  # signed: the k largest values as they are (saev's TopK)
 SAEInit = Literal["linear", "tied"]  # sparsify's initialisation, or the encoder tied to the decoder
 SAEKind = Literal["topk", "batchtopk", "matryoshka", "jumprelu", "relu_l1"]
 SAE_KINDS: tuple[str, ...] = get_args(SAEKind)
@@ -174,10 +174,10 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"sae.kind must be one of {', '.join(SAE_KINDS)}; got {kind!r}")
         if kind in FIXED_L0_KINDS and not 1 <= k <= n_latents:
             raise ValueError(f"sae.k must be in [1, n_latents={n_latents}] (expansion × d), got {k}")
-        if topk not in ("relu", "abs"):
-            raise ValueError(f"sae.topk must be 'relu' or 'abs', got {topk!r}")
-        if topk == "abs" and kind != "topk":
-            raise ValueError(f"sae.topk: 'abs' is a top-k selection; sae.kind {kind!r} codes ReLU activations")
+        if topk not in get_args(TopKMode):
+            raise ValueError(f"sae.topk must be 'relu', 'abs' or 'signed', got {topk!r}")
+        if topk != "relu" and kind != "topk":
+            raise ValueError(f"sae.topk: {topk!r} is a top-k selection; sae.kind {kind!r} codes ReLU activations")
         if init not in ("linear", "tied"):
             raise ValueError(f"sae.init must be 'linear' or 'tied', got {init!r}")
         if normalize not in get_args(Normalization):
@@ -259,9 +259,9 @@ class SparseAutoencoder(nn.Module):
     def select(self, pre: Float[Tensor, "batch latents"], k: int | None = None) -> SparseCode:
         """TopK of pre-activations (batch, n) -> values, indices (batch, k)."""
         k = self.k if k is None else k
-        if self.topk == "relu":  # largest values, then ReLU (Gao et al., sparsify)
+        if self.topk != "abs":  # largest values, then ReLU (Gao et al., sparsify) or as they are (saev)
             values, indices = pre.topk(k, dim=-1, sorted=False)
-            return SparseCode(F.relu(values), indices)
+            return SparseCode(F.relu(values) if self.topk == "relu" else values, indices)
         indices = pre.abs().topk(k, dim=-1, sorted=False).indices  # largest |value| (the paper)
         return SparseCode(pre.gather(-1, indices), indices)
 

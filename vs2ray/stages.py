@@ -28,7 +28,7 @@ from vs2ray.devices import worker_device
 from vs2ray.evaluate import Encoder, Evaluator, Grid, SplitData, accuracy
 from vs2ray.methods import METHODS
 from vs2ray.models import block_runner, build_text_classifier, encode_images, load_clip
-from vs2ray.sae import ActivationRows, SAETrainParams, SparseAutoencoder, train_sae
+from vs2ray.sae import ActivationRows, SAETrainParams, SparseAutoencoder, evaluate_sae, train_sae
 from vs2ray.steerability import SteerabilityResult, SteerabilitySettings, measure_steerability
 from vs2ray.store import (
     Activations,
@@ -263,6 +263,8 @@ def get_or_train_sae(
     an SAE trained on validation rows. An all-token SAE trains on every token of the training images.
     """
     layer = config.sae.layer if layer is None else layer
+    if config.sae.from_ is not None:
+        return imported_sae(config, split, layer, log, device)
     tokens = config.sae.tokens
     column = split.column(layer, tokens)
     # the column names the block and cls / every token; patches-only SAEs read the every-token column too
@@ -293,6 +295,27 @@ def get_or_train_sae(
         record = {**training, "activation_key": split.store_dir.name, "column": column}
         result.sae.save(directory, record, result.metrics)
     return TrainedSAE(result.sae, result.metrics, directory, cache_hit=False)
+
+
+def imported_sae(
+    config: ExperimentConfig, split: TrainSplit, layer: int, log: Log, device: torch.device | str | None = None
+) -> TrainedSAE:
+    """`sae.from`'s SAE (interop.load_any_sae: any supported format or a Hub id), measured on this split's
+    training and validation rows of its column as a trained SAE is; nothing is trained or cached."""
+    from vs2ray.interop import load_any_sae
+
+    column = split.column(layer, config.sae.tokens)
+    imported = load_any_sae(str(config.sae.from_), expected_d=split.acts.stored(column).shape[-1])
+    sae = imported.sae
+    log(f"steering with {imported.format} SAE {config.sae.from_} ({sae.kind}, {sae.n_latents} latents)")
+    device = device if device is not None else worker_device(config.model.device, None)
+    sae = sae.to(device)
+    tokens = config.sae.tokens
+    metrics = evaluate_sae(sae, split.rows(column, split.train_mask, tokens))
+    held_out = split.val_rows(column, tokens)
+    if len(held_out):
+        metrics.update({f"val_{name}": value for name, value in evaluate_sae(sae, held_out).items()})
+    return TrainedSAE(sae.cpu(), {**imported.metrics, **metrics}, Path(str(config.sae.from_)), cache_hit=True)
 
 
 def block_saes(
