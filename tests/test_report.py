@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():
@@ -61,3 +62,36 @@ def test_fvu_vs_l0_draws_one_dot_per_distinct_sae_and_needs_two(tmp_path):
     assert fvu_vs_l0(saes.iloc[:2], tmp_path / "one.png") is None  # one SAE, reported twice
     assert fvu_vs_l0(saes, tmp_path / "kinds.png").read_bytes().startswith(b"\x89PNG")
     assert fvu_vs_l0(saes.drop(columns="sae_kind"), tmp_path / "none.png") is None  # trials before sae.kind
+
+
+def test_latent_density_reads_each_saes_frequencies_and_draws_them(tmp_path):
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from vs2ray.plots import latent_density
+    from vs2ray.results import density_table
+    from vs2ray.sae import SparseAutoencoder
+
+    frequencies = {"a": torch.tensor([0.0, 0.0, 0.5, 0.01, 0.02, 0.2]), "b": torch.tensor([0.03, 0.04, 0.0, 0.05])}
+    for name, frequency in frequencies.items():  # as training writes them, beside the checkpoint
+        SparseAutoencoder(2, len(frequency), 1).save(tmp_path / name, {}, {}, frequency)
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["t1", "t2", "t3"],
+            "status": ["TERMINATED"] * 3,
+            "sae_dir": [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "none")],
+            "sae_kind": ["topk", "relu_l1", "topk"],
+            "val_top1_vs2": [0.7, 0.6, 0.5],
+        }
+    )
+    search = type("Search", (), {"metrics": ["val_top1_vs2"], "modes": ["max"]})()
+    table, densities = density_table(trials, search)
+    table = table.set_index("SAE")
+    assert list(table.index) == ["best trial", "best relu_l1", "best topk"]  # t3's SAE has no file: never chosen
+    assert table.loc["best trial", "trial"] == "t1" and table.loc["best trial", "dead %"] == pytest.approx(100 / 3)
+    assert table.loc["best trial", "dense %"] == pytest.approx(100 / 3)  # 0.5 and 0.2 fire on > 10% of rows
+    assert table.loc["best relu_l1", "median frequency"] == pytest.approx(0.04)
+    np.testing.assert_allclose(densities["best relu_l1"], frequencies["b"].numpy())
+    assert latent_density(densities, tmp_path / "density.png").read_bytes().startswith(b"\x89PNG")
+    assert latent_density({}, tmp_path / "none.png") is None

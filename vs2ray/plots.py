@@ -135,6 +135,29 @@ def fvu_vs_l0(trials: pd.DataFrame, out: Path) -> Path | None:
     return _save(fig, out)
 
 
+def latent_density(densities: dict[str, np.ndarray], out: Path) -> Path | None:
+    """Histogram of log10 firing frequency over each SAE's live latents (`results.density_table`), its dead
+    latents counted in the legend and the dense threshold (10% of rows) marked; None without densities."""
+    if not densities:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    live_all = np.concatenate([f[f > 0] for f in densities.values()])
+    if not len(live_all):
+        plt.close(fig)
+        return None
+    bins = np.linspace(np.log10(live_all.min()) - 0.1, 0.05, 40).tolist()
+    for i, (label, frequency) in enumerate(densities.items()):
+        dead = int((frequency == 0).sum())
+        ax.hist(np.log10(frequency[frequency > 0]), bins=bins, histtype="step", lw=1.5, color=f"C{i}",
+                label=f"{label} ({dead} of {len(frequency)} dead)")  # fmt: skip
+    ax.axvline(-1, color="gray", ls=":", lw=1, label="dense: fires on > 10% of rows")
+    ax.set_xlabel("log10 firing frequency (share of training rows a latent fires on)")
+    ax.set_ylabel("latents")
+    ax.set_title("Latent density")
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
 def accuracy_by_capacity(trials: pd.DataFrame, out: Path, method: str = "vs2") -> Path | None:
     """Best validation-selected test top-1 of `method` per (k, expansion): one line per expansion."""
     column, val = metric_name("test_top1", method), metric_name("val_top1", method)

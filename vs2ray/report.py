@@ -7,6 +7,7 @@ Needs no running Ray: it reads the experiment dir through `vs2ray.results`. Writ
     fvu_vs_accuracy.png       test top-1 against SAE FVU by PASS w_aux, with the Pareto front
     fvu_vs_l0.png             validation FVU against L0, one dot per SAE, by SAE kind (with the by-kind table)
     accuracy_by_capacity.png  test top-1 against k, one line per expansion
+    latent_density.png        log firing frequency of the best trial's SAE (and of each kind's best), dead counted
     by_block.png              accuracy, FVU and L0 by SAE block ([CLS], all-token and patch SAEs side by side;
                               an all-token SAE's L0 on [CLS] and on the patches)
     per_class_<method>.png    largest per-class gains and losses against zero-shot (VS2, VS2++)
@@ -40,6 +41,7 @@ from vs2ray.results import (
     STATUS_STOPPED,
     best_trials,
     block_table,
+    density_table,
     kind_table,
     learning_curves,
     load_results,
@@ -179,6 +181,16 @@ def block_section(blocks: pd.DataFrame) -> str:
         "over the block's SAEs (an all-token SAE's L0 also on its [CLS] and its patch tokens), then each "
         "method's test top-1 (%) at the block's trial with the best validation top-1 for that method.\n\n"
         + _markdown(shown, "{:.4g}")
+    )
+
+
+def density_section(density: pd.DataFrame) -> str:
+    """The latent-density table: dead, dense and the bulk of each SAE shown."""
+    return (
+        "How often each latent fires on its SAE's training rows, for the best trial by the search metric and, "
+        "when kinds were searched, each kind's best trial: dead latents never fire, dense ones fire on more than "
+        "10% of rows; the median is over the live latents (`latent_density.png` has the whole histogram).\n\n"
+        + _markdown(density, "{:.3g}")
     )
 
 
@@ -324,6 +336,11 @@ def write_report(experiment: str, out: Path) -> Path:
     if len(kinds) > 1:
         lines += ["## By SAE kind", "", kind_section(kinds), ""]
         figures.append(("Sparsity against reconstruction by SAE kind", plots.fvu_vs_l0(done, out / "fvu_vs_l0.png")))
+    if config is not None and len(done):
+        density, frequencies = density_table(trials, config.search)
+        if len(density):
+            lines += ["## Latent density", "", density_section(density), ""]
+            figures.append(("Latent density", plots.latent_density(frequencies, out / "latent_density.png")))
     blocks = block_table(trials) if len(done) else pd.DataFrame()
     if len(blocks) > 1:
         lines += ["## By block (steering inside the encoder)", "", block_section(blocks), ""]

@@ -23,7 +23,7 @@ import pandas as pd
 
 from vs2ray.files import list_dirs, modified, read_bytes, read_text, write_text
 from vs2ray.methods import METHODS, method_of, metric_name
-from vs2ray.sae import kind_reads
+from vs2ray.sae import DENSITY_FILE, kind_reads
 from vs2ray.steerability import format_concepts
 
 # row label of each method in tables, in registry order; "vs2_pass" is VS2 on the PASS-trained SAEs
@@ -299,6 +299,50 @@ def kind_table(trials: pd.DataFrame) -> pd.DataFrame:
                 row[method] = 100 * best[metric_name("test_top1", method)]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def sae_density(sae_dir: str) -> np.ndarray | None:
+    """The share of its training rows each latent of the SAE at `sae_dir` fired on (n_latents,), from its
+    density.safetensors; None for an SAE without one (imported, or trained before densities were kept)."""
+    from safetensors.numpy import load
+
+    data = read_bytes(f"{sae_dir.rstrip('/')}/{DENSITY_FILE}")
+    return None if data is None else load(data)["frequency"]
+
+
+def density_table(trials: pd.DataFrame, search: Any) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The latent densities of the best trial by the search metric and of each SAE kind's best trial: a table
+    (SAE, trial, kind, latents, dead %, dense % (fired on more than 10% of rows), median frequency of the
+    live latents) and each SAE's frequencies by its row's label."""
+    done = _done(trials)
+    if done.empty or "sae_dir" not in done:
+        return pd.DataFrame(), {}
+    metric, mode = search.metrics[0], search.modes[0]
+    if metric not in done:
+        return pd.DataFrame(), {}
+    ranked = done.dropna(subset=[metric]).sort_values(metric, ascending=mode == "min")
+    chosen = {"best trial": ranked.iloc[0]} if len(ranked) else {}
+    if "sae_kind" in ranked and ranked["sae_kind"].nunique() > 1:
+        chosen.update({f"best {kind}": group.iloc[0] for kind, group in ranked.groupby("sae_kind", sort=True)})
+    rows, densities = [], {}
+    for label, trial in chosen.items():
+        frequency = sae_density(str(trial["sae_dir"]))
+        if frequency is None:
+            continue
+        live = frequency[frequency > 0]
+        densities[label] = frequency
+        rows.append(
+            {
+                "SAE": label,
+                "trial": trial["trial_id"],
+                "kind": trial.get("sae_kind", "topk"),
+                "latents": len(frequency),
+                "dead %": 100 * float((frequency == 0).mean()),
+                "dense %": 100 * float((frequency > 0.1).mean()),
+                "median frequency": float(np.median(live)) if len(live) else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows), densities
 
 
 def _done(trials: pd.DataFrame) -> pd.DataFrame:

@@ -63,6 +63,7 @@ Normalization = Literal["none", "layer_norm"]
 SAE_FORMAT = 3  # checkpoint layout version, in config.json; a checkpoint of another version is refused
 READABLE_FORMATS = (1, 2, 3)  # format 1 had no encoder bias (b_enc = 0); formats 1 and 2 were top-k, unnormalised
 SAE_FILES = ("sae.safetensors", "config.json", "metrics.json")  # metrics.json is written last
+DENSITY_FILE = "density.safetensors"  # beside a trained SAE: each latent's firing frequency on its training rows
 LAYER_NORM_EPS = 1e-5  # added to σ(x), as SAELens's and ViT-Prisma's layer_norm input normalisation do
 THRESHOLD_DECAY = 0.99  # BatchTopK's θ: a running mean of each batch's smallest kept activation
 
@@ -324,10 +325,19 @@ class SparseAutoencoder(nn.Module):
             "normalize": self.normalize,
         }
 
-    def save(self, directory: Path, config: dict[str, Any], metrics: dict[str, Any]) -> None:
+    def save(
+        self,
+        directory: Path,
+        config: dict[str, Any],
+        metrics: dict[str, Any],
+        frequencies: torch.Tensor | None = None,
+    ) -> None:
         """Write a checkpoint: sae.safetensors (W_enc, b_enc, W_dec, b_pre and the kind's thresholds),
-        config.json (with `shape()` added), then metrics.json, the completion mark."""
+        config.json (with `shape()` added), `frequencies` (n_latents,) as density.safetensors when given, then
+        metrics.json, the completion mark."""
         directory.mkdir(parents=True, exist_ok=True)
+        if frequencies is not None:
+            write_tensors(directory / DENSITY_FILE, {"frequency": frequencies.detach().float().cpu()}, {})
         shape = self.shape()
         names = ("W_enc", "b_enc", "W_dec", "b_pre", *self.extra_tensors())
         tensors = {name: getattr(self, name).detach() for name in names}
@@ -453,6 +463,7 @@ class TrainResult:
     sae: SparseAutoencoder
     metrics: dict[str, float]
     losses: list[float]
+    frequencies: torch.Tensor | None = None  # (n_latents,): the share of training rows each latent fires on
 
 
 class ActivationRows:
@@ -783,7 +794,7 @@ def train_sae(
         losses, seconds = _train_loop(
             sae, batches, params, labels, num_classes, device, log_every, log, on_report, report_every, order
         )
-        metrics = evaluate_sae(sae, batches, labels if params.w_aux > 0 else None)
+        metrics, fire_counts = measure_sae(sae, batches, labels if params.w_aux > 0 else None)
         if val_acts is not None and len(val_acts):
             metrics.update({f"val_{name}": value for name, value in evaluate_sae(sae, val_acts).items()})
     metrics.update(
@@ -794,7 +805,8 @@ def train_sae(
             "lr": effective_lr(params, n_latents),
         }
     )
-    return TrainResult(sae=sae.cpu(), metrics=metrics, losses=losses)
+    frequencies = (fire_counts / max(1, n)).cpu()
+    return TrainResult(sae=sae.cpu(), metrics=metrics, losses=losses, frequencies=frequencies)
 
 
 def sae_space_mean(sae: SparseAutoencoder, rows: ActivationRows) -> Float[Tensor, " d"]:
@@ -1000,17 +1012,28 @@ def _train_loop(
     return loss_list, time.perf_counter() - started
 
 
-@torch.no_grad()
 def evaluate_sae(
     sae: SparseAutoencoder,
     acts: Float[Tensor, "n d"] | ActivationRows,
     labels: Int[Tensor, " n"] | None = None,
     batch_size: int = 8192,
 ) -> dict[str, float]:
-    """FVU, per-sample FVU (mean, median), L0 (mean, standard deviation, 10th / 50th / 90th percentile), dead
-    and dense fractions over all of `acts` (N, d), a tensor (on any device) or ActivationRows read `batch_size`
-    rows at a time. Rows in groups of an image's every token (ActivationRows.group > 1, [CLS] first) also give
-    `l0_cls` and `l0_patches`, the mean L0 of the [CLS] and of the other tokens.
+    """`measure_sae`'s metrics without the firing counts."""
+    return measure_sae(sae, acts, labels, batch_size)[0]
+
+
+@torch.no_grad()
+def measure_sae(
+    sae: SparseAutoencoder,
+    acts: Float[Tensor, "n d"] | ActivationRows,
+    labels: Int[Tensor, " n"] | None = None,
+    batch_size: int = 8192,
+) -> tuple[dict[str, float], Float[Tensor, " latents"]]:
+    """(metrics, how many rows each latent fired on (n_latents,)). The metrics: FVU, per-sample FVU (mean,
+    median), L0 (mean, standard deviation, 10th / 50th / 90th percentile), dead and dense fractions over all
+    of `acts` (N, d), a tensor (on any device) or ActivationRows read `batch_size` rows at a time. Rows in
+    groups of an image's every token (ActivationRows.group > 1, [CLS] first) also give `l0_cls` and
+    `l0_patches`, the mean L0 of the [CLS] and of the other tokens.
 
     Dead here: never fired on `acts`. Dense: fired on more than 10% of the samples.
     With `labels` (N,), also the within-class code dispersion that PASS penalises:
@@ -1072,4 +1095,4 @@ def evaluate_sae(
         between = (class_sums.pow(2).sum(dim=1) / counts).sum().item()  # Σ_c n_c ‖z̄_c‖²
         metrics["class_dispersion"] = (code_sq - between) / n
         metrics["class_dispersion_relative"] = (code_sq - between) / code_sq
-    return metrics
+    return metrics, fire_counts

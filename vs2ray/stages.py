@@ -293,7 +293,7 @@ def get_or_train_sae(
             val_acts=val,  # measured on the training device, before the SAE returns to the CPU
         )
         record = {**training, "activation_key": split.store_dir.name, "column": column}
-        result.sae.save(directory, record, result.metrics)
+        result.sae.save(directory, record, result.metrics, result.frequencies)
     return TrainedSAE(result.sae, result.metrics, directory, cache_hit=False)
 
 
