@@ -177,3 +177,29 @@ def test_a_split_evaluated_part_by_part_gives_the_whole_splits_figures(world, mo
         # nothing of a finished part stays memoised: its SAE pass over every token included
         memos = [parted._sae_passes, parted._token_rows, parted._zero_shot, parted._neighbours]
         assert not [key for memo in memos for key in memo if "[" in str(key)], method
+
+
+def test_feature_cards_show_each_latents_top_images_of_the_store_with_patch_heatmaps(world):
+    from vs2ray.features import feature_cards, read_cards
+
+    _, data, _, _ = world
+    store = data.split.store_dir
+    sae = random_sae(20)
+    directory = store.parent.parent / "saes" / "cards-test"
+    sae.save(directory, {"activation_key": store.name, "column": "tokens_1", "tokens": "all"}, {})
+    cards = feature_cards(directory, latents=[3], per_latent=5, max_classes=4, log=lambda _: None)
+    assert [card.why for card in cards.cards][-1] == "named" and len(cards.cards) == 5  # 4 classes' + the named
+    # brute force over every image of the store: an image's activation is its largest over its tokens
+    tokens = torch.from_numpy(np.array(data.split.acts.stored("tokens_1"))).float()
+    codes = sae.dense_codes(*sae.encode(tokens.reshape(-1, tokens.shape[-1]))).detach()
+    per_image = codes.reshape(tokens.shape[0], tokens.shape[1], -1)[:, :, 3].amax(dim=1)
+    card = cards.cards[-1]
+    torch.testing.assert_close(torch.tensor(card.top_values), per_image.topk(5).values, atol=1e-5, rtol=0)
+    assert card.top_rows == per_image.topk(5).indices.tolist()
+    assert card.frequency == pytest.approx(float((codes[:, 3] != 0).float().mean()))
+    assert card.name == ""  # block 1 is not the last: the head does not read it
+    assert (cards.directory / card.image).read_bytes().startswith(b"\x89PNG")
+    stamp = (cards.directory / "cards.json").stat().st_mtime_ns
+    again = feature_cards(directory, latents=[3], log=lambda _: None)  # complete: read back, nothing redone
+    assert (cards.directory / "cards.json").stat().st_mtime_ns == stamp and again.cards[-1].top_rows == card.top_rows
+    assert read_cards(directory / "nothing") is None

@@ -6,6 +6,7 @@
     python -m vs2ray evaluate   [--config YAML] [--set K=V ...] [--gammas G,..] [--lambdas L,..] [--address ADDR]
     python -m vs2ray sweep      [--config YAML] [--name NAME] [--set K=V ...] [--resume] [--address ADDR]
     python -m vs2ray export-sae SAE_OR_TRIAL_DIR --out DIR
+    python -m vs2ray features   SAE_OR_TRIAL_DIR [--latents F,..] [--top N] [--classes N]
     python -m vs2ray report     EXPERIMENT_DIR [--out DIR]
     python -m vs2ray devices    [--require-cuda]
 
@@ -306,15 +307,33 @@ def export_sae_command(args: argparse.Namespace) -> int:
     """Write an SAE (a vs2ray SAE dir, or a finished trial's) in a Hugging Face Hub model layout."""
     from vs2ray.interop import export_sae, load_any_sae
 
-    source = Path(args.source).expanduser()
-    provenance: dict[str, str] = {}
-    if (source / "result.json").is_file():  # a trial's dir: its SAE, named in its result
-        result = json.loads((source / "result.json").read_text().strip().splitlines()[-1])
-        provenance = {"trial": source.name, "experiment": str(source.parent)}
-        source = Path(result["sae_dir"])
+    source, provenance = _sae_of(Path(args.source).expanduser())
     out = export_sae(source, Path(args.out).expanduser(), provenance)
     loaded = load_any_sae(out).sae
     print(f"exported {source} to {out} ({loaded.kind}, {loaded.n_latents} latents over d = {loaded.d})")
+    return 0
+
+
+def _sae_of(source: Path) -> tuple[Path, dict[str, str]]:
+    """(the SAE dir, provenance) of a vs2ray SAE dir or of a finished trial's dir (its result names its SAE)."""
+    if (source / "result.json").is_file():
+        result = json.loads((source / "result.json").read_text().strip().splitlines()[-1])
+        return Path(result["sae_dir"]), {"trial": source.name, "experiment": str(source.parent)}
+    return source, {}
+
+
+def features_command(args: argparse.Namespace) -> int:
+    """Feature cards of an SAE (a vs2ray SAE dir or a finished trial's): top images, heatmaps, names, densities."""
+    from vs2ray.features import cards_markdown, feature_cards
+
+    sae_dir, _ = _sae_of(Path(args.source).expanduser())
+    latents = [int(value) for value in args.latents.split(",")] if args.latents else None
+    cards = feature_cards(sae_dir, latents, args.top, args.classes, _say)
+    (cards.directory / "cards.md").write_text(cards_markdown(cards))
+    agreement = cards.mean_agreement
+    if agreement is not None:
+        print(f"names agree with their top images' labels {100 * agreement[0]:.0f}% (chance {100 * agreement[1]:.0f}%)")
+    print(f"{len(cards.cards)} cards in {cards.directory} (cards.md)")
     return 0
 
 
@@ -367,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("export-sae", export_sae_command)
     sub.add_argument("source", help="a vs2ray SAE dir (<storage.root>/saes/...) or a finished trial's dir")
     sub.add_argument("--out", required=True, help="the directory to write (upload it with huggingface-cli upload)")
+    sub = command("features", features_command)
+    sub.add_argument("source", help="a vs2ray SAE dir (<storage.root>/saes/...) or a finished trial's dir")
+    sub.add_argument("--latents", help="comma-separated latents to add to the default choice (one per class)")
+    sub.add_argument("--top", type=int, default=8, help="top-activating images per card")
+    sub.add_argument("--classes", type=int, default=12, help="classes whose most specific latent gets a card")
     sub = command("report", report_command)
     sub.add_argument("experiment", help="the sweep's experiment dir (local path or s3:// / gs:// URI)")
     sub.add_argument("--out", help="where to write (default: <experiment>/report, or ./report-<name> for a URI)")

@@ -158,6 +158,29 @@ def latent_density(densities: dict[str, np.ndarray], out: Path) -> Path | None:
     return _save(fig, out)
 
 
+def feature_card(
+    images: list[np.ndarray | None],
+    heatmaps: list[np.ndarray | None],
+    captions: list[str],
+    title: str,
+    out: Path,
+) -> Path:
+    """One latent's card: its top images in a row (H, W, 3 arrays; None: not readable here), each with its
+    caption and, where given, the latent's activation over the patch grid laid over it (side, side)."""
+    fig, axes = plt.subplots(1, len(captions), figsize=(1.5 * len(captions), 2.0), squeeze=False)
+    top = max((float(h.max()) for h in heatmaps if h is not None), default=0.0)
+    for ax, image, heatmap, caption in zip(axes[0], images, heatmaps, captions, strict=True):
+        if image is not None:
+            ax.imshow(image)
+        if heatmap is not None:
+            height, width = image.shape[:2] if image is not None else heatmap.shape
+            ax.imshow(heatmap, cmap="magma", alpha=0.55, vmin=0, vmax=top or 1, extent=(0, width, height, 0))
+        ax.set_title(caption, fontsize=6)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    return _save(fig, out)
+
+
 def accuracy_by_capacity(trials: pd.DataFrame, out: Path, method: str = "vs2") -> Path | None:
     """Best validation-selected test top-1 of `method` per (k, expansion): one line per expansion."""
     column, val = metric_name("test_top1", method), metric_name("val_top1", method)

@@ -7,6 +7,7 @@ Needs no running Ray: it reads the experiment dir through `vs2ray.results`. Writ
     fvu_vs_accuracy.png       test top-1 against SAE FVU by PASS w_aux, with the Pareto front
     fvu_vs_l0.png             validation FVU against L0, one dot per SAE, by SAE kind (with the by-kind table)
     accuracy_by_capacity.png  test top-1 against k, one line per expansion
+    cards/latent_<f>.png      feature cards of the best VS2 trial's SAE (vs2ray/features.py)
     latent_density.png        log firing frequency of the best trial's SAE (and of each kind's best), dead counted
     by_block.png              accuracy, FVU and L0 by SAE block ([CLS], all-token and patch SAEs side by side;
                               an all-token SAE's L0 on [CLS] and on the patches)
@@ -184,6 +185,39 @@ def block_section(blocks: pd.DataFrame) -> str:
     )
 
 
+def cards_section(done: pd.DataFrame, config: Any, out: Path) -> list[str]:
+    """Feature cards of the best VS2 trial's SAE (vs2ray.features), copied beside the report; a line saying why
+    when its SAE or store is not on this machine."""
+    import shutil
+
+    from vs2ray.features import cards_markdown, feature_cards
+
+    column = "val_top1_vs2" if "val_top1_vs2" in done else config.search.metrics[0]
+    if column not in done or "sae_dir" not in done or done[column].isna().all():
+        return []
+    best = done.loc[done[column].idxmax()]
+    title = [f"## Feature cards (trial {best['trial_id']}, best by `{column}`)", ""]
+    try:
+        cards = feature_cards(str(best["sae_dir"]), log=lambda _: None)
+    except (OSError, KeyError, RuntimeError) as error:  # the SAE or its store lives elsewhere (a cluster's disk)
+        return [*title, f"No cards: {type(error).__name__}: {error}", ""]
+    shutil.copytree(cards.directory, out / "cards", dirs_exist_ok=True)
+    agreement = cards.mean_agreement
+    measured = (
+        f" Names agree with their top images' labels {100 * agreement[0]:.0f}% of the time (chance "
+        f"{100 * agreement[1]:.0f}%)."
+        if agreement
+        else ""
+    )
+    intro = (
+        "Per class, the latent most specific to its images (mean activation over them minus over all), with its "
+        "top-activating training images (activation under each; a heatmap over the patches for token SAEs), how "
+        "often it fires, and its name: the class whose text embedding is nearest its decoder direction through "
+        f"the head (last-block SAEs).{measured}\n\n"
+    )
+    return [*title, intro + cards_markdown(cards, "cards/"), ""]
+
+
 def density_section(density: pd.DataFrame) -> str:
     """The latent-density table: dead, dense and the bulk of each SAE shown."""
     return (
@@ -332,6 +366,8 @@ def write_report(experiment: str, out: Path) -> Path:
     figures.append(
         ("Accuracy by SAE k and expansion", plots.accuracy_by_capacity(done, out / "accuracy_by_capacity.png"))
     )
+    if config is not None and len(done):
+        lines += cards_section(done, config, out)
     kinds = kind_table(trials) if len(done) else pd.DataFrame()
     if len(kinds) > 1:
         lines += ["## By SAE kind", "", kind_section(kinds), ""]
