@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from sae_peer import held_out_fvu, train_sparsify
+from sae_peer import held_out_fvu, peer_steps, train_sparsify
 
 from vs2ray.config import load_config
-from vs2ray.sae import SAETrainParams, lr_factor, matryoshka_prefixes, train_sae
+from vs2ray.sae import SAETrainParams, matryoshka_prefixes, train_sae
 from vs2ray.stages import load_train_split
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's fused kernels need a GPU
@@ -76,7 +76,7 @@ def train_sae_lens(kind: str, x: torch.Tensor, params: SAETrainParams, coefficie
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
     torch.manual_seed(params.seed)
-    n, d = x.shape
+    d = x.shape[1]
     width = params.expansion * d
     warm_up = params.sparsity_warmup_steps
     sae: Any
@@ -97,15 +97,7 @@ def train_sae_lens(kind: str, x: torch.Tensor, params: SAETrainParams, coefficie
         sae.b_dec.copy_(x.mean(dim=0))  # as vs2ray's b_pre and sparsify's b_dec start
     adam = torch.optim.Adam(sae.parameters(), lr=params.lr, betas=(0.9, 0.999), eps=6.25e-10)
     since_fired = torch.zeros(width, dtype=torch.long)
-    generator = torch.Generator().manual_seed(params.seed)  # the batches vs2ray's train_sae draws
-    order, cursor = torch.randperm(n, generator=generator), 0
-    for step in range(params.steps):
-        if cursor + params.batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        batch = x[order[cursor : cursor + params.batch_size]]
-        cursor += params.batch_size
-        for group in adam.param_groups:
-            group["lr"] = params.lr * lr_factor(step, params)
+    for step, batch in peer_steps(x, params, adam):
         warm = min(1.0, (step + 1) / warm_up) if warm_up else 1.0
         step_input = TrainStepInput(
             sae_in=batch,

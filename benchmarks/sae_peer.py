@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -40,27 +41,36 @@ def held_out_fvu(reconstruct, x: torch.Tensor) -> float:
     return ((x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()).item()
 
 
+def peer_steps(
+    x: torch.Tensor, params: SAETrainParams, optimizer: torch.optim.Optimizer
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(step, batch of `x`) in the order vs2ray's train_sae draws them, the optimizer's learning rate set to
+    vs2ray's schedule for the step: a peer's SAE trains on exactly what vs2ray's does."""
+    generator = torch.Generator().manual_seed(params.seed)
+    order, cursor = torch.randperm(len(x), generator=generator), 0
+    for step in range(params.steps):
+        if cursor + params.batch_size > len(x):
+            order, cursor = torch.randperm(len(x), generator=generator), 0
+        batch = x[order[cursor : cursor + params.batch_size]]
+        cursor += params.batch_size
+        for group in optimizer.param_groups:
+            group["lr"] = params.lr * lr_factor(step, params)
+        yield step, batch
+
+
 def train_sparsify(x: torch.Tensor, params: SAETrainParams) -> tuple[object, float]:
     """sparsify's SparseCoder trained with its Trainer's step on `x` (N, d); returns (coder, seconds)."""
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(params.seed)
-    n, d = x.shape
+    d = x.shape[1]
     coder = SparseCoder(d, SparseCoderConfig(expansion_factor=params.expansion, k=params.k))
     with torch.no_grad():
         coder.b_dec.copy_(x.mean(dim=0))
     adam = torch.optim.Adam(coder.parameters(), lr=params.lr, eps=6.25e-10)
     since_fired = torch.zeros(coder.num_latents, dtype=torch.long)
-    generator = torch.Generator().manual_seed(params.seed)  # the batches vs2ray's train_sae draws
-    order, cursor = torch.randperm(n, generator=generator), 0
     started = time.perf_counter()
-    for step in range(params.steps):
-        if cursor + params.batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        batch = x[order[cursor : cursor + params.batch_size]]
-        cursor += params.batch_size
-        for group in adam.param_groups:
-            group["lr"] = params.lr * lr_factor(step, params)
+    for _, batch in peer_steps(x, params, adam):
         out = coder(batch, dead_mask=since_fired > params.dead_threshold)
         loss = out.fvu + params.auxk_coef * out.auxk_loss
         adam.zero_grad(set_to_none=True)
