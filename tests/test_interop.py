@@ -40,6 +40,13 @@ def top_k(pre: torch.Tensor, k: int, relu: bool) -> torch.Tensor:
     return torch.zeros_like(pre).scatter(-1, indices, values.relu() if relu else values)
 
 
+def assert_steers(sae: SparseAutoencoder, x: torch.Tensor, direction: torch.Tensor) -> None:
+    """VS2 with the imported SAE moves x along the peer's own W_dec c (computed by the test from its formula)."""
+    steered = steering.vs2(sae, x, 2.0, 1.0)
+    torch.testing.assert_close(steered, steering.norm_preserving(x, direction), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(steered, x)
+
+
 def test_a_saelens_checkpoint_reads_as_the_sae_its_definition_computes(tmp_path):
     # SAELens: a = (x − b_dec·apply_b_dec_to_input) W_enc + b_enc; standard = ReLU, jumprelu = ReLU·1[· > θ]
     w, x = peer_weights(), inputs()
@@ -65,9 +72,7 @@ def test_a_saelens_checkpoint_reads_as_the_sae_its_definition_computes(tmp_path)
             expected = activation(pre) @ w["W_dec"] + w["b_dec"]
             assert imported.format == "saelens"
             torch.testing.assert_close(imported.sae(x).reconstruction, expected, atol=1e-5, rtol=1e-5)
-            steered = steering.vs2(imported.sae, x, 2.0, 1.0)  # it steers: VS2's shift is W_dec c
-            direction = activation(pre) @ w["W_dec"]
-            torch.testing.assert_close(steered, steering.norm_preserving(x, direction), atol=1e-4, rtol=1e-4)
+            assert_steers(imported.sae, x, activation(pre) @ w["W_dec"])
     (tmp_path / "standard-True" / "cfg.json").write_text(json.dumps({"architecture": "gated", "d_in": D}))
     with pytest.raises(CheckpointError, match="architecture 'gated' cannot be represented"):
         load_any_sae(tmp_path / "standard-True")
@@ -93,6 +98,7 @@ def test_a_vit_prisma_checkpoint_reads_and_its_legacy_pickle_is_refused(tmp_path
     expected = top_k((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 6, relu=True) @ w["W_dec"] + w["b_dec"]
     assert imported.format == "vit-prisma" and imported.sae.kind == "topk"
     torch.testing.assert_close(imported.sae(x).reconstruction, expected, atol=1e-5, rtol=1e-5)
+    assert_steers(imported.sae, x, expected - w["b_dec"])
     legacy = tmp_path / "n_images_2600058.pt"
     legacy.write_bytes(b"\x80\x02not read")
     with pytest.raises(CheckpointError, match="never unpickles"):
@@ -120,6 +126,7 @@ def test_a_saev_checkpoint_reads_as_the_sae_its_definition_computes(tmp_path, sc
     expected = activation(x @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
     assert imported.format == "saev"
     torch.testing.assert_close(imported.sae(x).reconstruction, expected, atol=1e-5, rtol=1e-5)
+    assert_steers(imported.sae, x, expected - w["b_dec"])
     with pytest.raises(CheckpointError, match="reads d=16 activations, not the store's d=768"):
         load_any_sae(path, expected_d=768)
 
@@ -143,6 +150,7 @@ def test_a_sparsify_checkpoint_written_by_sparsify_reads_as_sparsify_computes(tm
     x = inputs()
     assert imported.format == "sparsify" and imported.sae.k == 5
     torch.testing.assert_close(imported.sae(x).reconstruction, coder(x).sae_out, atol=1e-5, rtol=1e-5)
+    assert_steers(imported.sae, x, (coder(x).sae_out - coder.b_dec).detach())
     with pytest.raises(CheckpointError, match="pass the one of the SAE's hook point"):
         load_any_sae(tmp_path)  # sparsify writes one directory per hook point
     config = json.loads((tmp_path / "layers.3" / "cfg.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -354,3 +355,22 @@ def test_the_cache_key_holds_a_kinds_own_parameters_and_keeps_top_k_keys_as_they
     assert SAETrainParams(kind="relu_l1", k=8).key_dict() == SAETrainParams(kind="relu_l1", k=64).key_dict()
     matryoshka = SAETrainParams(kind="matryoshka", normalize="layer_norm").key_dict()
     assert {"k", "prefixes", "normalize"} <= set(matryoshka) and "l1_coef" not in matryoshka
+
+
+def test_l0_is_measured_per_row_with_its_spread_and_on_cls_apart_from_the_patches():
+    from vs2ray.sae import ActivationRows, evaluate_sae
+
+    # an identity-like SAE whose latents fire wherever a coordinate is positive: L0 of a row = its positive count
+    sae = SparseAutoencoder(4, 4, 4, kind="relu_l1")
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.W_dec.copy_(torch.eye(4))
+        sae.b_enc.zero_()
+        sae.b_pre.zero_()
+    cls_row, patch_row = [1.0, 1.0, 1.0, -1.0], [1.0, -1.0, -1.0, -1.0]  # 3 and 1 active latents
+    tokens = torch.tensor([cls_row, patch_row, patch_row] * 10)  # 10 images of 3 tokens, [CLS] first
+    metrics = evaluate_sae(sae, ActivationRows(tokens, np.arange(10), group=3))
+    assert metrics["l0"] == pytest.approx(5 / 3) and metrics["l0_cls"] == 3.0 and metrics["l0_patches"] == 1.0
+    assert (metrics["l0_p10"], metrics["l0_median"], metrics["l0_p90"]) == (1.0, 1.0, 3.0)
+    assert metrics["l0_std"] == pytest.approx(float(torch.tensor([3.0, 1.0, 1.0] * 10).std()))
+    assert "l0_cls" not in evaluate_sae(sae, tokens)  # plain rows: no token types

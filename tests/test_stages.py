@@ -159,3 +159,12 @@ def test_sae_from_steers_with_an_imported_sae_measured_on_the_split_and_trains_n
     with pytest.raises(ConfigError, match=r"sae\.from: one SAE cannot be every block's"):
         load_config(None, [f"sae.from={exported}", "extraction.tokens=all", "extraction.layers=[0, 1, 2, 3]",
                            "steering.methods=[zero_shot, sae_rec_all]"])  # fmt: skip
+
+
+def test_a_value_the_sae_kind_does_not_read_may_stay_a_distribution():
+    relu_l1 = load_config(None, ["sae.kind=relu_l1", "sae.k={choice: [8, 16]}", "sae.l0_coef={choice: [0.1, 1]}"])
+    assert sae_params(relu_l1).key_dict() == sae_params(load_config(None, ["sae.kind=relu_l1"])).key_dict()
+    with pytest.raises(ConfigError, match=r"sae\.l1_coef: is a search distribution here"):
+        sae_params(load_config(None, ["sae.kind=relu_l1", "sae.l1_coef={choice: [0.1, 1]}"]))
+    with pytest.raises(ConfigError, match=r"sae\.k: is a search distribution here"):
+        sae_params(load_config(None, ["sae.kind=batchtopk", "sae.k={choice: [8, 16]}"]))

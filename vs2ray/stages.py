@@ -28,7 +28,7 @@ from vs2ray.devices import worker_device
 from vs2ray.evaluate import Encoder, Evaluator, Grid, SplitData, accuracy
 from vs2ray.methods import METHODS
 from vs2ray.models import block_runner, build_text_classifier, encode_images, load_clip
-from vs2ray.sae import ActivationRows, SAETrainParams, SparseAutoencoder, evaluate_sae, train_sae
+from vs2ray.sae import ActivationRows, SAETrainParams, SparseAutoencoder, evaluate_sae, kind_reads, train_sae
 from vs2ray.steerability import SteerabilityResult, SteerabilitySettings, measure_steerability
 from vs2ray.store import (
     Activations,
@@ -75,19 +75,30 @@ def sae_params(config: ExperimentConfig) -> SAETrainParams:
         "pass.w_aux": config.pass_.w_aux,
         "pass.momentum": config.pass_.momentum,
     }
-    searched = [key for key, value in values.items() if isinstance(value, Distribution)]
+    kind = config.sae.kind
+    # a value the SAE's kind does not read (sae.k of a relu_l1 SAE) may stay a distribution: it changes nothing
+    unread = {
+        key
+        for key in values
+        if key.startswith("sae.") and not isinstance(kind, Distribution) and not kind_reads(kind, key[4:])
+    }
+    searched = [key for key, value in values.items() if isinstance(value, Distribution) and key not in unread]
     if searched:
         raise ConfigError([f"{key}: is a search distribution here; fix it with --set {key}=VALUE" for key in searched])
+
+    def fixed(value: Any) -> Any:  # an unread distribution's first value: the kind never reads it
+        return value.values[0] if isinstance(value, Distribution) else value
+
     if config.sae.kind != "topk" and config.sae.topk == "abs":
         raise ConfigError([f"sae.topk: 'abs' selects by |value| for sae.kind topk only, not {config.sae.kind!r}"])
     return SAETrainParams(
-        k=config.sae.k,
+        k=fixed(config.sae.k),
         expansion=config.sae.expansion,
         kind=config.sae.kind,
         normalize=config.sae.normalize,
         prefixes=config.sae.prefixes,
-        l1_coef=config.sae.l1_coef,
-        l0_coef=config.sae.l0_coef,
+        l1_coef=fixed(config.sae.l1_coef),
+        l0_coef=fixed(config.sae.l0_coef),
         bandwidth=config.sae.bandwidth,
         jumprelu_threshold=config.sae.jumprelu_threshold,
         threshold_lr_scale=config.sae.threshold_lr_scale,
