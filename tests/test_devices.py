@@ -146,7 +146,11 @@ def test_sae_precision_is_part_of_the_cache_key_and_fp32_keeps_the_old_one():
     from vs2ray.store import sae_dir_for
 
     fp32, bf16 = SAETrainParams(), SAETrainParams(precision="bf16")
-    before = {name: value for name, value in fp32.as_dict().items() if name != "precision"}  # a key of before
+    before_fields = (  # a top-k SAE's key before sae.precision (and sae.kind) existed
+        "k", "expansion", "topk", "lr", "lr_scale_with_width", "warmup_steps", "steps", "epochs", "batch_size",
+        "dead_threshold", "auxk_coef", "auxk_k", "w_aux", "pass_momentum", "init", "encoder_bias", "seed",
+    )  # fmt: skip
+    before = {name: fp32.as_dict()[name] for name in before_fields}
     assert sae_dir_for("/r", "acts", fp32.key_dict()) == sae_dir_for("/r", "acts", before)
     assert sae_dir_for("/r", "acts", bf16.key_dict()) != sae_dir_for("/r", "acts", fp32.key_dict())
 

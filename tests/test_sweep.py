@@ -342,6 +342,7 @@ def test_report_writes_valid_figures_and_a_row_per_method_of_the_sweep(cache_swe
     figures = {path.name for path in tmp_path.glob("*.png")}
     expected = {
         "fvu_vs_accuracy.png",
+        "latent_density.png",
         "per_class_vs2.png",
         "per_class_vs2pp.png",
         "gate_coverage.png",
@@ -368,6 +369,9 @@ def test_report_writes_valid_figures_and_a_row_per_method_of_the_sweep(cache_swe
     best = trials.loc[trials["val_top1_vs2"].idxmax()]
     assert rows["VS2"][3].strip() == f"{100 * best['test_top1_vs2']:.2f}"
     assert "## Failed trials" in report and "sae.k must be in" in report
+    assert "## Feature cards" in report and "## Latent density" in report
+    cards = sorted((tmp_path / "cards").glob("latent_*.png"))
+    assert cards and all(f"](cards/{card.name})" in report for card in cards)  # embedded, beside the report
 
 
 def test_a_two_block_sweep_shares_each_blocks_sae_and_reports_by_block(storage, ray_session, tmp_path):
