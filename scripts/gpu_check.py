@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -168,6 +169,8 @@ def streamed_row(train: torch.Tensor, held_out: torch.Tensor, params: Any, devic
 
 def sparsify_row(train: torch.Tensor, held_out: torch.Tensor, params: Any, device: torch.device) -> Row:
     """sparsify's SparseCoder on `device`, trained on the same rows for the same steps (its FVU loss, Adam)."""
+    if device.type != "cuda":  # sparsify's fused Triton kernels need a GPU; set before its first import
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
