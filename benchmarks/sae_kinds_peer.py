@@ -25,7 +25,6 @@ inference, its thresholds included).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import os
@@ -35,11 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from sae_peer import held_out_fvu, peer_steps, train_sparsify
+from sae_peer import held_out_fvu, peer_parser, peer_steps, train_sparsify, training_rows
 
-from vs2ray.config import load_config
 from vs2ray.sae import SAETrainParams, matryoshka_prefixes, train_sae
-from vs2ray.stages import load_train_split
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's fused kernels need a GPU
 
@@ -118,11 +115,7 @@ def train_sae_lens(kind: str, x: torch.Tensor, params: SAETrainParams, coefficie
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="sweeps/quickstart.yaml")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser = peer_parser(__doc__.splitlines()[0])
     parser.add_argument("--expansion", type=int, default=4)
     parser.add_argument("--ks", default="8,16,32,64", help="k of the TopK curve and of BatchTopK / Matryoshka")
     parser.add_argument("--l0-coefs", default="0.003,0.01,0.03", help="vs2ray's sae.l0_coef values (JumpReLU)")
@@ -131,13 +124,9 @@ def main() -> None:
     parser.add_argument("--skip-sae-lens", action="store_true", help="only the comparison against TopK")
     args = parser.parse_args()
 
-    config = load_config(args.config, ["sae.k=64", "sae.expansion=4", "pass.w_aux=0"])
-    split = load_train_split(config, print)
-    cls = torch.from_numpy(split.acts[split.column(-1)].copy())
-    train, held_out = cls[torch.from_numpy(split.train_mask)], cls[torch.from_numpy(split.val_mask)]
+    config, train, held_out = training_rows(args.config)
     variance = float((train - train.mean(dim=0)).pow(2).sum(dim=1).mean())  # per row
     deviation = float((train - train.mean(dim=0)).norm(dim=1).mean())
-    print(f"{len(train)} training rows, {len(held_out)} held out, d = {cls.shape[1]}")
     print(
         f"torch threads {torch.get_num_threads()}; mean per-row variance {variance:.1f}, deviation norm {deviation:.2f}"
     )

@@ -24,6 +24,7 @@ import argparse
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -96,22 +97,35 @@ def sparsify_stats(coder, x: torch.Tensor) -> tuple[float, float]:
     return active / len(x), 1.0 - fired.float().mean().item()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def peer_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every peer benchmark takes: the config whose rows it trains on, steps, batch size, lr."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="sweeps/quickstart.yaml")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=5e-4)
+    return parser
+
+
+def training_rows(config_path: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """(config, training [CLS] rows (N, d), held-out rows (M, d)) of the config's train split, as the stages
+    carve them; prints their sizes."""
+    config = load_config(config_path, ["sae.k=64", "sae.expansion=4", "pass.w_aux=0"])
+    split = load_train_split(config, print)
+    cls = torch.from_numpy(split.acts[split.column(-1)].copy())
+    train, held_out = cls[torch.from_numpy(split.train_mask)], cls[torch.from_numpy(split.val_mask)]
+    print(f"{len(train)} training rows, {len(held_out)} held out, d = {cls.shape[1]}")
+    return config, train, held_out
+
+
+def main() -> None:
+    parser = peer_parser(__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="32x4,64x4,32x8", help="k x expansion pairs")
     parser.add_argument("--seeds", default="0,1,2", help="seeds to average over")
     parser.add_argument("--init", default="linear", choices=["linear", "tied"], help="vs2ray's initialisation")
     args = parser.parse_args()
 
-    config = load_config(args.config, ["sae.k=64", "sae.expansion=4", "pass.w_aux=0"])
-    split = load_train_split(config, print)
-    cls = torch.from_numpy(split.acts[split.column(-1)].copy())
-    train, held_out = cls[torch.from_numpy(split.train_mask)], cls[torch.from_numpy(split.val_mask)]
-    print(f"{len(train)} training rows, {len(held_out)} held out, d = {cls.shape[1]}")
+    config, train, held_out = training_rows(args.config)
     print(f"torch threads {torch.get_num_threads()}")
     seeds = [int(seed) for seed in args.seeds.split(",")]
     rows = []
