@@ -192,3 +192,19 @@ def test_a_hub_id_offline_is_a_clear_error(monkeypatch):
         load_any_sae("no-such-org/no-such-sae/layer_3")
     with pytest.raises(CheckpointError, match="neither a file, a directory nor a Hugging Face Hub id"):
         load_any_sae("not a path")
+
+
+def test_the_sae_commands_refuse_a_directory_that_is_no_sae_with_its_reason(tmp_path, capsys):
+    from vs2ray.cli import main
+
+    (tmp_path / "cards").mkdir()
+    (tmp_path / "cards" / "cards.json").write_text('{"cards": []}')  # cards of no SAE are never read back
+    assert main(["features", str(tmp_path)]) == 1
+    assert "holds no SAE checkpoint vs2ray reads" in capsys.readouterr().err
+    assert main(["export-sae", str(tmp_path), "--out", str(tmp_path / "out")]) == 1  # exports vs2ray's own only
+    assert "incomplete: missing sae.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "trial").mkdir()
+    (tmp_path / "trial" / "result.json").write_text('{"sae_dir": "/x"')  # cut short: no complete result
+    assert main(["features", str(tmp_path / "trial")]) == 2
+    assert "no complete result yet" in capsys.readouterr().err

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 from vs2ray.config import ConfigError, ExperimentConfig, config_to_yaml, config_with, load_config
 from vs2ray.devices import GpuUnavailable
+from vs2ray.sae import CheckpointError
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -316,8 +316,12 @@ def export_sae_command(args: argparse.Namespace) -> int:
 
 def _sae_of(source: Path) -> tuple[Path, dict[str, str]]:
     """(the SAE dir, provenance) of a vs2ray SAE dir or of a finished trial's dir (its result names its SAE)."""
+    from vs2ray.results import last_complete_result
+
     if (source / "result.json").is_file():
-        result = json.loads((source / "result.json").read_text().strip().splitlines()[-1])
+        result = last_complete_result((source / "result.json").read_text())
+        if result is None:
+            raise ConfigError([f"{source}: the trial has no complete result yet, so no SAE to read"])
         return Path(result["sae_dir"]), {"trial": source.name, "experiment": str(source.parent)}
     return source, {}
 
@@ -407,6 +411,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (ClusterRefused, GpuUnavailable) as error:
+    except (ClusterRefused, GpuUnavailable, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

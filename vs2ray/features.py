@@ -32,6 +32,7 @@ from vs2ray.config import DatasetConfig
 from vs2ray.data import DatasetUnavailable, get_dataset
 from vs2ray.interop import load_any_sae
 from vs2ray.sae import ActivationRows, SparseAutoencoder
+from vs2ray.stages import column_rows
 from vs2ray.store import cls_column, load_activations, write_json
 
 CARDS_DIR = "cards"
@@ -142,21 +143,18 @@ def feature_cards(
     """Write the feature cards of the vs2ray SAE at `sae_dir` (reused when complete and the latents asked for
     are among them) and return them."""
     sae_dir = Path(sae_dir).expanduser()
+    imported = load_any_sae(sae_dir)  # first: a directory that is no SAE is an error, whatever it holds
     out = sae_dir / CARDS_DIR
     cached = read_cards(out)
     if cached is not None and all(f in {c.latent for c in cached.cards} for f in latents or []):
         return cached
-    imported = load_any_sae(sae_dir)
     sae, record = imported.sae.eval(), imported.config
     store_dir = sae_dir.parent.parent / "activations" / str(record["activation_key"])
     column = str(record["column"])
     acts = load_activations(store_dir, layers=[])
-    stored = acts.stored(column)
-    per_image = stored.shape[1] if stored.ndim == 3 else 1
-    tokens = str(record.get("tokens", "all" if per_image > 1 else "cls"))
-    rows = ActivationRows(stored.reshape(-1, stored.shape[-1]), np.arange(len(acts.ids)), group=per_image)
-    if tokens == "patches":
-        rows = rows.without_first()
+    every_token = acts.stored(column).ndim == 3
+    tokens = str(record.get("tokens", "all" if every_token else "cls"))
+    rows = column_rows(acts, column, np.ones(len(acts.ids), dtype=bool), tokens)
     classes = list(acts.manifest["classes"])
     log(f"coding {len(acts.ids)} images of {store_dir.name} ({column}) with the SAE's {sae.n_latents} latents")
     top_values, top_rows, frequency, class_means = scan_store(sae, rows, acts.labels, len(classes), per_latent)

@@ -55,7 +55,8 @@ def _json_or_none(text: str) -> Any:
         return None
 
 
-def _last_complete_result(text: str | None) -> dict[str, Any] | None:
+def last_complete_result(text: str | None) -> dict[str, Any] | None:
+    """The last complete result line of a trial's result.json text, or None."""
     # a driver killed while Tune uploaded the file can leave its last line cut short
     lines = [_json_or_none(line) for line in (text or "").splitlines() if line.strip()]
     complete = [line for line in lines if isinstance(line, dict) and line.get("vs2ray_complete")]
@@ -109,7 +110,7 @@ def load_results(experiment: str | Path) -> pd.DataFrame:
         started = modified(f"{trial_dir}/params.json")  # Tune writes params.json when the trial starts
         trial_id = name.removeprefix(TRIAL_DIR_PREFIX)
         text = read_text(f"{trial_dir}/result.json")
-        result = _last_complete_result(text)
+        result = last_complete_result(text)
         error = read_text(f"{trial_dir}/error.txt")
         status = STATUS_DONE if result else STATUS_ERROR if error else STATUS_INCOMPLETE
         if status == STATUS_INCOMPLETE and trial_id in stopped:

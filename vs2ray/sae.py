@@ -441,15 +441,7 @@ class SAETrainParams:
     def key_dict(self) -> dict[str, Any]:
         """The parameters an SAE checkpoint's key hashes: those the kind reads, without the defaults added after
         a key existed (an fp32 precision, the top-k kind, no normalisation), so that earlier SAEs keep their keys."""
-        values = self.as_dict()
-        for kind, names in KIND_PARAMS.items():
-            if kind != self.kind:
-                for name in names:
-                    if name not in KIND_PARAMS[self.kind]:
-                        values.pop(name, None)
-        if self.kind not in FIXED_L0_KINDS:
-            for name in FIXED_L0_PARAMS:
-                values.pop(name, None)
+        values = {name: value for name, value in self.as_dict().items() if kind_reads(self.kind, name)}
         for name, default in (("precision", "fp32"), ("kind", "topk"), ("normalize", "none")):
             if values.get(name) == default:
                 del values[name]
@@ -575,10 +567,12 @@ class ActivationRows:
             out[start : start + len(values)] = values.to(device)
         return out
 
-    def mean(self) -> Float[Tensor, " d"]:
-        """The rows' mean (d,), accumulated in float64 a chunk at a time."""
+    def mean(self, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Float[Tensor, " d"]:
+        """The rows' mean (d,), accumulated in float64 a chunk at a time; with `transform`, the mean of
+        transform(chunk) (chunk, d) -> (chunk, d), each chunk on the host."""
         total = torch.zeros(self.width, dtype=torch.float64)
         for values in self.chunks(self.chunk_rows):
+            values = values if transform is None else transform(values)
             total += values.sum(dim=0).double()  # float32 within a chunk: no float64 copy of it
         return (total / max(1, len(self))).float()
 
@@ -811,12 +805,8 @@ def train_sae(
 
 def sae_space_mean(sae: SparseAutoencoder, rows: ActivationRows) -> Float[Tensor, " d"]:
     """The mean (d,) of the rows in the SAE's space (`to_sae_space`), accumulated a chunk at a time."""
-    if sae.normalize == "none":
-        return rows.mean()
-    total = torch.zeros(rows.width, dtype=torch.float64)
-    for values in rows.chunks(rows.chunk_rows):
-        total += sae.to_sae_space(values.to(sae.b_pre.device)).sum(dim=0).double().cpu()
-    return (total / max(1, len(rows))).float()
+    # the layer norm reads no parameter: it runs on the host chunks, wherever the SAE lives
+    return rows.mean() if sae.normalize == "none" else rows.mean(sae.to_sae_space)
 
 
 class StepLoss(NamedTuple):
@@ -839,34 +829,38 @@ def kind_loss(
 ) -> StepLoss:
     """The reconstruction and sparsity terms of one step for the SAE's kind (module docstring), from rows x and
     their pre-activations (batch, n), both in the SAE's space."""
+
+    def batch_fvu(x_hat: torch.Tensor) -> torch.Tensor:
+        return (x - x_hat).pow(2).sum() / total_variance
+
     if sae.kind == "topk":
         values, indices = sae.select(pre)
         x_hat = sae.decode(values, indices)
-        return StepLoss((x - x_hat).pow(2).sum() / total_variance, values, indices, x_hat)
+        return StepLoss(batch_fvu(x_hat), values, indices, x_hat)
     warm = min(1.0, (step + 1) / params.sparsity_warmup_steps) if params.sparsity_warmup_steps else 1.0
     if sae.kind == "jumprelu":
         thresholds = sae.jump_threshold
         codes = _JumpReLU.apply(pre, thresholds, params.bandwidth)
         x_hat = sae.decode(codes)
         l0 = _Step.apply(pre, thresholds, params.bandwidth).sum(dim=1).mean()
-        loss = (x - x_hat).pow(2).sum() / total_variance + warm * params.l0_coef * l0
+        loss = batch_fvu(x_hat) + warm * params.l0_coef * l0
         return StepLoss(loss, codes, None, x_hat)
     if sae.kind == "relu_l1":
         codes = F.relu(pre)
         x_hat = sae.decode(codes)
         # over Σ‖x − x̄‖, in units of x like the numerator: l1_coef does not depend on the activations' scale
         l1 = (codes * sae.W_dec.norm(dim=1)).sum() / (x - x.mean(dim=0)).norm(dim=1).sum()
-        return StepLoss((x - x_hat).pow(2).sum() / total_variance + warm * params.l1_coef * l1, codes, None, x_hat)
+        return StepLoss(batch_fvu(x_hat) + warm * params.l1_coef * l1, codes, None, x_hat)
     codes = batch_topk(pre, sae.k)
     _update_threshold(sae, codes.detach())
     if sae.kind == "batchtopk":
         x_hat = sae.decode(codes)
-        return StepLoss((x - x_hat).pow(2).sum() / total_variance, codes, None, x_hat)
+        return StepLoss(batch_fvu(x_hat), codes, None, x_hat)
     # matryoshka: each prefix's latents alone reconstruct x; the prefixes' FVUs averaged
     x_hat, losses, start = sae.b_pre.expand_as(x), [], 0
     for stop in matryoshka_prefixes(sae.n_latents, params.prefixes):
         x_hat = x_hat + codes[:, start:stop] @ sae.W_dec[start:stop]
-        losses.append((x - x_hat).pow(2).sum() / total_variance)
+        losses.append(batch_fvu(x_hat))
         start = stop
     return StepLoss(torch.stack(losses).mean(), codes, None, x_hat)
 
