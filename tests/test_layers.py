@@ -19,7 +19,7 @@ from vs2ray.config import config_with, load_config
 from vs2ray.data import get_dataset
 from vs2ray.evaluate import Evaluator, Grid
 from vs2ray.models import encode_images, load_clip
-from vs2ray.sae import SparseAutoencoder
+from vs2ray.sae import ActivationRows, SparseAutoencoder
 from vs2ray.stages import build_evaluator, evaluation_splits, prepare_data
 
 NUM_BLOCKS = 4  # vs2ray-tiny
@@ -187,8 +187,11 @@ def test_feature_cards_show_each_latents_top_images_of_the_store_with_patch_heat
     sae = random_sae(20)
     directory = store.parent.parent / "saes" / "cards-test"
     sae.save(directory, {"activation_key": store.name, "column": "tokens_1", "tokens": "all"}, {})
-    cards = feature_cards(directory, latents=[3], per_latent=5, max_classes=4, log=lambda _: None)
-    assert [card.why for card in cards.cards][-1] == "named" and len(cards.cards) == 5  # 4 classes' + the named
+    reasons = {7: "ablate removed it"}
+    cards = feature_cards(directory, latents=[3], per_latent=5, max_classes=4, log=lambda _: None, reasons=reasons)
+    whys = {card.latent: card.why for card in cards.cards}
+    assert whys[3].endswith("named") and whys[7].endswith("ablate removed it")
+    assert len(cards.cards) == len(set(whys)) and len(cards.cards) in (5, 6)  # 4 classes', the trial's, the named
     # brute force over every image of the store: an image's activation is its largest over its tokens
     tokens = torch.from_numpy(np.array(data.split.acts.stored("tokens_1"))).float()
     codes = sae.dense_codes(*sae.encode(tokens.reshape(-1, tokens.shape[-1]))).detach()
@@ -197,9 +200,33 @@ def test_feature_cards_show_each_latents_top_images_of_the_store_with_patch_heat
     torch.testing.assert_close(torch.tensor(card.top_values), per_image.topk(5).values, atol=1e-5, rtol=0)
     assert card.top_rows == per_image.topk(5).indices.tolist()
     assert card.frequency == pytest.approx(float((codes[:, 3] != 0).float().mean()))
-    assert card.name == ""  # block 1 is not the last: the head does not read it
+    assert card.name == "" and card.amplified == card.ablated == []  # block 1 is not the last: no head reads it
     assert (cards.directory / card.image).read_bytes().startswith(b"\x89PNG")
     stamp = (cards.directory / "cards.json").stat().st_mtime_ns
     again = feature_cards(directory, latents=[3], log=lambda _: None)  # complete: read back, nothing redone
     assert (cards.directory / "cards.json").stat().st_mtime_ns == stamp and again.cards[-1].top_rows == card.top_rows
     assert read_cards(directory / "nothing") is None
+    more = feature_cards(directory, latents=[11], per_latent=5, max_classes=4, log=lambda _: None)
+    assert 11 in {c.latent for c in more.cards} and (cards.directory / "cards.json").stat().st_mtime_ns != stamp
+
+
+def test_steering_effects_switch_a_class_latent_on_for_every_image_and_ablate_it_from_its_own():
+    from vs2ray.features import largest_changes, steering_effects
+
+    d, classes = 16, 4
+    sae = identity_sae(d)  # latent i: coordinate i's positive part
+    head = {"ln_post.weight": torch.ones(d), "ln_post.bias": torch.zeros(d), "proj": torch.eye(d)}
+    text_classifier = torch.eye(d)[:classes]
+    labels = np.repeat(np.arange(classes), 5)
+    rows = 3.0 * torch.eye(d)[labels]  # each image on its class's coordinate: all right unsteered
+    assert (steering.classify(rows, head, text_classifier).argmax(dim=1).numpy() == labels).all()
+    on, ablated = steering_effects(
+        sae, ActivationRows(rows), labels, head, text_classifier, [1, 10], torch.tensor([9.0, 9.0])
+    )
+    # latent 1 on everywhere: every image reads as class 1, which was right already; ablated: class 1 is lost
+    torch.testing.assert_close(on[0], torch.tensor([-100.0, 0.0, -100.0, -100.0]))
+    torch.testing.assert_close(ablated[0], torch.tensor([0.0, -100.0, 0.0, 0.0]))
+    assert ablated[1].abs().max() == 0  # latent 10 never fires: ablating it changes nothing
+    assert on[1].abs().max() == 0  # on at coordinate 10, which no class reads
+    assert largest_changes(ablated[0], ["a", "b", "c", "d"]) == [("b", -100.0)]
+    assert largest_changes(ablated[1], ["a", "b", "c", "d"]) == []

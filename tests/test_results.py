@@ -92,3 +92,23 @@ def test_kind_table_averages_each_kinds_distinct_saes_and_selects_each_method_on
     assert table.loc["topk", "vs2"] == pytest.approx(57.0)  # trial b: the best validation top-1
     assert table.loc["relu_l1", "vs2"] == pytest.approx(54.0) and table.loc["relu_l1", "SAEs"] == 1
     assert list(table["normalize"]) == ["none", "none"]
+
+
+def test_card_latents_are_what_ablate_removed_then_the_most_steerable(tmp_path):
+    from vs2ray.results import card_latents
+
+    trial = tmp_path / "trial_x"
+    (trial / "checkpoint_000000").mkdir(parents=True)
+    units = [
+        {"kind": "latent", "unit": 9, "score": 0.2, "concepts": ["cat"]},
+        {"kind": "neuron", "unit": 1, "score": 0.9, "concepts": ["dog"]},  # a neuron is no latent of the SAE
+        {"kind": "latent", "unit": 4, "score": 0.7, "concepts": ["dog"]},
+        {"kind": "latent", "unit": 5, "score": 0.1, "concepts": []},
+    ]
+    (trial / "checkpoint_000000" / "steerability.json").write_text(json.dumps({"block": 11, "units": units}))
+    result = {"latents_ablate": "4,2", "selected_score_ablate": "within_class", "selected_n_latents_ablate": 2}
+    chosen = card_latents(result, str(trial), steerable=2)
+    assert list(chosen) == [4, 2, 9]
+    assert chosen[4] == "ablate removed it (within_class, 2 latents); steerable (S 0.70 toward dog)"
+    assert chosen[9] == "steerable (S 0.20 toward cat)"
+    assert card_latents({"latents_ablate": float("nan")}, str(tmp_path / "none")) == {}  # no ablate, no file

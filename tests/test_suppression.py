@@ -64,6 +64,7 @@ def test_suppressing_the_planted_nuisance_latents_restores_worst_group_accuracy(
     ablated = evaluator.evaluate("ablate", grid)
     summary = ablated.summary()
     assert summary["selected_score_ablate"] == "within_class" and summary["selected_n_latents_ablate"] == 2
+    assert set(summary["latents_ablate"].split(",")) == {"2", "3"}  # the nuisance latents, for the feature cards
     assert summary["test_worst_group_ablate"] > 0.95
     assert summary["val_worst_group_ablate"] == max(ablated.val_worst)
     # one nuisance latent fixes one attribute value only: the other value's minority group stays wrong

@@ -307,32 +307,34 @@ def export_sae_command(args: argparse.Namespace) -> int:
     """Write an SAE (a vs2ray SAE dir, or a finished trial's) in a Hugging Face Hub model layout."""
     from vs2ray.interop import export_sae, load_any_sae
 
-    source, provenance = _sae_of(Path(args.source).expanduser())
+    source, provenance, _ = _sae_of(Path(args.source).expanduser())
     out = export_sae(source, Path(args.out).expanduser(), provenance)
     loaded = load_any_sae(out).sae
     print(f"exported {source} to {out} ({loaded.kind}, {loaded.n_latents} latents over d = {loaded.d})")
     return 0
 
 
-def _sae_of(source: Path) -> tuple[Path, dict[str, str]]:
-    """(the SAE dir, provenance) of a vs2ray SAE dir or of a finished trial's dir (its result names its SAE)."""
-    from vs2ray.results import last_complete_result
+def _sae_of(source: Path) -> tuple[Path, dict[str, str], dict[int, str]]:
+    """(the SAE dir, provenance, latents worth a card with why) of a vs2ray SAE dir or of a finished trial's dir
+    (its result names its SAE and what `ablate` removed; its steerability file the most steerable latents)."""
+    from vs2ray.results import card_latents, last_complete_result
 
     if (source / "result.json").is_file():
         result = last_complete_result((source / "result.json").read_text())
         if result is None:
             raise ConfigError([f"{source}: the trial has no complete result yet, so no SAE to read"])
-        return Path(result["sae_dir"]), {"trial": source.name, "experiment": str(source.parent)}
-    return source, {}
+        provenance = {"trial": source.name, "experiment": str(source.parent)}
+        return Path(result["sae_dir"]), provenance, card_latents(result, str(source))
+    return source, {}, {}
 
 
 def features_command(args: argparse.Namespace) -> int:
     """Feature cards of an SAE (a vs2ray SAE dir or a finished trial's): top images, heatmaps, names, densities."""
     from vs2ray.features import cards_markdown, feature_cards
 
-    sae_dir, _ = _sae_of(Path(args.source).expanduser())
+    sae_dir, _, reasons = _sae_of(Path(args.source).expanduser())
     latents = [int(value) for value in args.latents.split(",")] if args.latents else None
-    cards = feature_cards(sae_dir, latents, args.top, args.classes, _say)
+    cards = feature_cards(sae_dir, latents, args.top, args.classes, _say, reasons)
     (cards.directory / "cards.md").write_text(cards_markdown(cards))
     agreement = cards.mean_agreement
     if agreement is not None:

@@ -139,6 +139,7 @@ class MethodResult:
     val_worst: list[float] = field(default_factory=list)  # empty without groups
     test_worst: list[float] = field(default_factory=list)
     per_group_test: list[list[float]] = field(default_factory=list, repr=False)
+    units: list[int] | None = None  # the latents it acts on at the selected setting (`Method.units`)
 
     @property
     def selected(self) -> int:
@@ -162,6 +163,8 @@ class MethodResult:
             out[metric_name("coverage", m)] = self.coverage[i]
         if self.empty_negatives[i] is not None:
             out[metric_name("empty_negatives", m)] = self.empty_negatives[i]
+        if self.units is not None:
+            out[metric_name("latents", m)] = ",".join(map(str, self.units))  # a string: Tune flattens no lists
         return out
 
 
@@ -540,6 +543,9 @@ class Evaluator:
                     if per_group is not None:
                         result.test_worst.append(worst_group(per_group))
                         result.per_group_test.append(per_group)
+        units = METHODS[method].units
+        if units is not None:
+            result.units = units(self, settings[result.selected])
         return result
 
     def validate(self, method: str, grid: Grid) -> dict[str, float]:

@@ -10,7 +10,12 @@ that share an SAE share its cards.
 
 Latents chosen by default: for each class, the latent most specific to its images (its mean activation over
 them minus its mean over all: among what VS2's γ·W_dec c amplifies for the class, what sets the class apart),
-up to `max_classes`, plus any named.
+up to `max_classes`; then those a trial gives with a reason (`results.card_latents`: what `ablate` removed, the
+most steerable), and any named.
+
+Steering effect (last-block SAEs): on the store's images, the classes whose top-1 accuracy moves most when the
+latent is switched on at its mean top activation (`steering.clamp_latent`) and when it is ablated
+(`steering.ablate`), in points against the unsteered images.
 
 Name: the class whose text embedding is nearest the latent's direction through the head, e(b_pre + a·W_dec[f])
 − e(b_pre) with a its mean top activation (last-block SAEs only: the head reads the last block). Agreement:
@@ -37,6 +42,8 @@ from vs2ray.store import cls_column, load_activations, write_json
 
 CARDS_DIR = "cards"
 CARDS_FILE = "cards.json"  # the chosen latents, their names, densities, top images; written last
+CARDS_VERSION = 2  # 2: steering effects; cards of another version are drawn again
+EFFECT_CLASSES = 3  # classes named per steering effect
 
 
 @dataclass
@@ -53,6 +60,8 @@ class Card:
     chance: float | None = None  # the name's class's share of the store
     why: str = ""
     image: str = ""  # the card's PNG, relative to the cards dir
+    amplified: list[tuple[str, float]] = field(default_factory=list)  # (class, top-1 change in points)
+    ablated: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -101,16 +110,16 @@ def scan_store(
     return top_values, top_rows, fired / max(1, len(rows)), class_sums / counts[:, None]
 
 
-def default_latents(class_means: torch.Tensor, class_share: torch.Tensor, max_classes: int) -> list[tuple[int, str]]:
-    """(latent, why) for each class in turn, the latent most specific to its images: the largest mean activation
+def default_latents(class_means: torch.Tensor, class_share: torch.Tensor, max_classes: int) -> list[tuple[int, int]]:
+    """(latent, class) for each class in turn, the latent most specific to its images: the largest mean activation
     over them minus the mean over every image (a dense latent fires for every class and says little about one);
     each latent once, up to `max_classes` classes. `class_means`: (classes, n); `class_share`: (classes,)."""
     specific = class_means - (class_share[:, None] * class_means).sum(dim=0)
-    chosen: dict[int, str] = {}
+    chosen: dict[int, int] = {}
     for label in range(min(max_classes, class_means.shape[0])):
         for latent in specific[label].argsort(descending=True).tolist():
             if latent not in chosen:
-                chosen[latent] = f"class {label}"
+                chosen[latent] = label
                 break
     return list(chosen.items())
 
@@ -133,20 +142,60 @@ def latent_names(
     return scores.argmax(dim=1).tolist()
 
 
+@torch.no_grad()
+def steering_effects(
+    sae: SparseAutoencoder,
+    cls_rows: ActivationRows,
+    labels: np.ndarray,
+    head: dict[str, torch.Tensor],
+    text_classifier: torch.Tensor,
+    latents: list[int],
+    levels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class top-1 change, in points, of the last block's [CLS] rows (one per image, labels (n,)) when each
+    latent is switched on at its level (len(latents),) and when it is ablated: two (len(latents), classes)."""
+    num_classes = text_classifier.shape[0]
+    labels_t = torch.from_numpy(labels.astype(np.int64))
+    hits = torch.zeros(3, len(latents), num_classes)  # unsteered, on, ablated
+
+    def count(x: torch.Tensor, chunk_labels: torch.Tensor) -> torch.Tensor:
+        right = steering.classify(x, head, text_classifier).argmax(dim=1) == chunk_labels
+        return torch.bincount(chunk_labels[right], minlength=num_classes).float()
+
+    start = 0
+    for x in cls_rows.chunks(4096):
+        chunk_labels = labels_t[start : start + len(x)]
+        start += len(x)
+        hits[0] += count(x, chunk_labels)
+        for i, latent in enumerate(latents):
+            hits[1, i] += count(steering.clamp_latent(sae, x, latent, float(levels[i])), chunk_labels)
+            hits[2, i] += count(steering.ablate(sae, x, torch.tensor([latent])), chunk_labels)
+    accuracy = 100 * hits / torch.bincount(labels_t, minlength=num_classes).clamp_min(1)
+    return accuracy[1] - accuracy[0], accuracy[2] - accuracy[0]
+
+
+def largest_changes(change: torch.Tensor, classes: list[str], top: int = EFFECT_CLASSES) -> list[tuple[str, float]]:
+    """The `top` (class, change) of a per-class change (classes,) with the largest |change|, nonzero only."""
+    order = change.abs().argsort(descending=True)[:top].tolist()
+    return [(classes[c], round(float(change[c]), 2)) for c in order if change[c] != 0]
+
+
 def feature_cards(
     sae_dir: str | Path,
     latents: list[int] | None = None,
     per_latent: int = 8,
     max_classes: int = 12,
     log: Any = print,
+    reasons: dict[int, str] | None = None,
 ) -> CardSet:
     """Write the feature cards of the vs2ray SAE at `sae_dir` (reused when complete and the latents asked for
-    are among them) and return them."""
+    are among them) and return them. `latents`: named by the user; `reasons`: latent -> why a trial chose it."""
     sae_dir = Path(sae_dir).expanduser()
     imported = load_any_sae(sae_dir)  # first: a directory that is no SAE is an error, whatever it holds
     out = sae_dir / CARDS_DIR
     cached = read_cards(out)
-    if cached is not None and all(f in {c.latent for c in cached.cards} for f in latents or []):
+    wanted = set(latents or []) | set(reasons or {})
+    if cached is not None and wanted <= {c.latent for c in cached.cards}:
         return cached
     sae, record = imported.sae.eval(), imported.config
     store_dir = sae_dir.parent.parent / "activations" / str(record["activation_key"])
@@ -160,20 +209,28 @@ def feature_cards(
     top_values, top_rows, frequency, class_means = scan_store(sae, rows, acts.labels, len(classes), per_latent)
     label_share = np.bincount(acts.labels, minlength=len(classes)) / max(1, len(acts.labels))
     share = torch.from_numpy(label_share).float()
-    chosen = default_latents(class_means, share, max_classes) + [(f, "named") for f in latents or []]
-    chosen = list(dict(chosen).items())
-    last_block = column == cls_column(acts.manifest, -1)
-    names: list[int | None] = [None] * len(chosen)
-    if last_block:
+    chosen: dict[int, str] = {}
+    for latent, why in [
+        *((f, f"top latent of {classes[label]}") for f, label in default_latents(class_means, share, max_classes)),
+        *(reasons or {}).items(),
+        *((f, "named") for f in latents or []),
+    ]:
+        chosen[latent] = f"{chosen[latent]}; {why}" if latent in chosen else why
+    ids = list(chosen)
+    names: list[int | None] = [None] * len(ids)
+    effects: tuple[torch.Tensor, torch.Tensor] | None = None
+    if column in (cls_column(acts.manifest, -1), f"tokens_{cls_column(acts.manifest, -1).removeprefix('cls_')}"):
         from safetensors.torch import load_file
 
         head = load_file(store_dir / "head.safetensors")
         classifier = load_file(store_dir / "classifier.safetensors")["classifier"]
-        ids = [f for f, _ in chosen]
         scale = top_values[ids].clamp_min(0).mean(dim=1).clamp_min(1e-3)
         names = list(latent_names(sae, ids, scale, head, classifier))
+        cls_rows = column_rows(acts, cls_column(acts.manifest, -1), np.ones(len(acts.ids), dtype=bool), "cls")
+        log(f"steering effects of {len(ids)} latents on {len(acts.ids)} images")
+        effects = steering_effects(sae, cls_rows, acts.labels, head, classifier, ids, scale)
     cards = []
-    for (latent, why), name in zip(chosen, names, strict=True):
+    for i, (latent, name) in enumerate(zip(ids, names, strict=True)):
         positions = top_rows[latent].tolist()
         labels = [int(acts.labels[p]) for p in positions]
         card = Card(
@@ -182,8 +239,10 @@ def feature_cards(
             positions,
             top_values[latent].tolist(),
             [classes[label] for label in labels],
-            why=why if why == "named" else f"top latent of {classes[int(why.split()[1])]}",
+            why=chosen[latent],
         )
+        if effects is not None:
+            card.amplified, card.ablated = (largest_changes(change[i], classes) for change in effects)
         if name is not None:
             card.name = classes[name]
             card.agreement = float(np.mean([label == name for label in labels]))
@@ -191,7 +250,8 @@ def feature_cards(
         cards.append(card)
     card_set = CardSet(out, cards, tokens)
     draw_cards(card_set, sae, rows, acts, store_dir, log)
-    write_json(out / CARDS_FILE, {"tokens": tokens, "cards": [card.__dict__ for card in cards]})
+    record = {"version": CARDS_VERSION, "tokens": tokens, "cards": [card.__dict__ for card in cards]}
+    write_json(out / CARDS_FILE, record)
     return card_set
 
 
@@ -236,17 +296,28 @@ def read_cards(directory: Path) -> CardSet | None:
     if not file.is_file():
         return None
     record = json.loads(file.read_text())
+    if record.get("version") != CARDS_VERSION:
+        return None
     return CardSet(directory, [Card(**card) for card in record["cards"]], record.get("tokens", "cls"))
 
 
 def cards_markdown(card_set: CardSet, image_prefix: str = "") -> str:
-    """The cards as markdown: a table (latent, name, agreement, density, why) and each card's image."""
-    lines = ["| latent | name | top images of its class | density | chosen as |", "|---|---|---|---|---|"]
+    """The cards as markdown: a table (latent, name, agreement, density, steering effects, why) and each card's
+    image."""
+    lines = [
+        "| latent | name | top images of its class | density | switched on: top-1 Δ (pts) | ablated: Δ | chosen as |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for card in card_set.cards:
         agreement = ""
         if card.agreement is not None and card.chance is not None:
             agreement = f"{100 * card.agreement:.0f}% (chance {100 * card.chance:.0f}%)"
-        lines.append(f"| {card.latent} | {card.name} | {agreement} | {100 * card.frequency:.2f}% | {card.why} |")
+        on, off = (
+            ", ".join(f"{label} {change:+.1f}" for label, change in effect) for effect in (card.amplified, card.ablated)
+        )
+        lines.append(
+            f"| {card.latent} | {card.name} | {agreement} | {100 * card.frequency:.2f}% | {on} | {off} | {card.why} |"
+        )
     lines.append("")
     for card in card_set.cards:
         lines += [f"![latent {card.latent}]({image_prefix}{card.image})", ""]

@@ -124,6 +124,8 @@ class Method:
     uses_sae: bool = True  # False: its result does not depend on the SAE
     unavailable: str = ""  # why `steer` is None
     rowwise: bool = True  # each row is steered alone (no neighbours), so any token may be a row
+    # the SAE latents it acts on at a setting, reported as `latents_<method>` (feature cards show them)
+    units: Callable[[Context, Setting], list[int]] | None = None
 
     @property
     def uses_neighbours(self) -> bool:
@@ -166,9 +168,13 @@ def _centroid_shift(ctx: Context, split: Split, s: Setting) -> Steered:
     )
 
 
+def _ablated_latents(ctx: Context, s: Setting) -> list[int]:
+    """The `n_latents` latents most associated with the nuisance attribute under `score`, strongest first."""
+    return ctx.latent_scores(s["score"]).topk(int(s["n_latents"])).indices.tolist()
+
+
 def _ablate(ctx: Context, split: Split, s: Setting) -> Steered:
-    latents = ctx.latent_scores(s["score"]).topk(int(s["n_latents"])).indices
-    return Steered(steering.ablate(ctx.sae, split.cls, latents))
+    return Steered(steering.ablate(ctx.sae, split.cls, torch.tensor(_ablated_latents(ctx, s))))
 
 
 def _pseudo_positives(ctx: Context, split: Split, rows: torch.Tensor, s: Setting) -> torch.Tensor:
@@ -256,6 +262,6 @@ METHODS: dict[str, Method] = {
             uses_sae=False,
         ),
         Method("centroid_shift", "centroid shift (ours)", "token", ("gamma", "lambda"), _centroid_shift),
-        Method("ablate", "feature suppression", "token", ("score", "n_latents"), _ablate),
+        Method("ablate", "feature suppression", "token", ("score", "n_latents"), _ablate, units=_ablated_latents),
     )
 }

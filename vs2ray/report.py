@@ -42,6 +42,7 @@ from vs2ray.results import (
     STATUS_STOPPED,
     best_trials,
     block_table,
+    card_latents,
     density_table,
     kind_table,
     learning_curves,
@@ -198,7 +199,8 @@ def cards_section(done: pd.DataFrame, config: Any, out: Path) -> list[str]:
     best = done.loc[done[column].idxmax()]
     title = [f"## Feature cards (trial {best['trial_id']}, best by `{column}`)", ""]
     try:
-        cards = feature_cards(str(best["sae_dir"]), log=lambda _: None)
+        reasons = card_latents(best, str(best["trial_dir"]))
+        cards = feature_cards(str(best["sae_dir"]), log=lambda _: None, reasons=reasons)
     except (OSError, KeyError, RuntimeError) as error:  # the SAE or its store lives elsewhere (a cluster's disk)
         return [*title, f"No cards: {type(error).__name__}: {error}", ""]
     shutil.copytree(cards.directory, out / "cards", dirs_exist_ok=True)
@@ -210,10 +212,12 @@ def cards_section(done: pd.DataFrame, config: Any, out: Path) -> list[str]:
         else ""
     )
     intro = (
-        "Per class, the latent most specific to its images (mean activation over them minus over all), with its "
-        "top-activating training images (activation under each; a heatmap over the patches for token SAEs), how "
-        "often it fires, and its name: the class whose text embedding is nearest its decoder direction through "
-        f"the head (last-block SAEs).{measured}\n\n"
+        "Per class, the latent most specific to its images (mean activation over them minus over all), then the "
+        "latents this trial's `ablate` removed and its most steerable ones, each with its top-activating training "
+        "images (activation under each; a heatmap over the patches for token SAEs), how often it fires, its name "
+        "(the class whose text embedding is nearest its decoder direction through the head) and its steering "
+        "effect: the classes whose top-1 on the store's images moves most, in points, when the latent is switched "
+        f"on at its mean top activation or ablated (last-block SAEs).{measured}\n\n"
     )
     return [*title, intro + cards_markdown(cards, "cards/"), ""]
 

@@ -443,6 +443,24 @@ def most_steerable(trials: pd.DataFrame, limit: int = 10) -> pd.DataFrame:
     return ranked.sort_values("S", ascending=False).head(limit) if len(ranked) else ranked
 
 
+def card_latents(result: Any, trial_dir: str, steerable: int = 3) -> dict[int, str]:
+    """The latents of one trial worth a feature card, each with why: those `ablate` removed at its selected
+    setting (`latents_ablate`), then the `steerable` latents with the largest S in its steerability file.
+    `result`: the trial's result (a dict, or a row of `load_results`)."""
+    chosen: dict[int, str] = {}
+    removed = result.get("latents_ablate")
+    if isinstance(removed, str) and removed:
+        how = f"{result.get('selected_score_ablate')}, {result.get('selected_n_latents_ablate')} latents"
+        chosen.update({int(latent): f"ablate removed it ({how})" for latent in removed.split(",")})
+    text = trial_file(trial_dir, STEERABILITY_FILE)
+    units = [u for u in json.loads(text)["units"] if u["kind"] == "latent"] if text is not None else []
+    for unit in sorted(units, key=lambda u: -u["score"])[:steerable]:
+        toward = f" toward {unit['concepts'][0]}" if unit["concepts"] else ""
+        reason = f"steerable (S {unit['score']:.2f}{toward})"
+        chosen[int(unit["unit"])] = f"{chosen[int(unit['unit'])]}; {reason}" if unit["unit"] in chosen else reason
+    return chosen
+
+
 def _relevant_keys(trials: pd.DataFrame, method: str) -> list[str]:
     """The sampled SAE keys that shape `method`'s result (steering values are in its selected_* columns)."""
     if not METHODS[method].uses_sae:
