@@ -30,6 +30,7 @@ from typing import Any
 from vs2ray.config import ConfigError, ExperimentConfig, config_to_yaml, config_with, load_config
 from vs2ray.devices import GpuUnavailable
 from vs2ray.sae import CheckpointError
+from vs2ray.store import StoreIncomplete, disk_full
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -413,6 +414,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (ClusterRefused, GpuUnavailable, CheckpointError) as error:
+    except (ClusterRefused, GpuUnavailable, CheckpointError, StoreIncomplete) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        full = disk_full(error)
+        if full is None:
+            raise
+        print(
+            f"error: {full}. Nothing unfinished was marked complete: free space there (or point storage.root at a "
+            f"larger disk) and run the same command again; what was finished is kept",
+            file=sys.stderr,
+        )
         return 1

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from vs2ray import __version__
 from vs2ray.config import BUNDLED_RETRIEVAL_ENCODER, ExperimentConfig, RetrievalConfig
@@ -57,9 +56,10 @@ from vs2ray.store import (
     STORE_FORMAT,
     column_shapes,
     content_key,
+    damaged_parts,
     ensure_arrays,
     finished_chunks,
-    is_complete,
+    part_record,
     read_manifest,
     write_json,
     write_part,
@@ -451,12 +451,17 @@ def _plan_split(
     records = dataset.records(split)
     inputs = store_inputs(config, split, models.layers, models.preprocess)
     store_dir = store_dir_for(config, split, inputs)
-    if is_complete(store_dir):
-        complete = read_manifest(store_dir) or {}
-        log(f"{split}: reusing complete store {store_dir} ({complete['rows']} rows)")
-        return ExtractionResult(split, store_dir, complete["rows"], complete["failed"], reused=True)
-
     previous = read_manifest(store_dir) or {}
+    complete = previous.get("complete") is True
+    damaged = damaged_parts(store_dir, previous.get("parts") if complete else None) if store_dir.is_dir() else {}
+    if complete and not damaged:
+        log(f"{split}: reusing complete store {store_dir} ({previous['rows']} rows)")
+        return ExtractionResult(split, store_dir, previous["rows"], previous["failed"], reused=True)
+    if damaged:  # a part that exists must be whole: the damaged ones go, and their chunks are extracted again
+        listed = "; ".join(f"{name}: {why}" for name, why in damaged.items())
+        log(f"{split}: {store_dir}: re-extracting the chunks of {len(damaged)} damaged part file(s): {listed}")
+        for name in damaged:
+            (store_dir / name).unlink(missing_ok=True)
     chunk_rows = previous.get("chunk_rows", config.extraction.batch_size)  # a resumed store keeps its chunking
     manifest: dict[str, Any] = {
         "key": store_dir.name,
@@ -492,12 +497,14 @@ def _finish_split(config: ExperimentConfig, plan: _SplitPlan, num_layers: int, w
     missing = sorted({c for c, _, _ in plan.boundaries} - set(done))
     if missing:
         raise RuntimeError(f"{store_dir}: chunks {missing[:10]} were not written; run the extraction again")
-    rows = sum(pq.read_metadata(path).num_rows for path in sorted(store_dir.glob("part-*.parquet")))
+    parts = {path.name: part_record(path) for path in sorted(store_dir.glob("part-*.parquet"))}
+    rows = sum(part["rows"] for part in parts.values())
     failed = [entry for chunk in sorted(done) for entry in done[chunk]]
     ensure_arrays(store_dir)  # before `complete`: a complete store always has its arrays (one builder at a time)
     manifest.update(
         {
             "rows": rows,
+            "parts": parts,  # what each part held when the store was complete (store.damaged_parts)
             "dtype": config.extraction.dtype,
             "num_failed": len(failed),
             "failed": failed,

@@ -213,8 +213,9 @@ def cards_section(done: pd.DataFrame, config: Any, out: Path) -> list[str]:
     )
     intro = (
         "Per class, the latent most specific to its images (mean activation over them minus over all), then the "
-        "latents this trial's `ablate` removed and its most steerable ones, each with its top-activating training "
-        "images (activation under each; a heatmap over the patches for token SAEs), how often it fires, its name "
+        "latents this trial's `ablate` removed and its most steerable ones (where it ran them), each with its "
+        "top-activating training images (activation under each; a heatmap over the patches for token SAEs), how "
+        "often it fires, its name "
         "(the class whose text embedding is nearest its decoder direction through the head) and its steering "
         "effect: the classes whose top-1 on the store's images moves most, in points, when the latent is switched "
         f"on at its mean top activation or ablated (last-block SAEs).{measured}\n\n"

@@ -14,6 +14,11 @@ Each part file is written under a hidden temporary name and renamed into place, 
 part file that exists is complete; `manifest.json` gets `complete: true` only after
 every part is there. Readers refuse a store whose manifest is not complete.
 
+A complete manifest records every part's rows, bytes and SHA-256 (`parts`). A part damaged afterwards
+(truncated by a partial copy, bytes changed by a bad disk) is found by `damaged_parts`: building the
+arrays refuses it with StoreDamaged, which names the file and the repair, and the extraction deletes the
+damaged parts of a complete store and re-extracts exactly those chunks.
+
 The Parquet parts are the store (any Arrow reader opens them). The `arrays/` beside them are
 how vs2ray reads it: memory-mapped, so a reader holds only the rows it touches, and every
 process of a node that maps a column shares one copy of it in the page cache. They are built
@@ -29,6 +34,7 @@ per batch (`as_float32`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -56,10 +62,29 @@ class StoreIncomplete(RuntimeError):
     """The store directory exists but its manifest does not say `complete: true`."""
 
 
+class StoreDamaged(StoreIncomplete):
+    """Part files of a store no longer hold what was written (`damaged`: file name -> what is wrong)."""
+
+    def __init__(self, store_dir: Path, damaged: dict[str, str]) -> None:
+        self.damaged = damaged
+        listed = "; ".join(f"{name}: {why}" for name, why in sorted(damaged.items()))
+        super().__init__(
+            f"{store_dir}: damaged part file(s): {listed}. Repair: run the extraction again with the same config "
+            f"(`python -m vs2ray extract --config ...`, or the sweep): it re-extracts exactly the damaged chunks"
+        )
+
+
 def content_key(inputs: dict[str, Any], length: int = 16) -> str:
     """A stable hex digest of a JSON-serialisable mapping (key order does not matter)."""
     text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _naming_the_path(error: OSError, path: Path) -> OSError:
+    """A full disk's error with the file it was writing (a write() error names none), else `error` itself."""
+    if error.errno != errno.ENOSPC:
+        return error
+    return OSError(errno.ENOSPC, f"No space left on device writing {path}", str(path))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -70,9 +95,39 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming_the_path(error, path) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def disk_full(error: BaseException) -> str | None:
+    """What filled up, when `error` (or an error it was raised from or wraps, as Ray's task errors do) is a
+    full disk's: the message naming the file; else None."""
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            message = _no_space_words(str(current.strerror or current))
+            named = current.filename and str(current.filename) not in message
+            return f"{message} ({current.filename})" if named else message
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    # a worker's error that reached the driver as text only
+    lines = [line for line in str(error).splitlines() if "No space left on device" in line]
+    return _no_space_words(lines[-1]) if lines else None
+
+
+def _no_space_words(text: str) -> str:
+    """'No space left on device writing <file>' out of an error's text, without what Python or Ray put around
+    it ('OSError: [Errno 28] ' before, ": '<file>'" after)."""
+    words = text[max(0, text.find("No space left on device")) :]
+    return words.split(": '")[0].strip()
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -164,6 +219,44 @@ def write_part(
     path = Path(store_dir) / PART_PATTERN.format(chunk)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
     return path
+
+
+def part_record(path: Path) -> dict[str, Any]:
+    """What a part file holds, read once: {"rows", "bytes", "sha256"}. Raises ValueError for a file that is no
+    readable Parquet (a truncated one has no footer)."""
+    data = Path(path).read_bytes()
+    try:
+        rows = pq.read_metadata(pa.BufferReader(data)).num_rows
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"not readable Parquet ({len(data)} bytes: {error})") from error
+    return {"rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def damaged_parts(store_dir: Path, recorded: dict[str, dict[str, Any]] | None) -> dict[str, str]:
+    """The part files of a store that are unreadable, or (`recorded`: a complete manifest's `parts`) missing or
+    not what was written: file name -> what is wrong. With `recorded`, reads every part once; without, only
+    their footers."""
+    store_dir, damaged = Path(store_dir), {}
+    on_disk = sorted(p.name for p in store_dir.glob("part-*.parquet"))
+    for name in sorted(set(recorded or {}) - set(on_disk)):
+        damaged[name] = "missing"
+    for name in on_disk:
+        try:
+            if recorded is None:  # nothing to compare with: a readable footer is all that can be checked
+                pq.read_metadata(store_dir / name)
+                continue
+            record = part_record(store_dir / name)
+        except (ValueError, pa.ArrowException, OSError) as error:
+            damaged[name] = str(error) if isinstance(error, ValueError) else f"not readable Parquet ({error})"
+            continue
+        expected = recorded.get(name)
+        if expected is None:
+            damaged[name] = "not part of the complete store"
+        elif record["bytes"] != expected["bytes"]:
+            damaged[name] = f"{record['bytes']} bytes, {expected['bytes']} written"
+        elif record["sha256"] != expected["sha256"]:
+            damaged[name] = "its bytes changed since it was written (SHA-256 differs)"
+    return damaged
 
 
 def finished_chunks(store_dir: Path) -> dict[int, list[dict[str, Any]]]:
@@ -345,6 +438,10 @@ def build_arrays(store_dir: Path) -> None:
     """Write every column of the part files as `arrays/<column>.npy`, rows sorted by id, one part in memory
     at a time; `arrays/index.json` (the parts they came from) is written last."""
     store_dir = Path(store_dir)
+    manifest = read_manifest(store_dir) or {}
+    damaged = damaged_parts(store_dir, manifest.get("parts") if manifest.get("complete") is True else None)
+    if damaged:
+        raise StoreDamaged(store_dir, damaged)
     parts = _parts_on_disk(store_dir)
     files = [store_dir / name for name in parts]
     ids = np.concatenate([pq.read_table(f, columns=["id"])["id"].to_numpy() for f in files]) if files else np.zeros(0)
@@ -362,6 +459,12 @@ def build_arrays(store_dir: Path) -> None:
         name: np.lib.format.open_memmap(temporary[name], "w+", dtypes[name], (len(ids), *shapes.get(name, [])))
         for name in dtypes
     }
+    for path in temporary.values():  # a page written into a full disk's sparse map kills with SIGBUS: claim it now
+        with open(path, "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+            except OSError as error:
+                raise _naming_the_path(error, path) from error
     start = 0
     for file in files:
         table = pq.read_table(file)
