@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +90,24 @@ def test_a_full_disk_stops_extraction_with_the_path_and_cause_and_a_rerun_with_s
         acts = load_activations(store)
         np.testing.assert_array_equal(acts.ids, np.arange(rows))
         assert read_manifest(store)["complete"] is True
+
+
+def test_two_drivers_extracting_one_store_at_once_write_it_once_and_the_second_reuses_it(tmp_path, ray_session):
+    rows, per_chunk = 2400, 60
+    assignments = [f"storage.root={tmp_path}", f"dataset.sizes.test={rows}", f"extraction.batch_size={per_chunk}"]
+    address = ray_session.get_runtime_context().gcs_address
+    command = cli_command("vs2ray", "extract", "--split", "test", "--address", address, assignments=assignments)
+    run = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    first = subprocess.Popen(command, **run)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("activations/*/part-*.parquet")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.communicate()[0][-2000:]
+        time.sleep(0.2)
+    second = subprocess.Popen(command, **run)  # the first is mid-way
+    outputs = [process.communicate(timeout=300)[0] for process in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], [out[-2000:] for out in outputs]
+    assert "(reused)" not in outputs[0] and "(reused)" in outputs[1], outputs[1][-2000:]
+    assert "waiting for the extraction of" in outputs[1] and f"pid {first.pid}" in outputs[1]
+    store = next((tmp_path / "activations").iterdir())
+    assert len(list(store.glob("part-*.parquet"))) == rows // per_chunk
+    np.testing.assert_array_equal(load_activations(store).ids, np.arange(rows))  # every row once

@@ -24,6 +24,7 @@ manifest says `complete: true` is returned at once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -58,6 +59,7 @@ from vs2ray.store import (
     content_key,
     damaged_parts,
     ensure_arrays,
+    extraction_lock,
     finished_chunks,
     part_record,
     read_manifest,
@@ -445,12 +447,16 @@ def _load_models(config: ExperimentConfig) -> _Models:
 
 
 def _plan_split(
-    config: ExperimentConfig, dataset: ImageDataset, split: str, models: _Models, log: Callable[[str], None]
+    config: ExperimentConfig,
+    dataset: ImageDataset,
+    split: str,
+    models: _Models,
+    store_dir: Path,
+    log: Callable[[str], None],
 ) -> ExtractionResult | _SplitPlan:
     """The complete store of `split` (reused), or a started store with its head, classifier and chunks to write."""
     records = dataset.records(split)
     inputs = store_inputs(config, split, models.layers, models.preprocess)
-    store_dir = store_dir_for(config, split, inputs)
     previous = read_manifest(store_dir) or {}
     complete = previous.get("complete") is True
     damaged = damaged_parts(store_dir, previous.get("parts") if complete else None) if store_dir.is_dir() else {}
@@ -537,7 +543,28 @@ def extract_splits(
     for split in splits:
         dataset.check_split(split)
     models = _load_models(config)
-    planned = {split: _plan_split(config, dataset, split, models, log) for split in dict.fromkeys(splits)}
+    store_dirs = {
+        split: store_dir_for(config, split, store_inputs(config, split, models.layers, models.preprocess))
+        for split in dict.fromkeys(splits)
+    }
+    with contextlib.ExitStack() as locks:
+        for store_dir in sorted(set(store_dirs.values())):  # in one order: two drivers never hold one lock each
+            locks.enter_context(extraction_lock(store_dir, log))
+        return _extract_locked(config, dataset, models, store_dirs, started, log)
+
+
+def _extract_locked(
+    config: ExperimentConfig,
+    dataset: ImageDataset,
+    models: _Models,
+    store_dirs: dict[str, Path],
+    started: float,
+    log: Callable[[str], None],
+) -> dict[str, ExtractionResult]:
+    """`extract_splits` once this driver holds every store's extraction lock."""
+    planned = {
+        split: _plan_split(config, dataset, split, models, store_dir, log) for split, store_dir in store_dirs.items()
+    }
     plans = [plan for plan in planned.values() if isinstance(plan, _SplitPlan)]
     timings, stats = {"set_up_s": time.perf_counter() - started}, ""
     workers: dict[str, list[dict[str, Any]]] = {}

@@ -409,6 +409,30 @@ def _store_lock(store_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def extraction_lock(store_dir: Path, log: Any = lambda _: None) -> Iterator[None]:
+    """Held by the one driver that extracts the store at `store_dir` (flock, across the nodes of a shared file
+    system; the kernel drops it when its holder dies): a second driver of the same key waits, then finds the
+    store complete. The lock file names its holder, so the waiting driver can say whom it waits for."""
+    Path(store_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(store_dir) / ".extraction.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            log(f"waiting for the extraction of {Path(store_dir).name} already running ({handle.read().strip()})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_arrays(store_dir: Path) -> None:
     """Build the store's arrays unless complete ones, built from the part files on disk, are there."""
     if arrays_ready(store_dir):
