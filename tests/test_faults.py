@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -93,21 +92,19 @@ def test_a_full_disk_stops_extraction_with_the_path_and_cause_and_a_rerun_with_s
 
 
 def test_two_drivers_extracting_one_store_at_once_write_it_once_and_the_second_reuses_it(tmp_path, ray_session):
-    rows, per_chunk = 2400, 60
+    rows, per_chunk = 3600, 60
     assignments = [f"storage.root={tmp_path}", f"dataset.sizes.test={rows}", f"extraction.batch_size={per_chunk}"]
     address = ray_session.get_runtime_context().gcs_address
     command = cli_command("vs2ray", "extract", "--split", "test", "--address", address, assignments=assignments)
     run = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
-    first = subprocess.Popen(command, **run)
-    deadline = time.monotonic() + 240
-    while not list(tmp_path.glob("activations/*/part-*.parquet")) and time.monotonic() < deadline:
-        assert first.poll() is None, first.communicate()[0][-2000:]
-        time.sleep(0.2)
-    second = subprocess.Popen(command, **run)  # the first is mid-way
-    outputs = [process.communicate(timeout=300)[0] for process in (first, second)]
-    assert [first.returncode, second.returncode] == [0, 0], [out[-2000:] for out in outputs]
-    assert "(reused)" not in outputs[0] and "(reused)" in outputs[1], outputs[1][-2000:]
-    assert "waiting for the extraction of" in outputs[1] and f"pid {first.pid}" in outputs[1]
+    # started together: each takes seconds to start, the extraction longer, so one waits while the other writes
+    drivers = [subprocess.Popen(command, **run) for _ in range(2)]
+    outputs = [driver.communicate(timeout=300)[0] for driver in drivers]
+    assert [driver.returncode for driver in drivers] == [0, 0], [out[-2000:] for out in outputs]
+    reused = [i for i, out in enumerate(outputs) if "(reused)" in out]
+    assert len(reused) == 1, [out[-1500:] for out in outputs]
+    waited, wrote = outputs[reused[0]], drivers[1 - reused[0]]
+    assert "waiting for the extraction of" in waited and f"pid {wrote.pid}" in waited, waited[-2000:]
     store = next((tmp_path / "activations").iterdir())
     assert len(list(store.glob("part-*.parquet"))) == rows // per_chunk
     np.testing.assert_array_equal(load_activations(store).ids, np.arange(rows))  # every row once
