@@ -1,10 +1,18 @@
-"""Faults a store meets (issue 32), injected for real and checked row by row: part files truncated, changed in
-place or gone after the store was written; a disk that fills up while it is written."""
+"""Faults a cluster meets (issue 32), injected for real and checked row by row: part files truncated, changed in
+place or gone after the store was written; a disk that fills up while it is written; two drivers on one store;
+S3 experiment storage with a killed driver, and an S3 endpoint that cannot be reached."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
+import socket
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +21,7 @@ from conftest import cli_command
 
 from vs2ray.config import load_config
 from vs2ray.extract import extract
+from vs2ray.results import load_results
 from vs2ray.store import StoreDamaged, load_activations, read_manifest
 
 ROWS = 600  # 5 chunks of 128
@@ -108,3 +117,161 @@ def test_two_drivers_extracting_one_store_at_once_write_it_once_and_the_second_r
     store = next((tmp_path / "activations").iterdir())
     assert len(list(store.glob("part-*.parquet"))) == rows // per_chunk
     np.testing.assert_array_equal(load_activations(store).ids, np.arange(rows))  # every row once
+
+
+# ---------------------------------------------------------------- S3 experiment storage
+
+
+@pytest.fixture(scope="module")
+def s3_env() -> Iterator[dict[str, str]]:
+    """A local S3-compatible server (moto's server mode) with a bucket `vs2ray`; the environment that points
+    pyarrow, Ray Tune and vs2ray at it, as AWS_ENDPOINT_URL points them at MinIO or any S3-compatible store."""
+    import pyarrow.fs as pafs
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+                time.sleep(0.2)
+        bucket = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+                                   secret_key="testing", region="us-east-1", allow_bucket_creation=True)  # fmt: skip
+        bucket.create_dir("vs2ray")
+        yield env
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _s3_finished_trials(experiment: str) -> dict[str, dict]:
+    """trial dir (relative to the experiment: trial_x or orphaned/trial_x) -> the metrics of the last complete
+    result vs2ray reported (Tune's bookkeeping keys left out), read from S3 as the report reads it."""
+    import pyarrow.fs as pafs
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    bookkeeping = {*AUTO_RESULT_KEYS, "trial_id", "done", "should_checkpoint", "checkpoint_dir_name"}
+    fs, where = pafs.FileSystem.from_uri(experiment)
+    finished = {}
+    for info in fs.get_file_info(pafs.FileSelector(where, allow_not_found=True, recursive=True)):
+        if info.base_name == "result.json":
+            with fs.open_input_stream(info.path) as stream:
+                lines = [line for line in stream.read().decode().splitlines() if "vs2ray_complete" in line]
+            if lines:
+                metrics = {k: v for k, v in json.loads(lines[-1]).items() if k not in bookkeeping}
+                finished[info.path.removeprefix(f"{where}/").removesuffix("/result.json")] = metrics
+    return finished
+
+
+S3_SWEEP = (
+    "dataset.sizes={train: 2000, test: 500}",
+    "sae.steps=200",
+    "sae.batch_size=512",
+    "sae.k={choice: [8, 16, 32]}",
+    "sae.expansion={choice: [2, 4]}",
+    "steering.methods=[zero_shot, vs2]",
+    "resources.cpus_per_trial=0.5",
+    "search.points_to_evaluate=[]",
+    "search.num_samples=6",
+    "search.max_concurrent_trials=1",
+)
+
+
+def test_a_sweep_on_s3_survives_a_killed_driver_and_its_report_reads_it_back(tmp_path, s3_env, monkeypatch):
+    """The cluster's storage: Tune's experiment on s3:// (VS2RAY_EXPERIMENTS), the stores on a local disk. Each
+    driver starts its own Ray, as a restarted head node would."""
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    env = {**os.environ, "VS2RAY_EXPERIMENTS": "s3://vs2ray/experiments", "RAY_AUTH_MODE": "disabled"}
+    experiment = "s3://vs2ray/experiments/spot"
+    command = cli_command("vs2ray.sweep", "--name", "spot", assignments=(f"storage.root={tmp_path}", *S3_SWEEP))
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        while len(_s3_finished_trials(experiment)) < 2 and driver.poll() is None:
+            assert time.monotonic() < deadline, "no two trials finished on S3 in time"
+            time.sleep(0.1)
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        driver.kill()
+    before = _s3_finished_trials(experiment)
+    assert 2 <= len(before) < 6
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {experiment}" in resumed.stdout
+    trials = load_results(experiment)
+    assert len(trials) == 6 and trials["trial_id"].is_unique and (trials["status"] == "TERMINATED").all()
+    after = _s3_finished_trials(experiment)
+    assert sorted(name for name in after if not name.startswith("orphaned/")) == sorted("trial_" + trials["trial_id"])
+    for trial, metrics in before.items():
+        # kept, not run again (the same metrics down to the timings), or, when it finished after Tune's last
+        # upload of its state (Tune's checkpoint period on object stores), set aside whole and run again
+        kept = after.get(trial) == metrics
+        set_aside = after.get(f"orphaned/{trial}") == metrics and f"resume: set aside {trial}" in resumed.stdout
+        resume_lines = [line for line in resumed.stdout.splitlines() if line.startswith("resume:")]
+        differ = {
+            k: (v, (after.get(trial) or {}).get(k)) for k, v in metrics.items() if (after.get(trial) or {}).get(k) != v
+        }
+        assert kept or set_aside, (trial, sorted(before), sorted(after), resume_lines, differ)
+
+    report = subprocess.run(cli_command("vs2ray", "report", experiment, "--out", str(tmp_path / "report")),
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"Experiment: `{experiment}`" in text and "Trials: 6 terminated" in text, text[:1500]
+    assert "| VS2 |" in text and (tmp_path / "report" / "heatmap_gamma_lambda.png").stat().st_size > 1000
+
+
+@contextlib.contextmanager
+def silent_endpoint() -> Iterator[int]:
+    """A port that accepts connections and never answers (an endpoint behind a dead proxy)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("endpoint", ["refused", "silent"])
+def test_an_unreachable_s3_endpoint_fails_fast_naming_the_uri(tmp_path, s3_env, endpoint):
+    with contextlib.ExitStack() as stack:
+        port = stack.enter_context(silent_endpoint()) if endpoint == "silent" else _free_port()
+        env = {**os.environ, **s3_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled",
+               "VS2RAY_EXPERIMENTS": "s3://vs2ray/experiments"}  # fmt: skip
+        for command in (
+            cli_command("vs2ray.sweep", "--name", "nowhere", assignments=(f"storage.root={tmp_path}",)),
+            cli_command("vs2ray", "report", "s3://vs2ray/experiments/nowhere", "--out", str(tmp_path / "report")),
+        ):
+            started = time.monotonic()
+            failed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+            seconds = time.monotonic() - started
+            assert failed.returncode == 1, failed.stderr[-2000:]
+            last = failed.stderr.strip().splitlines()[-1]
+            assert last.startswith("error: ") and "s3://vs2ray/experiments" in last and "AWS_ENDPOINT_URL" in last
+            assert ("no answer" in last or "timeout" in last.lower()) if endpoint == "silent" else "connect" in last
+            assert seconds < 45, f"{seconds:.0f} s to fail"  # the SDK's defaults took ~100 s on a silent endpoint
+            assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "activations").exists()  # failed before any work

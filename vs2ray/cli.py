@@ -29,6 +29,7 @@ from typing import Any
 
 from vs2ray.config import ConfigError, ExperimentConfig, config_to_yaml, config_with, load_config
 from vs2ray.devices import GpuUnavailable
+from vs2ray.files import StorageUnavailable
 from vs2ray.sae import CheckpointError
 from vs2ray.store import StoreIncomplete, disk_full
 
@@ -210,7 +211,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     """Run (or --resume) a sweep; print the best trials, each method's selected trial and the experiment path."""
     from vs2ray import tuning
     from vs2ray.data import DatasetUnavailable, get_dataset
-    from vs2ray.files import is_uri, read_text, write_text
+    from vs2ray.files import check_storage, is_uri, read_text, write_text
     from vs2ray.models import ModelUnavailable
     from vs2ray.results import STATUS_DONE, SWEEP_CONFIG_FILE, format_summary, load_results, load_sweep_config
     from vs2ray.stages import needs_retrieval, prepare_data, start_retrieval
@@ -219,6 +220,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     config = _config(args, str(tuning.DEFAULT_CONFIG))
     space = tuning.check_sweep(config)  # a bad sweep fails here, before Ray starts
     root = tuning.experiments_root(config)
+    check_storage(root, write=True)  # an unreachable or read-only s3:// root fails here, before Ray starts
     if args.resume:
         name = args.name or tuning.latest_experiment(root, config.name)
         saved = load_sweep_config(f"{root}/{name}") if name else None
@@ -414,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (ClusterRefused, GpuUnavailable, CheckpointError, StoreIncomplete) as error:
+    except (ClusterRefused, GpuUnavailable, CheckpointError, StoreIncomplete, StorageUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Exception as error:

@@ -8,6 +8,8 @@ it when complete, so a killed driver never leaves a cut-short file.
 from __future__ import annotations
 
 import io
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,66 @@ class AtomicLocalFiles(pafs.FileSystemHandler):
 
     def open_append_stream(self, path: str, metadata: Any) -> Any:
         return self._local.open_append_stream(path)
+
+
+class StorageUnavailable(RuntimeError):
+    """Remote experiment storage that does not answer, refuses, or has no such bucket."""
+
+
+STORAGE_PROBE_TIMEOUT_S = 20.0
+
+
+def _probe_filesystem(uri: str) -> tuple[Any, str]:
+    """`uri`'s filesystem; for S3 the same one with short timeouts and one retry (the SDK's defaults wait
+    about 100 s on an endpoint that accepts connections and never answers)."""
+    fs, where = pafs.FileSystem.from_uri(uri)  # honours AWS_ENDPOINT_URL, the URI's query and the region
+    if isinstance(fs, pafs.S3FileSystem):
+        options = {**fs.__reduce__()[1][0], "connect_timeout": 3.0, "request_timeout": 5.0}
+        fs = pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+    return fs, where
+
+
+def _probe(uri: str, write: bool) -> None:
+    fs, where = _probe_filesystem(uri)
+    bucket = where.split("/", 1)[0]
+    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"bucket {bucket!r} does not exist (create it first)")
+    if write:  # a read-only credential fails here, not after Ray and the first trials have started
+        probe = f"{where.rstrip('/')}/.vs2ray-probe-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"")
+        fs.delete_file(probe)
+    else:
+        fs.get_file_info(where)
+
+
+def check_storage(uri: str, write: bool, timeout_s: float = STORAGE_PROBE_TIMEOUT_S) -> None:
+    """Fail fast when remote storage (`s3://`, `gs://`) cannot be reached, read or (with `write`) written.
+
+    Raises StorageUnavailable naming the URI and the cause, after at most `timeout_s` seconds
+    (the SDK's own retries can take minutes against an endpoint that never answers). Local paths
+    are not checked.
+    """
+    if not is_uri(uri):
+        return
+    failure: list[BaseException] = []
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            _probe(uri, write)
+        except Exception as error:  # reported by the caller's thread
+            failure.append(error)
+        answered.set()
+
+    threading.Thread(target=probe, name="vs2ray-storage-probe", daemon=True).start()
+    hint = "check the URI, the credentials and, for an S3-compatible server, AWS_ENDPOINT_URL"
+    if not answered.wait(timeout_s):
+        raise StorageUnavailable(f"{uri}: no answer from its storage endpoint within {timeout_s:.0f} s; {hint}")
+    if failure:
+        what = "write to" if write else "read"
+        cause = str(failure[0]).strip().splitlines()[0] if str(failure[0]).strip() else type(failure[0]).__name__
+        raise StorageUnavailable(f"cannot {what} {uri}: {cause}; {hint}")
 
 
 def storage_filesystem(path: str | Path) -> tuple[Any, str]:

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from vs2ray import plots
-from vs2ray.files import is_uri
+from vs2ray.files import StorageUnavailable, check_storage, is_uri
 from vs2ray.results import (
     METHOD_LABELS,
     METHODS_FILE,
@@ -465,9 +465,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {experiment}: no such experiment dir", file=sys.stderr)
         return 2
     try:
+        check_storage(experiment, write=False)
         report = write_report(experiment, out)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except StorageUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"report: {report}")
     return 0
