@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import cli_command
 
 from vs2ray.config import load_config
@@ -275,3 +276,106 @@ def test_an_unreachable_s3_endpoint_fails_fast_naming_the_uri(tmp_path, s3_env, 
             assert seconds < 45, f"{seconds:.0f} s to fail"  # the SDK's defaults took ~100 s on a silent endpoint
             assert "Traceback" not in failed.stderr
     assert not (tmp_path / "activations").exists()  # failed before any work
+
+
+# ---------------------------------------------------------------- actors killed mid-work
+
+
+def _pids_of(title: str) -> set[int]:
+    """Processes whose command line (Ray's process title for an actor) contains `title`."""
+    pids = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if title in cmdline.read_bytes().decode(errors="replace"):
+                pids.add(int(cmdline.parent.name))
+    return pids
+
+
+def test_an_encoder_actor_killed_mid_extraction_is_restarted_and_every_row_written_once(tmp_path, ray_session):
+    rows, per_chunk = 3600, 60
+    assignments = [f"storage.root={tmp_path}", f"dataset.sizes.test={rows}", f"extraction.batch_size={per_chunk}"]
+    address = ray_session.get_runtime_context().gcs_address
+    command = cli_command("vs2ray", "extract", "--split", "test", "--address", address, assignments=assignments)
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while not killed and driver.poll() is None and time.monotonic() < deadline:
+            parts = list(tmp_path.glob("activations/*/part-*.parquet"))
+            if len(parts) >= 3:  # the actor is warm and has more chunks in flight
+                killed = _pids_of("MapBatches(ChunkEncoder)")
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        output = driver.communicate(timeout=300)[0]
+    finally:
+        driver.kill()
+    assert killed, "no encoder actor was found to kill"
+    assert driver.returncode == 0, output[-3000:]
+    store = next((tmp_path / "activations").iterdir())
+    manifest = read_manifest(store)
+    assert manifest["complete"] is True and manifest["rows"] == rows
+    assert len(list(store.glob("part-*.parquet"))) == rows // per_chunk
+    np.testing.assert_array_equal(load_activations(store).ids, np.arange(rows))  # every row once
+    pids = {worker["pid"] for worker in manifest["workers"]}
+    assert pids & killed and pids - killed, (pids, killed)  # chunks written before the kill, and by its restart
+
+
+def test_a_trial_worker_killed_mid_sae_training_is_retried_and_the_sae_cache_holds_no_partial_sae(
+    tmp_path, ray_session
+):
+    import queue
+    import threading
+
+    from vs2ray.sae import SparseAutoencoder
+
+    address = ray_session.get_runtime_context().gcs_address
+    assignments = (  # two trials of one SAE key, one at a time: the first trains it, the second loads it
+        "dataset.sizes={train: 2000, test: 500}",
+        "sae.k=16",
+        "sae.expansion=4",
+        "sae.steps=1500",
+        "sae.batch_size=256",
+        "steering.methods=[zero_shot, vs2]",
+        "resources.cpus_per_trial=0.5",
+        "search.points_to_evaluate=[]",
+        "search.num_samples=2",
+        "search.max_concurrent_trials=1",
+        "search.max_failures=1",
+    )
+    command = cli_command("vs2ray.sweep", "--name", "retried", "--address", address,
+                          assignments=(f"storage.root={tmp_path}", *assignments))  # fmt: skip
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in driver.stdout], daemon=True).start()  # type: ignore[union-attr]
+    output, killed = [], set()
+    try:
+        deadline = time.monotonic() + 400
+        while not killed and driver.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                output.append(lines.get(timeout=0.1))
+            if any("step " in line and "/1500" in line for line in output):  # the SAE is training
+                killed = _pids_of("ImplicitFunc")
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
+        assert killed, "no training trial was found to kill:\n" + "".join(output[-30:])
+        driver.wait(400)
+    finally:
+        driver.kill()
+    time.sleep(0.5)
+    while not lines.empty():
+        output.append(lines.get())
+    text = "".join(output)
+    assert driver.returncode == 0, text[-3000:]
+
+    trials = load_results(tmp_path / "experiments" / "retried")
+    assert len(trials) == 2 and trials["trial_id"].is_unique and (trials["status"] == "TERMINATED").all()
+    for trial_dir in trials["trial_dir"]:  # each trial's result once
+        results = [json.loads(line) for line in Path(trial_dir, "result.json").read_text().splitlines() if line]
+        assert sum(bool(result.get("vs2ray_complete")) for result in results) == 1
+    assert sorted(trials["sae_cache_hit"]) == [False, True]  # the retry trained the SAE; the other trial loaded it
+    saes = [path for path in (tmp_path / "saes").iterdir() if path.is_dir()]
+    assert len(saes) == 1 and (saes[0] / "metrics.json").is_file()  # no partial SAE left by the killed worker
+    weights = SparseAutoencoder.load(saes[0]).sae.W_dec
+    assert weights.shape[0] == 4 * weights.shape[1] and torch.isfinite(weights).all()
+    assert [Path(d, "error.txt").is_file() for d in trials["trial_dir"]].count(True) == 1, text[-3000:]  # the retry

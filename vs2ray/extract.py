@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -222,7 +223,7 @@ class ChunkEncoder:
             columns = self.encode(batch)
         failed = json.loads(str(batch["failed"][0]))
         write_part(Path(str(batch["store_dir"][0])), int(batch["chunk"][0]), columns, failed, self.dtype)
-        worker = {"node": self.node_id, "gpus": self.gpu_ids, **self.environment}
+        worker = {"node": self.node_id, "pid": os.getpid(), "gpus": self.gpu_ids, **self.environment}
         summary = {key: batch[key] for key in ("split", "chunk", "failed")}
         return {**summary, "rows": [len(columns["id"])], "worker": [json.dumps(worker)]}
 
