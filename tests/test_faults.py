@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -379,3 +380,111 @@ def test_a_trial_worker_killed_mid_sae_training_is_retried_and_the_sae_cache_hol
     weights = SparseAutoencoder.load(saes[0]).sae.W_dec
     assert weights.shape[0] == 4 * weights.shape[1] and torch.isfinite(weights).all()
     assert [Path(d, "error.txt").is_file() for d in trials["trial_dir"]].count(True) == 1, text[-3000:]  # the retry
+
+
+# ---------------------------------------------------------------- a node lost mid-sweep
+
+CLUSTER_HELPER = """
+import json, sys
+from ray.cluster_utils import Cluster
+
+# a head with no CPU: every task, trial and FAISS shard runs on a worker node
+cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
+nodes = {}
+print(json.dumps({"address": cluster.address}), flush=True)
+for line in sys.stdin:
+    command, name = line.split()
+    if command == "add":
+        nodes[name] = cluster.add_node(num_cpus=2)
+    elif command == "remove":  # as a pre-empted spot instance goes: its processes killed, nothing graceful
+        cluster.remove_node(nodes.pop(name), allow_graceful=False)
+    print(json.dumps({command: name}), flush=True)
+cluster.shutdown()
+"""
+
+
+class HelperCluster:
+    """A `ray.cluster_utils.Cluster` in a process of its own (its shutdown resets Ray state that the session's
+    instance in this process still uses), told over stdin to add and remove worker nodes."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", CLUSTER_HELPER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)  # fmt: skip
+        self.address = self._answer()["address"]
+
+    def _answer(self) -> dict:
+        line = self.process.stdout.readline()  # type: ignore[union-attr]
+        assert line, "the cluster helper died"
+        return json.loads(line)
+
+    def tell(self, command: str, node: str) -> None:
+        self.process.stdin.write(f"{command} {node}\n")  # type: ignore[union-attr]
+        self.process.stdin.flush()  # type: ignore[union-attr]
+        assert self._answer() == {command: node}
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _local_finished_trials(experiment: Path) -> dict[str, dict]:
+    finished = {}
+    for result in experiment.glob("trial_*/result.json"):
+        complete = [line for line in result.read_text().splitlines() if '"vs2ray_complete": true' in line]
+        with contextlib.suppress(ValueError):  # a line cut short while it is written
+            if complete:
+                finished[result.parent.name] = json.loads(complete[-1])
+    return finished
+
+
+def test_a_node_lost_mid_sweep_loses_no_finished_trial_and_its_trials_and_faiss_shards_restart(tmp_path):
+    assignments = (
+        "dataset.sizes={train: 2000, test: 500}",
+        "sae.k={choice: [8, 16, 32]}",
+        "sae.steps=600",
+        "sae.batch_size=256",
+        "steering.methods=[zero_shot, vs2, vs2pp]",
+        "retrieval.n_neighbors=20",
+        "resources.cpus_per_trial=0.5",
+        "search.points_to_evaluate=[]",
+        "search.num_samples=4",
+        "search.max_concurrent_trials=2",
+        "search.max_failures=2",
+    )
+    experiment = tmp_path / "experiments" / "preempted"
+    cluster = HelperCluster()
+    try:
+        cluster.tell("add", "a")
+        command = cli_command("vs2ray.sweep", "--name", "preempted", "--address", cluster.address,
+                              assignments=(f"storage.root={tmp_path}", *assignments))  # fmt: skip
+        driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 400
+            while not _local_finished_trials(experiment) and driver.poll() is None:
+                assert time.monotonic() < deadline, "no trial finished in time"
+                time.sleep(0.1)
+            assert driver.poll() is None, "the sweep ended before its node could be lost"
+            cluster.tell("remove", "a")  # two trials and the FAISS shard were running there: no CPU elsewhere
+            before = _local_finished_trials(experiment)
+            cluster.tell("add", "b")  # the autoscaler's replacement
+            output = driver.communicate(timeout=400)[0]
+        finally:
+            driver.kill()
+    finally:
+        cluster.close()
+    assert driver.returncode == 0, output[-3000:]
+    trials = load_results(experiment)
+    assert len(trials) == 4 and trials["trial_id"].is_unique and (trials["status"] == "TERMINATED").all()
+    after = _local_finished_trials(experiment)
+    for name, result in before.items():  # 0 finished trials lost or re-run
+        assert after[name] == result
+    retried = [Path(d, "error.txt").is_file() for d in trials["trial_dir"]].count(True)
+    assert 1 <= retried <= 4 - len(before), output[-3000:]  # those running on the lost node, retried on the new one
+    shard_pids = set(re.findall(r"IndexShard pid=(\d+)\).*FAISS shard:", output))
+    assert len(shard_pids) >= 2, output[-3000:]  # the shard came back (max_restarts) on the new node
+    assert trials["test_top1_vs2pp"].notna().all()  # VS2++ queried it in every trial
+    print(f"\nnode lost: {len(before)} finished before, {retried} retried, FAISS shard pids {sorted(shard_pids)}")
