@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= cpu,dev,bench,mlflow,tensorboard  # bench: sparsify, whose own loader the SAE export tests
 
-.PHONY: install test lint docs demo world world-card gpu-check clean
+.PHONY: install test faults lint docs demo world world-card gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: install
 	$(PY) -m mypy
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
+
+# The fault suite (tests/test_faults.py, issue 32): actors, trial workers and nodes killed, full disks, two
+# drivers on one store, damaged part files, S3 storage (moto's server). About six minutes on 2 cores; CI runs it.
+# The full-disk tests mount a tmpfs and need root.
+faults: install
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m faults tests/test_faults.py
 
 lint: install
 	$(PY) -m ruff check .

@@ -26,6 +26,8 @@ from vs2ray.extract import extract
 from vs2ray.results import load_results
 from vs2ray.store import StoreDamaged, load_activations, read_manifest
 
+pytestmark = pytest.mark.faults  # `make faults` (CI runs it after `make test`): about six minutes on 2 cores
+
 ROWS = 600  # 5 chunks of 128
 
 
@@ -100,6 +102,28 @@ def test_a_full_disk_stops_extraction_with_the_path_and_cause_and_a_rerun_with_s
         acts = load_activations(store)
         np.testing.assert_array_equal(acts.ids, np.arange(rows))
         assert read_manifest(store)["complete"] is True
+
+
+def test_a_full_disk_stops_sae_saving_with_the_path_and_cause_and_a_rerun_with_space_saves_it(tmp_path, ray_session):
+    assignments = ["dataset.sizes={train: 600, test: 100}", "sae.expansion=16", "sae.steps=20", "sae.batch_size=128"]
+    with small_disk(tmp_path / "disk", "8m") as root:
+        config = load_config(None, [f"storage.root={root}", *assignments])
+        extract(config, "train")  # the store fits; then the disk is shrunk to leave less than the SAE's 2 MB
+        used_kib = int(subprocess.run(["du", "-sk", str(root)], capture_output=True, text=True).stdout.split()[0])
+        subprocess.run(["mount", "-o", f"remount,size={used_kib + 512}k", str(root)], check=True)
+        command = cli_command("vs2ray", "train-sae", assignments=[f"storage.root={root}", *assignments])
+        full = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert full.returncode == 1, full.stderr[-2000:]
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: No space left on device writing") and f"{root}/saes/" in last, last
+        sae_dirs = [path for path in (root / "saes").iterdir() if path.is_dir()]
+        assert len(sae_dirs) == 1 and not (sae_dirs[0] / "metrics.json").exists()  # not marked complete
+        assert not list(sae_dirs[0].glob(".*.tmp"))  # no half-written file left behind
+        subprocess.run(["mount", "-o", "remount,size=64m", str(root)], check=True)
+        again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0 and f"saved {sae_dirs[0]}" in again.stdout, again.stderr[-2000:]
+        again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert f"reused {sae_dirs[0]}" in again.stdout  # complete now: loaded, not trained
 
 
 def test_two_drivers_extracting_one_store_at_once_write_it_once_and_the_second_reuses_it(tmp_path, ray_session):
@@ -487,4 +511,3 @@ def test_a_node_lost_mid_sweep_loses_no_finished_trial_and_its_trials_and_faiss_
     shard_pids = set(re.findall(r"IndexShard pid=(\d+)\).*FAISS shard:", output))
     assert len(shard_pids) >= 2, output[-3000:]  # the shard came back (max_restarts) on the new node
     assert trials["test_top1_vs2pp"].notna().all()  # VS2++ queried it in every trial
-    print(f"\nnode lost: {len(before)} finished before, {retried} retried, FAISS shard pids {sorted(shard_pids)}")

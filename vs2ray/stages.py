@@ -494,7 +494,7 @@ def evaluation_splits(
             return column_rows(acts, column, mask).to(torch.device(device))  # filled a chunk at a time
 
         def integers(values: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(values.astype(np.int64))[torch.from_numpy(mask)].to(device)
+            return torch.from_numpy(values[mask].astype(np.int64)).to(device)  # a copy: values may be read-only
 
         return SplitData(
             name=name,
