@@ -83,8 +83,8 @@ def test_head_reproduces_stored_and_independent_embeddings(test_store, reference
     _, _, _, _, independent = reference
     acts = load_activations(result.store_dir, layers=[-1])
     head = load_file(result.store_dir / "head.safetensors")
-    from_head = apply_head(torch.from_numpy(acts["cls_3"]), head)
-    torch.testing.assert_close(from_head, torch.from_numpy(acts["embedding"]), atol=1e-5, rtol=0)
+    from_head = apply_head(torch.from_numpy(np.array(acts["cls_3"])), head)
+    torch.testing.assert_close(from_head, torch.from_numpy(np.array(acts["embedding"])), atol=1e-5, rtol=0)
     torch.testing.assert_close(from_head, independent, atol=1e-5, rtol=0)
 
 
