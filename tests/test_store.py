@@ -116,16 +116,20 @@ def test_pickled_activations_map_their_columns_again_instead_of_carrying_them(tm
     np.testing.assert_array_equal(unpickled["tokens_1"], tokens)
 
 
-def test_an_sae_streamed_from_the_store_is_the_sae_trained_in_memory(tmp_path):
+@pytest.mark.parametrize("read", ["mapped", "pread"])
+def test_an_sae_streamed_from_the_store_is_the_sae_trained_in_memory(tmp_path, monkeypatch, read):
     import torch
 
     from vs2ray.sae import ActivationRows, SAETrainParams, train_sae
 
+    if read == "pread":  # a column larger than a release of mapped pages: scattered rows are read with pread
+        monkeypatch.setattr(ActivationRows, "RELEASE_BYTES", 2**20)
     store = _small_store(tmp_path / "store", 300)
     tokens = load_activations(store, layers=[1]).stored("tokens_1").reshape(-1, 128)  # mapped, 5,100 rows
     rows = np.random.default_rng(1).choice(len(tokens), 4000, replace=False)
     params = SAETrainParams(k=8, expansion=2, steps=30, batch_size=256, warmup_steps=5, seed=4)
     in_memory = train_sae(torch.from_numpy(np.array(tokens[rows])), params, log=lambda _: None)
+    assert ActivationRows(tokens, rows)._read_scattered == (read == "pread")
     streamed = train_sae(ActivationRows(tokens, rows), params, log=lambda _: None)
     for name, weight in in_memory.sae.state_dict().items():
         assert torch.equal(weight, streamed.sae.state_dict()[name]), name
@@ -190,3 +194,25 @@ def test_a_trial_trains_and_evaluates_on_a_store_larger_than_the_memory_it_may_a
     assert column_mb > 1.4 * 400 and result["whole_column_fits"] is False  # the limit binds
     assert 0 < result["fvu"] < 1 and 0 < result["val_fvu"] < 1
     assert {"test_top1_zero_shot", "test_top1_vs2", "test_top1_vs2_gated"} <= set(result)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint16"])
+def test_read_rows_reads_the_rows_of_mapped_views_from_their_file(tmp_path, dtype):
+    from vs2ray.store import read_rows, row_file
+
+    values = np.random.default_rng(0).normal(size=(40, 5, 6)).astype(np.float32)
+    values = values.view(np.uint16)[..., ::2].copy() if dtype == "uint16" else values.astype(dtype)
+    np.save(tmp_path / "a.npy", values)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    index = np.array([7, 0, 199, 3, 3, 150])
+    flat = mapped.reshape(-1, 6)  # an all-token column read as rows
+    np.testing.assert_array_equal(read_rows(flat, index), np.asarray(flat)[index])
+    tail = flat[50:]  # a view that starts inside the file
+    np.testing.assert_array_equal(read_rows(tail, np.array([7, 0, 149])), np.asarray(tail)[[7, 0, 149]])
+    narrow = mapped[:, :, :3].reshape(-1, 3)  # a view whose rows are 3 of every 6 values: strided rows
+    np.testing.assert_array_equal(read_rows(narrow, index), np.asarray(narrow)[index])
+    assert row_file(np.asarray(flat).copy()) is None and row_file(mapped[:, :, ::2].reshape(-1, 3)) is None
+    with open(tmp_path / "a.npy", "r+b") as file:
+        file.truncate(file.seek(0, 2) - 10)  # the file cut short after it was mapped
+    with pytest.raises(OSError, match="cut short"):
+        read_rows(flat, np.array([199]))

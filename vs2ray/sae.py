@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vs2ray.devices import bound_heap_growth, free_gpu_bytes, precision_scope, worker_device
-from vs2ray.store import advise_access, as_float32, release_pages, write_json, write_tensors
+from vs2ray.store import advise_access, as_float32, read_rows, release_pages, row_file, write_json, write_tensors
 
 if TYPE_CHECKING:  # shapes in the signatures; jaxtyping is only needed by the type checker
     from jaxtyping import Bool, Float, Int
@@ -497,6 +497,9 @@ class ActivationRows:
         self._ordered = rows is None or bool(np.all(rows[1:] >= rows[:-1]))
         self._read_since_release = 0
         self._scattered: bool | None = None  # how the mapping was last advised to be read
+        # scattered rows of a mapped column larger than a release are read with pread: each would map the page
+        # cache around it (up to a large folio), so that mapping them costs a release every few dozen rows
+        self._read_scattered = array.nbytes > self.RELEASE_BYTES and row_file(array) is not None
 
     def __len__(self) -> int:
         return len(self.array) if self.rows is None else len(self.rows) * self.group
@@ -528,6 +531,8 @@ class ActivationRows:
     def take(self, positions: np.ndarray) -> Float[Tensor, "batch d"]:
         """The rows at `positions` (batch,) of these n rows, in that order, as a float32 CPU tensor."""
         index = self._index(positions)
+        if self._read_scattered:  # a large mapped column: read from the file, nothing mapped
+            return torch.from_numpy(np.ascontiguousarray(as_float32(read_rows(self.array, index))))
         self._advise(scattered=True)
         touched = max(self.PAGE, self.row_bytes)  # a scattered row maps the pages around it too
         per_release = max(1, self.RELEASE_BYTES // touched)

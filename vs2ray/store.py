@@ -450,6 +450,48 @@ def release_pages(array: np.ndarray) -> None:
         mapped.madvise(mmap.MADV_DONTNEED)
 
 
+def row_file(array: np.ndarray) -> tuple[str, int, int] | None:
+    """(file, byte offset of row 0, bytes from one row to the next) of a memory-mapped (n, d) array (or a view
+    of one: a reshape, a slice of rows) whose rows are contiguous; None for any other array."""
+    if array.ndim != 2 or array.strides[1] != array.itemsize or array.strides[0] < array.shape[1] * array.itemsize:
+        return None
+    root = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    # a copy of a memmap (a reshape that could not be a view) is a memmap too, with the file's name and the
+    # mapped array as its base: only rows whose bytes lie inside the mapping lie in the file
+    if not isinstance(root, np.memmap) or not isinstance(root.base, mmap.mmap) or root.filename is None:
+        return None
+    start = array.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    end = start + (array.shape[0] - 1) * array.strides[0] + array.shape[1] * array.itemsize
+    if array.shape[0] == 0 or start < 0 or end > root.nbytes:  # not in the mapping: a copy (numpy keeps its base)
+        return None
+    return str(root.filename), int(root.offset) + start, int(array.strides[0])
+
+
+def read_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """`array[index]` (len(index), d) for a memory-mapped `array` (row_file not None), read from its file with one
+    pread per row: nothing is mapped, so what the read holds is the copy it returns, however scattered the rows
+    (a fault on a mapped row maps the page cache around it: 64 KiB, or on Linux 6.x with large folios about
+    1 MiB per row)."""
+    located = row_file(array)
+    if located is None:
+        raise ValueError("read_rows needs a memory-mapped array with contiguous rows")
+    path, offset, stride = located
+    out = np.empty((len(index), array.shape[1]), dtype=array.dtype)
+    row_bytes = out.strides[0]
+    buffer = memoryview(out).cast("B")
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        for i, row in enumerate(index.tolist()):
+            got = os.preadv(handle, [buffer[i * row_bytes : (i + 1) * row_bytes]], offset + row * stride)
+            if got != row_bytes:
+                raise OSError(f"{path}: row {row} is cut short ({got} of {row_bytes} bytes): the file was truncated")
+    finally:
+        os.close(handle)
+    return out
+
+
 def advise_access(array: np.ndarray, scattered: bool) -> None:
     """Tell the kernel how a memory-mapped array is about to be read: `scattered` rows (no read-ahead of a
     cold file around each row) or in order (read-ahead)."""
