@@ -480,7 +480,7 @@ def read_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
     path, offset, stride = located
     out = np.empty((len(index), array.shape[1]), dtype=array.dtype)
     row_bytes = out.strides[0]
-    buffer = memoryview(out).cast("B")
+    buffer = memoryview(out.data).cast("B")
     handle = os.open(path, os.O_RDONLY)
     try:
         for i, row in enumerate(index.tolist()):
