@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,58 @@ def run_sweep(storage: Path, address: str, name: str, *assignments: str, extra: 
         assignments=(*SMALL_WORLD, f"storage.root={storage}", *assignments),
     )
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def _json_or_none(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def tune_bookkeeping() -> set[str]:
+    """The keys Tune adds to every result (timings, ids, dates): not what vs2ray measured."""
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    return {*AUTO_RESULT_KEYS, "trial_id", "done", "should_checkpoint"}
+
+
+def finished_trials(experiment: str | Path, ignore: Collection[str] | None = None) -> dict[str, dict]:
+    """trial dir (relative to the experiment: trial_x, or orphaned/trial_x once a resume set it aside) -> the last
+    complete result vs2ray reported, without the keys in `ignore` (default: Tune's bookkeeping); a local
+    experiment dir or an s3:// one, read as the report reads it."""
+    import pyarrow.fs as pafs
+
+    ignore = tune_bookkeeping() if ignore is None else set(ignore)
+    text = str(experiment)
+    fs, where = pafs.FileSystem.from_uri(text) if "://" in text else (pafs.LocalFileSystem(), str(Path(text)))
+    finished = {}
+    for info in fs.get_file_info(pafs.FileSelector(where, allow_not_found=True, recursive=True)):
+        if info.base_name != "result.json":
+            continue
+        with fs.open_input_stream(info.path) as stream:
+            lines = [_json_or_none(line) for line in stream.read().decode().splitlines() if line.strip()]
+        complete = [line for line in lines if line and line.get("vs2ray_complete")]  # a kill can cut a line
+        if complete:
+            trial = info.path.removeprefix(f"{where}/").removesuffix("/result.json")
+            finished[trial] = {k: v for k, v in complete[-1].items() if k not in ignore}
+    return finished
+
+
+def kill_driver_when(command: list[str], ready: Callable[[], bool], env: dict[str, str] | None = None,
+                     timeout: float = 400, poll_s: float = 0.02) -> None:  # fmt: skip
+    """Start the driver `command` and SIGKILL it as soon as `ready()` holds, while it still runs."""
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and driver.poll() is None:
+            assert time.monotonic() < deadline, "what the kill waits for did not happen in time"
+            time.sleep(poll_s)
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        driver.kill()
 
 
 def train_with_three_seeds(script: Path, tmp_path: Path, *extra: str) -> tuple[dict[str, float], list[dict]]:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 import yaml
-from conftest import QUICKSTART, SMALL_WORLD, cli_command, run_sweep
+from conftest import QUICKSTART, SMALL_WORLD, cli_command, finished_trials, kill_driver_when, run_sweep
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -150,27 +148,6 @@ def test_sweep_shares_the_sae_cache_records_per_class_files_and_survives_a_faili
     assert table.loc["vs2", "delta"] == pytest.approx(100 * (best_vs2["test_top1_vs2"] - row["test_top1_zero_shot"]))
 
 
-def _json_or_none(line: str) -> dict | None:
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
-def _finished_trials(experiment: Path) -> dict[str, dict]:
-    """trial dir name -> the metrics vs2ray reported (Tune's own bookkeeping keys left out)."""
-    from ray.tune.result import AUTO_RESULT_KEYS
-
-    bookkeeping = {*AUTO_RESULT_KEYS, "trial_id", "done", "should_checkpoint"}
-    finished = {}
-    for result in experiment.glob("trial_*/result.json"):
-        lines = [_json_or_none(line) for line in result.read_text().splitlines() if line.strip()]
-        complete = [line for line in lines if line and line.get("vs2ray_complete")]  # the kill can cut a line
-        if complete:
-            finished[result.parent.name] = {k: v for k, v in complete[-1].items() if k not in bookkeeping}
-    return finished
-
-
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_session):
     address = ray_session.get_runtime_context().gcs_address
     assignments = (  # an ASHA sweep whose Optuna study lives in a journal file beside the experiment
@@ -194,17 +171,9 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
         assignments=(*SMALL_WORLD, f"storage.root={storage}", *assignments),
     )
     experiment = storage / "experiments" / "killed"
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while len(_finished_trials(experiment)) < 2 and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)  # kill soon after a report: often before Tune saves its state
-        assert driver.poll() is None, "the sweep ended before it could be killed"
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(30)
-    finally:
-        driver.kill()
-    before = _finished_trials(experiment)
+    # polled every 20 ms, so the kill comes soon after a report: often before Tune saves its state
+    kill_driver_when(command, lambda: len(finished_trials(experiment)) >= 2, timeout=300)
+    before = finished_trials(experiment)
     assert 2 <= len(before) < 4
 
     output = run_sweep(storage, address, "killed", *assignments, extra=("--resume",))
@@ -213,7 +182,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(storage, ray_s
     trials = load_results(experiment)
     assert len(trials) == 4 and trials["trial_id"].is_unique
     assert trials["status"].isin(["TERMINATED", "STOPPED"]).all() and (trials["status"] == "TERMINATED").any()
-    after = _finished_trials(experiment)
+    after = finished_trials(experiment)
     for name, metrics in before.items():
         # not run again: the same metrics down to the timings. (Tune reruns a trial killed between
         # its report and Tune's state save; the trial then re-reports the result in its checkpoint.)

@@ -169,7 +169,8 @@ def check_storage(uri: str, write: bool, timeout_s: float = STORAGE_PROBE_TIMEOU
         raise StorageUnavailable(f"{uri}: no answer from its storage endpoint within {timeout_s:.0f} s; {hint}")
     if failure:
         what = "write to" if write else "read"
-        cause = str(failure[0]).strip().splitlines()[0] if str(failure[0]).strip() else type(failure[0]).__name__
+        message = str(failure[0]).strip()
+        cause = message.splitlines()[0] if message else type(failure[0]).__name__
         raise StorageUnavailable(f"cannot {what} {uri}: {cause}; {hint}")
 
 

@@ -532,7 +532,7 @@ class ActivationRows:
         """The rows at `positions` (batch,) of these n rows, in that order, as a float32 CPU tensor."""
         index = self._index(positions)
         if self._read_scattered:  # a large mapped column: read from the file, nothing mapped
-            return torch.from_numpy(np.ascontiguousarray(as_float32(read_rows(self.array, index))))
+            return self._tensor(read_rows(self.array, index), touched=0)
         self._advise(scattered=True)
         touched = max(self.PAGE, self.row_bytes)  # a scattered row maps the pages around it too
         per_release = max(1, self.RELEASE_BYTES // touched)

@@ -451,8 +451,9 @@ def release_pages(array: np.ndarray) -> None:
 
 
 def row_file(array: np.ndarray) -> tuple[str, int, int] | None:
-    """(file, byte offset of row 0, bytes from one row to the next) of a memory-mapped (n, d) array (or a view
-    of one: a reshape, a slice of rows) whose rows are contiguous; None for any other array."""
+    """(file, byte offset of row 0, bytes from one row to the next) of a memory-mapped (n, d) array, or of a view
+    of one (a reshape, a slice of rows or of each row's first values) whose d values lie side by side in the file;
+    None for any other array."""
     if array.ndim != 2 or array.strides[1] != array.itemsize or array.strides[0] < array.shape[1] * array.itemsize:
         return None
     root = array
