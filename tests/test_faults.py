@@ -472,3 +472,48 @@ def test_a_node_lost_mid_sweep_loses_no_finished_trial_and_its_trials_and_faiss_
     shard_pids = set(re.findall(r"IndexShard pid=(\d+)\).*FAISS shard:", output))
     assert len(shard_pids) >= 2, output[-3000:]  # the shard came back (max_restarts) on the new node
     assert trials["test_top1_vs2pp"].notna().all()  # VS2++ queried it in every trial
+
+
+# ---------------------------------------------------------------- two trials, one SAE key, two nodes
+
+
+def test_two_trials_of_one_sae_key_on_two_nodes_train_it_once_and_the_other_loads_it(tmp_path):
+    from vs2ray.sae import SparseAutoencoder
+
+    assignments = (  # two trials with every parameter fixed: one SAE key
+        "dataset.sizes={train: 2000, test: 500}",
+        "sae.k=16",
+        "sae.steps=3000",
+        "sae.batch_size=256",
+        "steering.methods=[zero_shot, vs2]",
+        "resources.cpus_per_trial=2",
+        "search.points_to_evaluate=[]",
+        "search.num_samples=2",
+        "search.max_concurrent_trials=2",
+    )
+    experiment = tmp_path / "experiments" / "shared"
+    cluster = HelperCluster()
+    try:
+        # two nodes of two CPUs, a head with none and two CPUs a trial: two trials that run at once run on
+        # different nodes, which share this machine's file system as a cluster's nodes share EFS
+        cluster.tell("add", "a")
+        cluster.tell("add", "b")
+        command = cli_command("vs2ray.sweep", "--name", "shared", "--address", cluster.address,
+                              assignments=(f"storage.root={tmp_path}", *assignments))  # fmt: skip
+        run = subprocess.run(command, capture_output=True, text=True, timeout=500)
+    finally:
+        cluster.close()
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-3000:]
+    trials = load_results(experiment)
+    assert len(trials) == 2 and (trials["status"] == "TERMINATED").all()
+    assert sorted(trials["sae_cache_hit"]) == [False, True], output[-3000:]  # trained once, loaded once
+    saes = [path for path in (tmp_path / "saes").iterdir() if path.is_dir()]
+    assert len(saes) == 1 and (saes[0] / "metrics.json").is_file()
+    waited = re.findall(rf"waiting for SAE {saes[0].name} being trained \(pid (\d+) on ", output)
+    assert len(waited) == 1, output[-3000:]  # the trials overlapped: the second waited for the first's SAE
+    trainer = trials.loc[~trials["sae_cache_hit"].astype(bool), "pid"].item()
+    assert int(waited[0]) == trainer
+    loaded = SparseAutoencoder.load(saes[0]).metrics
+    for _, trial in trials.iterrows():  # both report the one SAE's metrics
+        assert trial["val_fvu"] == pytest.approx(loaded["val_fvu"], abs=1e-6)

@@ -131,6 +131,14 @@ def test_gate_coverage_extremes_and_monotone_in_q(world):
     torch.testing.assert_close(kept[unsteered], queries[unsteered])
 
 
+def test_gate_threshold_is_torch_quantiles_linear_interpolation():
+    fvu = torch.rand(1001, generator=torch.Generator().manual_seed(0))
+    for q in (0.0, 0.3, 0.9, 0.95, 0.995, 1.0):
+        assert gate_threshold(fvu, q) == pytest.approx(torch.quantile(fvu.double(), q).item(), abs=1e-12)
+    unsorted = torch.arange(10, dtype=torch.float32).flip(0)
+    assert gate_threshold(unsorted, 0.25) == 2.25 and gate_threshold(unsorted[:1], 0.7) == 9.0
+
+
 def test_positive_rules():
     query = torch.tensor([0, 2])
     neighbours = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 2, 2, 2]])

@@ -9,11 +9,9 @@ loaded once); the sweep hands its `SweepData` to every trial through Ray's objec
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from vs2ray.store import (
     block_index,
     cls_column,
     content_key,
+    holder_lock,
     load_activations,
     read_manifest,
     sae_dir_for,
@@ -240,18 +239,6 @@ class TrainedSAE:
     cache_hit: bool
 
 
-@contextlib.contextmanager
-def _exclusive(directory: Path) -> Iterator[None]:
-    """Hold a file lock beside `directory`, so concurrent trials with one SAE key train it once."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.parent / f".{directory.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def get_or_train_sae(
     config: ExperimentConfig,
     params: SAETrainParams,
@@ -282,7 +269,8 @@ def get_or_train_sae(
     training = {**params.key_dict(), **selection_key(config), **({"tokens": tokens} if tokens == "patches" else {})}
     directory = sae_dir_for(config.storage.root, f"{split.store_dir.name}-{column}", training)
     device = device if device is not None else worker_device(config.model.device, None)
-    with _exclusive(directory):
+    # concurrent trials with one SAE key (on any node of a shared file system) train it once; the others load it
+    with holder_lock(directory.parent / f".{directory.name}.lock", f"SAE {directory.name} being trained", log):
         if (directory / "metrics.json").is_file():
             saved = SparseAutoencoder.load(directory, expected_d=split.acts.stored(column).shape[-1])
             return TrainedSAE(saved.sae, saved.metrics, directory, cache_hit=True)

@@ -410,18 +410,17 @@ def _store_lock(store_dir: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def extraction_lock(store_dir: Path, log: Any = lambda _: None) -> Iterator[None]:
-    """Held by the one driver that extracts the store at `store_dir` (flock, across the nodes of a shared file
-    system; the kernel drops it when its holder dies): a second driver of the same key waits, then finds the
-    store complete. The lock file names its holder, so the waiting driver can say whom it waits for."""
-    Path(store_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(store_dir) / ".extraction.lock"
+def holder_lock(path: Path, what: str, log: Any = lambda _: None) -> Iterator[None]:
+    """An exclusive lock on the file `path` (flock, across the nodes of a shared file system; NFSv4, and so EFS,
+    honours it; the kernel drops it when its holder dies). The file names its holder, so a second process,
+    which waits, can say whom it waits for: "waiting for {what} (pid P on host)"."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            log(f"waiting for the extraction of {Path(store_dir).name} already running ({handle.read().strip()})")
+            log(f"waiting for {what} ({handle.read().strip() or 'holder unknown'})")
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             handle.seek(0)
@@ -431,6 +430,14 @@ def extraction_lock(store_dir: Path, log: Any = lambda _: None) -> Iterator[None
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def extraction_lock(store_dir: Path, log: Any = lambda _: None) -> contextlib.AbstractContextManager[None]:
+    """Held by the one driver that extracts the store at `store_dir`: a second driver of the same key waits,
+    then finds the store complete."""
+    Path(store_dir).mkdir(parents=True, exist_ok=True)
+    what = f"the extraction of {Path(store_dir).name} already running"
+    return holder_lock(Path(store_dir) / ".extraction.lock", what, log)
 
 
 def ensure_arrays(store_dir: Path) -> None:
