@@ -98,7 +98,7 @@ def test_first_block_hook_matches_a_manual_forward(test_store, reference):
         tokens = visual.ln_pre(torch.cat([cls, tokens], dim=1) + visual.positional_embedding)
         expected = visual.transformer.resblocks[0](tokens)[:, 0]
     stored = load_activations(result.store_dir, layers=[0], embedding=False)["cls_0"][:64]
-    torch.testing.assert_close(torch.from_numpy(stored), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(np.array(stored)), expected, atol=1e-5, rtol=0)
 
 
 def test_stored_tokens_are_the_models_own_block_outputs(test_store, reference):

@@ -239,7 +239,7 @@ class Evaluator:
             self.mean, self.calibration_fvu = self._calibrate(self._pool_token_rows())
         else:
             self.mean = pool.cls.mean(dim=0)
-            self.calibration_fvu = self.sae_pass(pool)[1]
+            self.calibration_fvu = self._cls_calibration_fvu()
 
     SAE_PASS_ROWS = 16384  # rows per SAE pass: the (rows, latents) pre-activations stay small
     # host tokens read per part of a split: steering holds several copies of a part's tokens at once
@@ -307,6 +307,17 @@ class Evaluator:
             x = x.to(device)
             fvus[start : start + len(x)] = per_sample_fvu(x, self.sae(x).reconstruction, mean)
         return mean, fvus
+
+    @torch.no_grad()
+    def _cls_calibration_fvu(self) -> torch.Tensor:
+        """Per-sample FVU of the pool's [CLS] rows (n,), a pass at a time: the pool's W_dec c (n, d), which
+        `sae_pass` would keep, is never needed."""
+        return torch.cat(
+            [
+                per_sample_fvu(x, steering.direction_and_reconstruction(self.sae, x)[1], self.mean)
+                for x in torch.split(self.pool.cls, self.SAE_PASS_ROWS)
+            ]
+        )
 
     @property
     def _steers_every_token(self) -> bool:
