@@ -40,6 +40,8 @@ def test_config_names_exactly_the_registered_datasets():
             "huggingface",
             "waterbirds",
             "celeba",
+            "rta100",
+            "paint_typographic",
         }
     )
 
@@ -213,3 +215,55 @@ def test_waterbirds_and_celeba_without_their_files_say_what_to_download(tmp_path
         get_dataset(DatasetConfig(name="waterbirds", root=str(tmp_path)))
     with pytest.raises(DatasetUnavailable, match=r"list_attr_celeba\.csv is missing.*dataset\.root"):
         get_dataset(DatasetConfig(name="celeba", root=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [("rta100", "ours/data"), ("paint_typographic", "typographic_real_data_from_PAINT/typographic_attacks")],
+)
+def test_typographic_sets_read_object_and_written_word_from_their_file_names(tmp_path, name, folder):
+    images = tmp_path / folder
+    written = {  # file name -> (object, word), in the published layout; objects may hold spaces and underscores
+        "label=dog_text=cat.png": ("dog", "cat"),
+        "label=cat_text=dog.jpg": ("cat", "dog"),
+        "label=tennis ball_text=apple.png": ("tennis ball", "apple"),
+        "label=ice_cream_text=lemon.JPEG": ("ice_cream", "lemon"),
+        **{f"label=dog_text=ice_cream{i}.png": ("dog", f"ice_cream{i}") for i in range(6)},
+    }
+    for i, file_name in enumerate(written):
+        _image(images / file_name, (10 * i, 200, 10))
+    (images / "README.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) .* skipped.*README\.txt"):
+        dataset = get_dataset(DatasetConfig(name=name, root=str(tmp_path), seed=3))
+    expected_classes = sorted({word for pair in written.values() for word in pair})
+    assert dataset.classes == expected_classes and dataset.prompt_templates == ("a photo of a {}.",)
+    records = {split: dataset.records(split) for split in ("train", "val", "test")}
+    assert [len(r) for r in records.values()] == [5, 2, 3]  # 50 / 20 / 30 of 10 files
+    seen = {}
+    for split, split_records in records.items():
+        assert [r.id for r in split_records] == list(range(len(split_records)))
+        for record in split_records:
+            file_name = record.ref.rsplit("/", 1)[-1]
+            assert (dataset.classes[record.label], dataset.classes[record.attribute]) == written[file_name]
+            assert dataset.load_image(split, record.ref).size == (8, 8)
+            seen[file_name] = split
+    assert sorted(seen) == sorted(written)  # every image in exactly one split
+    with pytest.warns(UserWarning):
+        again = get_dataset(DatasetConfig(name=name, root=str(tmp_path), seed=3))
+        other = get_dataset(DatasetConfig(name=name, root=str(tmp_path), seed=4))
+    assert again.records("test") == records["test"]  # the seed fixes the split
+    assert other.records("test") != records["test"]
+    assert dataset.group_of(record.label, record.attribute) == record.label * len(expected_classes) + record.attribute
+
+
+def test_typographic_sets_without_their_files_say_where_they_come_from(tmp_path):
+    with pytest.raises(DatasetUnavailable, match=r"rta100: .*ours/data is missing.*rta100\.zip.*Defense-Prefix"):
+        get_dataset(DatasetConfig(name="rta100", root=str(tmp_path)))
+    with pytest.raises(DatasetUnavailable, match=r"typographic_attacks is missing.*mlfoundations/patching"):
+        get_dataset(DatasetConfig(name="paint_typographic", root=str(tmp_path)))
+    (tmp_path / "ours" / "data").mkdir(parents=True)
+    _image(tmp_path / "ours" / "data" / "dog.png", (1, 2, 3))
+    with pytest.raises(
+        DatasetUnavailable, match=r"no image named label=<object>_text=<word>.* \(1 other file\(s\): dog\.png\)"
+    ):
+        get_dataset(DatasetConfig(name="rta100", root=str(tmp_path)))

@@ -203,18 +203,35 @@ class ModelConfig(Section):
         return self
 
 
-DATASETS_WITH_GROUPS = ("shapes_spurious", "waterbirds", "celeba")  # their records carry a nuisance attribute
+DATASETS_WITH_GROUPS = (
+    "shapes_spurious",
+    "waterbirds",
+    "celeba",
+    "rta100",
+    "paint_typographic",
+)  # their records carry a nuisance attribute
 
 
 class DatasetConfig(Section):
-    name: Literal["shapes", "shapes_spurious", "cifar100", "imagefolder", "huggingface", "waterbirds", "celeba"] = (
-        Field("shapes", description="the dataset (the registry in vs2ray/data/)")
-    )
+    name: Literal[
+        "shapes",
+        "shapes_spurious",
+        "cifar100",
+        "imagefolder",
+        "huggingface",
+        "waterbirds",
+        "celeba",
+        "rta100",
+        "paint_typographic",
+    ] = Field("shapes", description="the dataset (the registry in vs2ray/data/)")
     root: str | None = Field(
-        None, description="local copy of the data (cifar100, imagefolder, waterbirds, celeba, HF cache)"
+        None,
+        description="local copy of the data (every dataset but shapes and huggingface; the HF cache)",
     )
     download: bool = Field(False, description="cifar100: download into root when missing")
-    seed: int = Field(0, description="shapes, shapes_spurious: generation seed")
+    seed: int = Field(
+        0, description="shapes, shapes_spurious: generation seed; rta100, paint_typographic: the train/val/test split"
+    )
     sizes: dict[Literal["train", "test", "val", "pretrain"], Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict,
         description="shapes: images per split (default train 20000, test 5000, val 2000; shapes_spurious "
@@ -241,7 +258,10 @@ class DatasetConfig(Section):
 
     @model_validator(mode="after")
     def _needs_for_source(self) -> DatasetConfig:
-        if self.name in ("cifar100", "imagefolder", "waterbirds", "celeba") and not self.root:
+        if (
+            self.name in ("cifar100", "imagefolder", "waterbirds", "celeba", "rta100", "paint_typographic")
+            and not self.root
+        ):
             raise PydanticCustomError("dataset_root", f"dataset.name: {self.name} needs dataset.root (a directory)")
         if self.name == "huggingface" and not self.hf_path:
             raise PydanticCustomError("dataset_hf", "dataset.name: huggingface needs dataset.hf_path")

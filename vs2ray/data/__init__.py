@@ -11,6 +11,7 @@ from vs2ray.data.groups import CelebADataset, WaterbirdsDataset
 from vs2ray.data.huggingface import HuggingFaceDataset
 from vs2ray.data.imagefolder import ImageFolderDataset
 from vs2ray.data.shapes import ShapesDataset, SpuriousShapesDataset
+from vs2ray.data.typographic import PaintTypographicDataset, RTA100Dataset
 
 
 def _given(config: DatasetConfig, key: str) -> str:
@@ -30,6 +31,8 @@ DATASETS: dict[str, Callable[[DatasetConfig], ImageDataset]] = {
     "celeba": lambda c: CelebADataset(
         root=_given(c, "root"), target_attribute=c.target_attribute, group_attribute=c.group_attribute
     ),
+    "rta100": lambda c: RTA100Dataset(root=_given(c, "root"), seed=c.seed),
+    "paint_typographic": lambda c: PaintTypographicDataset(root=_given(c, "root"), seed=c.seed),
     "cifar100": lambda c: Cifar100Dataset(root=_given(c, "root"), download=c.download),
     "imagefolder": lambda c: ImageFolderDataset(root=_given(c, "root"), class_names=c.class_names),
     "huggingface": lambda c: HuggingFaceDataset(
