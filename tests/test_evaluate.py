@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vs2ray.evaluate import Evaluator, Grid, SplitData, accuracy, format_table
+from vs2ray.evaluate import Evaluator, Grid, PoolData, PoolRows, SplitData, accuracy, format_table
 from vs2ray.retrieval import IndexShard
-from vs2ray.sae import SAETrainParams, train_sae
+from vs2ray.sae import ActivationRows, SAETrainParams, train_sae
 from vs2ray.stages import grid_values
 
 WIDTH, EMBED, CLASSES = 16, 8, 4
@@ -79,11 +79,33 @@ def test_intermediate_validation_matches_the_full_evaluation_and_follows_the_sae
             f"val_top5_{method}": full.val_top5[i],
         }
     # with_sae: the same splits with another SAE, nothing cached from the first one
-    other = train_sae(evaluator.pool.cls, SAETrainParams(k=1, expansion=1, steps=5, batch_size=256, seed=1)).sae
+    other = train_sae(evaluator.pool.cls.rows, SAETrainParams(k=1, expansion=1, steps=5, batch_size=256, seed=1)).sae
     swapped = evaluator.with_sae(other)
     fresh = Evaluator(other, evaluator.head, evaluator.classifier, evaluator.pool, evaluator.val, evaluator.test)
     rec = "sae_rec_final"  # the reconstruction alone: its accuracy depends on the SAE and nothing else
     assert swapped.validate(rec, GRID) == fresh.validate(rec, GRID) != evaluator.validate(rec, GRID)
+
+
+def test_a_pool_read_from_host_rows_evaluates_as_the_pool_held_on_the_device(evaluator):
+    # on the CPU the pool's [CLS] rows and embeddings stay in the store, read by chunks and gathers (PoolRows)
+    pool = evaluator.pool
+    cls_rows, embedding_rows = pool.cls.rows, pool.embedding.rows
+    host_cls, host_embedding = (PoolRows(ActivationRows(rows.numpy())) for rows in (cls_rows, embedding_rows))
+    host = PoolData("pool", host_cls, host_embedding, pool.labels)
+    assert isinstance(host.cls.rows, ActivationRows) and isinstance(pool.cls.rows, torch.Tensor)
+    index = torch.tensor([[3, 1999], [0, 3]])
+    torch.testing.assert_close(host.cls.take(index), cls_rows[index], atol=0, rtol=0)
+    torch.testing.assert_close(torch.cat(list(host.embedding.chunks(300))), embedding_rows, atol=0, rtol=0)
+    torch.testing.assert_close(host.cls.mean(), cls_rows.mean(0))
+    streamed = Evaluator(evaluator.sae, evaluator.head, evaluator.classifier, host, evaluator.val, evaluator.test,
+                         search=evaluator.search)  # fmt: skip
+    torch.testing.assert_close(streamed.calibration_fvu, evaluator.calibration_fvu)
+    methods = ["vs2", "vs2_gated", "vs2pp", "vs2pp_oracle", "weighted_rag", "clip_steer"]
+    for method in methods:
+        expected, got = evaluator.evaluate(method, GRID), streamed.evaluate(method, GRID)
+        assert got.test_top1 == pytest.approx(expected.test_top1, abs=1 / 600) and got.settings == expected.settings
+    torch.testing.assert_close(streamed.pool_mean_code(), evaluator.pool_mean_code())
+    torch.testing.assert_close(streamed.zero_shot_labels(host), evaluator.zero_shot_labels(pool), atol=0, rtol=0)
 
 
 def test_gated_results_carry_coverage_growing_with_q(evaluator):
@@ -107,9 +129,9 @@ def test_neighbour_methods_run_on_a_faiss_index(evaluator):
     rows = torch.from_numpy(evaluator.search(evaluator.test.embedding.numpy(), 10, "check")[1]).long()
     truth = evaluator.pool.labels[rows]
     pseudo = steering.logits_from_embeddings(evaluator.test.embedding, evaluator.classifier).argmax(1)
-    values, indices = evaluator.sae.encode(evaluator.pool.cls[rows.reshape(-1)])
+    values, indices = evaluator.sae.encode(evaluator.pool.cls.rows[rows.reshape(-1)])
     codes = evaluator.sae.dense_codes(values, indices).reshape(*rows.shape, -1)
-    pool_mean_code = evaluator.sae.dense_codes(*evaluator.sae.encode(evaluator.pool.cls)).mean(0)
+    pool_mean_code = evaluator.sae.dense_codes(*evaluator.sae.encode(evaluator.pool.cls.rows)).mean(0)
     positives_of = {
         "vs2pp_oracle": lambda _rule: truth == evaluator.test.labels[:, None],  # the query's true label
         "vs2pp_oracle_neighbours": lambda rule: steering.positive_mask(pseudo, truth, rule, CLASSES),
@@ -277,7 +299,7 @@ def test_empty_s_minus_steers_against_the_pool_mean_code_and_empty_s_plus_stays_
     gamma, lam = 2.0, 1.5
     steered = METHODS["vs2pp_oracle"].steer(hand, queries, {"gamma": gamma, "lambda": lam, "n_neighbors": 6})
     # by hand: dense codes of every pool row at once, the mean of the query's neighbours' codes, W_dec
-    pool_codes = sae.dense_codes(*sae.encode(pool.cls))
+    pool_codes = sae.dense_codes(*sae.encode(pool.cls.rows))
     pool_mean = pool_codes.mean(0)
     toward = (gamma - 1) * (pool_codes[torch.from_numpy(own)].mean(0) - pool_mean) @ sae.W_dec
     x = queries.cls[0]

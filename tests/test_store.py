@@ -100,7 +100,7 @@ def test_reduced_dtypes_are_stored_small_and_read_back_as_torch_rounds_them(tmp_
     assert schema.field("tokens_1").type.value_type == (pa.float16() if dtype == "float16" else pa.uint16())
     assert schema.field("embedding").type.value_type == pa.float32()  # only block activations are reduced
     small, full = load_activations(store, layers=[1]), load_activations(reference, layers=[1])
-    as_torch = torch.from_numpy(np.asarray(full["tokens_1"])).to(getattr(torch, dtype)).float().numpy()
+    as_torch = torch.from_numpy(np.array(full["tokens_1"])).to(getattr(torch, dtype)).float().numpy()
     np.testing.assert_array_equal(small["tokens_1"], as_torch)
     assert small["tokens_1"].dtype == np.float32
     np.testing.assert_array_equal(small["embedding"], full["embedding"])

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vs2ray import steering
-from vs2ray.methods import GRID_PARAMS, METHODS, Setting, Split, Steered, metric_name
+from vs2ray.methods import GRID_PARAMS, METHODS, Pool, Setting, Split, Steered, metric_name
 from vs2ray.sae import ActivationRows, SparseAutoencoder, per_sample_fvu
 
 Search = Callable[[np.ndarray, int, str], tuple[np.ndarray, np.ndarray]]
@@ -70,6 +70,73 @@ class SplitData:
             attributes=cut(self.attributes),
             groups=cut(self.groups),
         )
+
+
+class PoolRows:
+    """One column of the pool's rows, (n, d): a tensor already on the trial's device (a GPU's), or rows read
+    from the host store a chunk or a gather at a time (`sae.ActivationRows`, memory-mapped: the pool is the
+    SAE's training split, the largest of a trial, never whole in host memory). Every read is on `device`."""
+
+    def __init__(self, rows: torch.Tensor | ActivationRows, device: torch.device | str | None = None) -> None:
+        self.rows = rows
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if isinstance(rows, torch.Tensor):
+            self.device = rows.device
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def width(self) -> int:
+        return int(self.rows.shape[1]) if isinstance(self.rows, torch.Tensor) else self.rows.width
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows at `index` (any shape) -> (*index.shape, d)."""
+        if isinstance(self.rows, torch.Tensor):
+            return self.rows[index]
+        flat = index.reshape(-1).cpu().numpy()
+        return self.rows.take(flat).to(self.device).reshape(*index.shape, self.width)
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """Every row in order, `size` at a time, each (≤ size, d)."""
+        if isinstance(self.rows, torch.Tensor):
+            yield from torch.split(self.rows, size)
+        else:
+            yield from (chunk.to(self.device) for chunk in self.rows.chunks(size))
+
+    def mean(self) -> torch.Tensor:
+        """The rows' mean (d,)."""
+        return self.rows.mean(dim=0) if isinstance(self.rows, torch.Tensor) else self.rows.mean().to(self.device)
+
+    def host_rows(self) -> ActivationRows:
+        """The rows as `ActivationRows` on the host (a copy of a device tensor)."""
+        return ActivationRows(self.rows.cpu()) if isinstance(self.rows, torch.Tensor) else self.rows
+
+
+@dataclass
+class PoolData:
+    """The neighbour and calibration pool (the SAE's training rows): what `SplitData` holds, with its [CLS]
+    rows and embeddings as `PoolRows`."""
+
+    name: str
+    cls: PoolRows  # (n, width) [CLS] tokens at the steering block
+    embedding: PoolRows  # (n, embed) CLIP embeddings
+    labels: torch.Tensor  # (n,) int64
+    attributes: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    token_source: dict[int, ActivationRows] = field(default_factory=dict)  # as SplitData's
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @classmethod
+    def of(cls, split: SplitData | PoolData) -> PoolData:
+        """A split's rows as a pool, its tensors where they are."""
+        if isinstance(split, PoolData):
+            return split
+        return cls(split.name, PoolRows(split.cls), PoolRows(split.embedding), split.labels,
+                   split.attributes, split.groups, split.token_source)  # fmt: skip
 
 
 @dataclass
@@ -209,7 +276,7 @@ class Evaluator:
         sae: SparseAutoencoder,
         head: dict[str, torch.Tensor],
         text_classifier: torch.Tensor,
-        pool: SplitData,
+        pool: SplitData | PoolData,
         val: SplitData,
         test: SplitData,
         search: Search | None = None,
@@ -220,7 +287,7 @@ class Evaluator:
     ) -> None:
         self.sae, self.head, self.classifier = sae.eval(), head, text_classifier
         self.empty_negatives = empty_negatives
-        self.pool, self.val, self.test = pool, val, test
+        self.pool, self.val, self.test = PoolData.of(pool), val, test
         self.search = search
         self.encoder = encoder
         self.num_classes = text_classifier.shape[0]
@@ -238,7 +305,7 @@ class Evaluator:
         if self._steers_every_token:
             self.mean, self.calibration_fvu = self._calibrate(self._pool_token_rows())
         else:
-            self.mean = pool.cls.mean(dim=0)
+            self.mean = self.pool.cls.mean()
             self.calibration_fvu = self._cls_calibration_fvu()
 
     SAE_PASS_ROWS = 16384  # rows per SAE pass: the (rows, latents) pre-activations stay small
@@ -254,7 +321,7 @@ class Evaluator:
 
     def pool_steered_rows(self) -> ActivationRows:
         """The pool rows a row-wise method steers (every token of the block, or [CLS]), on the host."""
-        return self._pool_token_rows() if self._steers_every_token else ActivationRows(self.pool.cls.cpu())
+        return self._pool_token_rows() if self._steers_every_token else self.pool.cls.host_rows()
 
     def parts(self, split: SplitData) -> Iterator[SplitData]:
         """`split` in parts of about PART_BYTES (by device) of host tokens, each with its tokens on the device;
@@ -300,7 +367,7 @@ class Evaluator:
     @torch.no_grad()
     def _calibrate(self, rows: ActivationRows) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean (d,), per-sample FVU (n,)) of host rows, read a batch at a time onto the SAE's device."""
-        device = self.pool.cls.device
+        device = self.pool.device
         mean = rows.mean().to(device)
         fvus = torch.empty(len(rows), device=device)  # filled in place: no list of parts and their cat
         for start, x in zip(range(0, len(rows), self.SAE_PASS_ROWS), rows.chunks(self.SAE_PASS_ROWS), strict=True):
@@ -315,7 +382,7 @@ class Evaluator:
         return torch.cat(
             [
                 per_sample_fvu(x, steering.direction_and_reconstruction(self.sae, x)[1], self.mean)
-                for x in torch.split(self.pool.cls, self.SAE_PASS_ROWS)
+                for x in self.pool.cls.chunks(self.SAE_PASS_ROWS)
             ]
         )
 
@@ -366,10 +433,15 @@ class Evaluator:
     def gate_threshold(self, quantile: float) -> float:
         return steering.gate_threshold(self.calibration_fvu, quantile)
 
-    def zero_shot_labels(self, split: Split) -> torch.Tensor:
+    def zero_shot_labels(self, split: Split | Pool) -> torch.Tensor:
         if split.name not in self._zero_shot:
             # a chunk of logits at a time: the pool's (n, classes) logits would be the largest array of a trial
-            chunks = torch.split(split.embedding, self.SAE_PASS_ROWS)
+            embedding = split.embedding
+            chunks = (
+                torch.split(embedding, self.SAE_PASS_ROWS)
+                if isinstance(embedding, torch.Tensor)
+                else embedding.chunks(self.SAE_PASS_ROWS)
+            )
             labels = [steering.logits_from_embeddings(chunk, self.classifier).argmax(dim=1) for chunk in chunks]
             self._zero_shot[split.name] = torch.cat(labels) if labels else split.labels[:0]
         return self._zero_shot[split.name]
@@ -406,7 +478,7 @@ class Evaluator:
             differences = []
             for start in range(0, len(rows), 256):  # (chunk, N, n_latents) dense codes stay small
                 chunk = rows[start : start + 256]
-                codes = self._dense_codes(self.pool.cls[chunk.reshape(-1)]).reshape(*chunk.shape, -1)
+                codes = self._dense_codes(self.pool.cls.take(chunk.reshape(-1))).reshape(*chunk.shape, -1)
                 difference = steering.vs2pp_direction(self.sae, codes, positives[start : start + 256], 2.0, pool_mean)
                 # in the query's space: a layer-norm SAE's code difference moves the query σ(query) times as far
                 differences.append(difference * self.sae.input_scale(split.cls[start : start + 256]))
@@ -423,15 +495,15 @@ class Evaluator:
         """The pool's mean sparse code over its [CLS] rows (n_latents,): an empty S−'s mean code in VS2++."""
         if self._pool_mean_code is None:
             cls = self.pool.cls
-            total = torch.zeros(self.sae.n_latents, dtype=cls.dtype, device=cls.device)
-            for start in range(0, len(cls), 4096):
-                total += self._dense_codes(cls[start : start + 4096]).sum(0)
+            total = torch.zeros(self.sae.n_latents, device=self.pool.device)
+            for chunk in cls.chunks(4096):
+                total += self._dense_codes(chunk).sum(0)
             self._pool_mean_code = total / len(cls)
         return self._pool_mean_code
 
     def pool_mean_embedding(self) -> torch.Tensor:
         """The pool's mean CLIP embedding (embed,): an empty S−'s mean in CLIP-space steering."""
-        return self.pool.embedding.mean(dim=0)
+        return self.pool.embedding.mean()
 
     @torch.no_grad()
     def reconstruct_every_block(self, split: Split) -> torch.Tensor:
@@ -456,10 +528,10 @@ class Evaluator:
             # already on the device; every token is read from the host
             if self._steers_every_token:
                 tokens = self._pool_token_rows()
-                per_image = len(tokens) // len(pool.cls)
-                chunks: Iterator[torch.Tensor] = (x.to(pool.cls.device) for x in tokens.chunks(256 * per_image))
+                per_image = len(tokens) // len(pool.labels)
+                chunks: Iterator[torch.Tensor] = (x.to(pool.device) for x in tokens.chunks(256 * per_image))
             else:
-                per_image, chunks = 1, iter(torch.split(pool.cls, 256))
+                per_image, chunks = 1, pool.cls.chunks(256)
             image_codes = torch.cat([steering.mean_codes_per_image(self._dense_codes(x), per_image) for x in chunks])
             self._latent_scores[score] = steering.association_scores(image_codes, pool.labels, pool.attributes, score)
         return self._latent_scores[score]

@@ -18,7 +18,7 @@ function calls it (see docs/development.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -54,6 +54,26 @@ class Split(Protocol):
     tokens: dict[int, torch.Tensor]  # block -> (n, T, width), for steering inside the encoder
 
 
+class PoolColumn(Protocol):
+    """A column of the pool's rows (evaluate.PoolRows), read by gathers."""
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows at `index` (any shape) -> (*index.shape, d)."""
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """Every row in order, `size` at a time."""
+
+
+class Pool(Protocol):
+    """The neighbour pool (evaluate.PoolData): the SAE's training rows."""
+
+    name: str
+    labels: torch.Tensor  # (n,)
+
+    @property
+    def embedding(self) -> PoolColumn: ...  # (n, embed)
+
+
 class Context(Protocol):
     """What method functions may ask of the Evaluator (shared, memoised computations)."""
 
@@ -61,7 +81,7 @@ class Context(Protocol):
     def sae(self) -> SparseAutoencoder: ...
 
     @property
-    def pool(self) -> Split: ...
+    def pool(self) -> Pool: ...
 
     @property
     def num_classes(self) -> int: ...
@@ -79,7 +99,7 @@ class Context(Protocol):
     def neighbours(self, split: Split, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cosine similarities, pool row positions), each (n, k)."""
 
-    def zero_shot_labels(self, split: Split) -> torch.Tensor:
+    def zero_shot_labels(self, split: Split | Pool) -> torch.Tensor:
         """Zero-shot predictions (n,) of a split (the pool's are the neighbours' pseudo-labels)."""
 
     def code_difference(
@@ -212,14 +232,14 @@ def _vs2pp_with(
 
 def _weighted_rag(ctx: Context, split: Split, s: Setting) -> Steered:
     similarities, rows = ctx.neighbours(split, int(s["n_neighbors"]))
-    return Steered(steering.weighted_rag(split.embedding, ctx.pool.embedding[rows], similarities, s["a"]))
+    return Steered(steering.weighted_rag(split.embedding, ctx.pool.embedding.take(rows), similarities, s["a"]))
 
 
 def _clip_steer(ctx: Context, split: Split, s: Setting) -> Steered:
     _, rows = ctx.neighbours(split, int(s["n_neighbors"]))
     positives = _pseudo_positives(ctx, split, rows, s)
     pool_mean = ctx.pool_mean_embedding() if ctx.empty_negatives == "pool_mean" else None
-    moved = steering.clip_steer(split.embedding, ctx.pool.embedding[rows], positives, s["lambda"], pool_mean)
+    moved = steering.clip_steer(split.embedding, ctx.pool.embedding.take(rows), positives, s["lambda"], pool_mean)
     steerable = steering.steerable_queries(positives, ctx.empty_negatives)
     no_negatives = steering.lacks_negatives(positives).float().mean().item()
     return Steered(*steering.steer_where(split.embedding, moved, steerable), no_negatives)

@@ -23,7 +23,7 @@ from vs2ray import steering
 from vs2ray.config import ConfigError, Distribution, ExperimentConfig, values_of
 from vs2ray.data import get_dataset, prompt_templates_for
 from vs2ray.devices import worker_device
-from vs2ray.evaluate import Encoder, Evaluator, Grid, SplitData, accuracy
+from vs2ray.evaluate import Encoder, Evaluator, Grid, PoolData, PoolRows, SplitData, accuracy
 from vs2ray.methods import METHODS
 from vs2ray.models import block_runner, build_text_classifier, encode_images, load_clip
 from vs2ray.sae import ActivationRows, SAETrainParams, SparseAutoencoder, evaluate_sae, kind_reads, train_sae
@@ -467,40 +467,63 @@ def evaluation_splits(
     device: torch.device | str = "cpu",
     token_blocks: tuple[int, ...] = (),
     pool_token_block: int | None = None,
-) -> tuple[SplitData, SplitData, SplitData]:
+) -> tuple[PoolData, SplitData, SplitData]:
     """(pool, val, test) at block `layer`: the SAE's training rows (neighbour pool, calibration), validation
     and test rows, their [CLS] rows and embeddings on `device`. Every token of `token_blocks` (steering
     inside the encoder, SAE_REC^A) of val and test, and of `pool_token_block` of the pool (all-token
-    calibration), stays on the host, read in batches (`SplitData.token_source`): these are the large ones."""
+    calibration), stays on the host, read in batches (`SplitData.token_source`): these are the large ones.
+    On the CPU the pool's [CLS] rows and embeddings stay in the store too (`PoolRows`), read a chunk or a
+    gather at a time; on a GPU they are copied to it. The pool's retrieval vectors are not read: FAISS
+    holds them (`start_retrieval`)."""
     split = data.split
     with_retrieval = split.acts.has("retrieval")
     grouped = data.num_groups > 0
     cls = split.column(layer)
+    device = torch.device(device)
+
+    def integers(values: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values[mask].astype(np.int64)).to(device)  # a copy: values may be read-only
+
+    def groups_of(acts: Activations, mask: np.ndarray) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(attributes, groups) of the rows of `mask`, on datasets with groups."""
+        chosen = [integers(v, mask) if grouped and v is not None else None for v in (acts.attributes, acts.groups)]
+        return chosen[0], chosen[1]
 
     def rows(acts: Activations, mask: np.ndarray, name: str, blocks: tuple[int, ...]) -> SplitData:
         def take(column: str) -> torch.Tensor:
-            return column_rows(acts, column, mask).to(torch.device(device))  # filled a chunk at a time
+            return column_rows(acts, column, mask).to(device)  # filled a chunk at a time
 
-        def integers(values: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(values[mask].astype(np.int64)).to(device)  # a copy: values may be read-only
-
+        attributes, groups = groups_of(acts, mask)
         return SplitData(
             name=name,
             cls=take(cls),
             embedding=take("embedding"),
-            labels=integers(acts.labels),
+            labels=integers(acts.labels, mask),
             retrieval=take("retrieval") if with_retrieval else None,
-            attributes=integers(acts.attributes) if grouped and acts.attributes is not None else None,
-            groups=integers(acts.groups) if grouped and acts.groups is not None else None,
+            attributes=attributes,
+            groups=groups,
             token_source={block: column_rows(acts, split.column(block, "all"), mask) for block in blocks},
         )
 
-    everything = np.ones(len(data.test.ids), dtype=bool)
-    return (
-        rows(split.acts, split.train_mask, "pool", () if pool_token_block is None else (pool_token_block,)),
-        rows(*split.val_source(), "val", token_blocks),
-        rows(data.test, everything, "test", token_blocks),
+    def pool_column(column: str) -> PoolRows:
+        stored = column_rows(split.acts, column, split.train_mask)
+        return PoolRows(stored, device) if device.type == "cpu" else PoolRows(stored.to(device))
+
+    pool_blocks = () if pool_token_block is None else (pool_token_block,)
+    attributes, groups = groups_of(split.acts, split.train_mask)
+    pool = PoolData(
+        name="pool",
+        cls=pool_column(cls),
+        embedding=pool_column("embedding"),
+        labels=integers(split.acts.labels, split.train_mask),
+        token_source={
+            block: column_rows(split.acts, split.column(block, "all"), split.train_mask) for block in pool_blocks
+        },
+        attributes=attributes,
+        groups=groups,
     )
+    everything = np.ones(len(data.test.ids), dtype=bool)
+    return pool, rows(*split.val_source(), "val", token_blocks), rows(data.test, everything, "test", token_blocks)
 
 
 def steering_grid(
@@ -591,7 +614,7 @@ def steerability(config: ExperimentConfig, data: SweepData, evaluator: Evaluator
     if not config.steerability.enabled or data.concepts is None:
         return None
     settings = SteerabilitySettings.from_keys(config.steerability.model_dump(), seed=config.seed)
-    concepts = _tensor(data.concepts).to(evaluator.pool.cls.device)
+    concepts = _tensor(data.concepts).to(evaluator.pool.device)
     return measure_steerability(evaluator, concepts, list(data.concept_words or ()), settings)
 
 
