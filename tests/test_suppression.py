@@ -79,3 +79,57 @@ def test_ablating_no_latent_changes_nothing_and_ablating_removes_exactly_the_lat
     without_nuisance = steering.ablate(sae, x, torch.tensor([2, 3]))
     assert torch.allclose(without_nuisance @ NUISANCE, torch.zeros(64), atol=1e-5)
     assert torch.allclose(without_nuisance @ SHAPE, x @ SHAPE, atol=1e-5)
+
+
+# ---------------------------------------------------------------- a typographic attack (issue 28's planted case)
+
+CLASSES = 3
+# six orthonormal zero-mean directions in 12 dimensions (ln_post's mean subtraction leaves them alone): each
+# class's object, and its name written on the image
+_RANDOM = torch.randn(12, 2 * CLASSES, generator=torch.Generator().manual_seed(0))
+OBJECT, WORD = torch.linalg.qr(_RANDOM - _RANDOM.mean(dim=0))[0].T.split(CLASSES)
+TYPO_HEAD = {"ln_post.weight": torch.ones(12), "ln_post.bias": torch.zeros(12), "proj": torch.eye(12)}
+
+
+def written_word_split(name: str, n: int, attacked_only: bool, seed: int) -> SplitData:
+    """Object y along OBJECT[y]; the word w written on the image along WORD[w] (the attribute: a class index).
+    Unless `attacked_only`, a third of the images carry their own class's name, the rest another's."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(CLASSES, (n,), generator=g)
+    other = (labels + torch.randint(1, CLASSES, (n,), generator=g)) % CLASSES
+    own = torch.zeros(n, dtype=torch.bool) if attacked_only else torch.rand(n, generator=g) < 1 / 3
+    words = torch.where(own, labels, other)
+    seen = (1.0 + 0.5 * torch.rand(n, 1, generator=g)) * OBJECT[labels]
+    written = (1.0 + 0.5 * torch.rand(n, 1, generator=g)) * WORD[words]
+    cls = seen + written + 0.01 * torch.randn(n, 12, generator=g)
+    return SplitData(name, cls, steering.apply_head(cls, TYPO_HEAD), labels, attributes=words,
+                     groups=labels * CLASSES + words)  # fmt: skip
+
+
+def test_suppressing_the_written_words_latents_restores_the_true_label_of_attacked_images():
+    sae = SparseAutoencoder(12, 2 * CLASSES, k=2, init="tied", encoder_bias=False)
+    with torch.no_grad():  # one latent per object and one per written word, the encoder equal to the decoder
+        sae.W_dec.copy_(torch.cat([OBJECT, WORD]))
+        sae.W_enc.copy_(sae.W_dec)
+    # CLIP reads: a class's text embedding points at its written name more than at the object
+    text = torch.nn.functional.normalize(0.4 * OBJECT + WORD, dim=1)
+    pool, val = written_word_split("pool", 3000, False, 1), written_word_split("val", 600, False, 2)
+    test = written_word_split("test", 900, True, 3)  # every test image carries a wrong class's name
+    evaluator = Evaluator(sae.eval(), TYPO_HEAD, text, pool, val, test, num_groups=CLASSES * CLASSES)
+
+    def typographic(logits: torch.Tensor) -> float:  # the written word predicted
+        return (logits.argmax(dim=1) == test.attributes).float().mean().item()
+
+    zero_shot, _ = evaluator.logits("zero_shot", test, {})
+    assert typographic(zero_shot) > 0.95 and (zero_shot.argmax(dim=1) == test.labels).float().mean() < 0.05
+    # within the true class only the written word's latents vary with the written word
+    assert set(evaluator.latent_scores("within_class").topk(CLASSES).indices.tolist()) == {3, 4, 5}
+    ablated = evaluator.evaluate("ablate", Grid(ablate_scores=("within_class",), ablate_counts=(1, 2, 3)))
+    summary = ablated.summary()
+    assert summary["selected_n_latents_ablate"] == 3 and set(summary["latents_ablate"].split(",")) == {"3", "4", "5"}
+    assert summary["test_top1_ablate"] > 0.99  # the true label restored
+    steered, _ = evaluator.logits("ablate", test, {"score": "within_class", "n_latents": 3})
+    assert typographic(steered) < 0.01
+    # ablating no latent is the identity: the attack stands
+    untouched = steering.ablate(sae, test.cls, torch.tensor([], dtype=torch.long))
+    torch.testing.assert_close(untouched, test.cls, atol=1e-6, rtol=0)
