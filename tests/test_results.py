@@ -112,3 +112,37 @@ def test_card_latents_are_what_ablate_removed_then_the_most_steerable(tmp_path):
     assert chosen[4] == "ablate removed it (within_class, 2 latents); steerable (S 0.70 toward dog)"
     assert chosen[9] == "steerable (S 0.20 toward cat)"
     assert card_latents({"latents_ablate": float("nan")}, str(tmp_path / "none")) == {}  # no ablate, no file
+
+
+def test_typographic_table_gives_each_method_at_its_validation_selected_trial_per_block(tmp_path):
+    from vs2ray.report import write_report
+    from vs2ray.results import typographic_table
+
+    def trial(trial_id, block, started, ablate_val, ablate_test, ablate_typographic):
+        result = {
+            "sae_block": block,
+            "sae_tokens": "cls",
+            "sae_dir": f"/saes/{trial_id}",
+            **{"fvu": 0.1, "val_fvu": 0.11, "l0": 8.0},
+            "test_typographic_zero_shot": 0.7,
+        }
+        result |= {**metrics("zero_shot", 0.25, 0.2, 0.2), **metrics("ablate", ablate_val, ablate_test, 0.9)}
+        result |= {"test_typographic_ablate": ablate_typographic, "val_typographic_ablate": 0.1}
+        write_trial(tmp_path, trial_id, started, {"sae.layer": block}, result)
+
+    trial("a", 11, 100.0, 0.60, 0.55, 0.15)
+    trial("b", 11, 101.0, 0.70, 0.50, 0.20)  # the better validation top-1 at block 11: its test figures count
+    trial("c", 6, 102.0, 0.40, 0.45, 0.30)
+    table = typographic_table(load_results(tmp_path)).set_index("block")
+    assert list(table.index) == [6, 11] and table.loc[11, "trials"] == 2
+    assert table.loc[11, "ablate true"] == pytest.approx(50.0) and table.loc[11, "ablate typographic"] == pytest.approx(
+        20.0
+    )
+    assert table.loc[6, "ablate typographic"] == pytest.approx(30.0)
+    assert table.loc[6, "zero_shot typographic"] == pytest.approx(70.0)
+    assert typographic_table(load_results(tmp_path).drop(columns=["test_typographic_ablate"])).columns.tolist() == [
+        "block", "tokens", "trials", "zero_shot true", "zero_shot typographic"
+    ]  # fmt: skip
+    report = write_report(str(tmp_path), tmp_path / "report").read_text()
+    section = report.split("## Typographic attacks by block")[1].split("\n## ")[0]
+    assert "feature suppression typographic" in section and "| 11 |" in section

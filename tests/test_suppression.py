@@ -115,13 +115,17 @@ def test_suppressing_the_written_words_latents_restores_the_true_label_of_attack
     text = torch.nn.functional.normalize(0.4 * OBJECT + WORD, dim=1)
     pool, val = written_word_split("pool", 3000, False, 1), written_word_split("val", 600, False, 2)
     test = written_word_split("test", 900, True, 3)  # every test image carries a wrong class's name
-    evaluator = Evaluator(sae.eval(), TYPO_HEAD, text, pool, val, test, num_groups=CLASSES * CLASSES)
+    evaluator = Evaluator(sae.eval(), TYPO_HEAD, text, pool, val, test, num_groups=CLASSES**2, written_words=True)
 
     def typographic(logits: torch.Tensor) -> float:  # the written word predicted
         return (logits.argmax(dim=1) == test.attributes).float().mean().item()
 
     zero_shot, _ = evaluator.logits("zero_shot", test, {})
     assert typographic(zero_shot) > 0.95 and (zero_shot.argmax(dim=1) == test.labels).float().mean() < 0.05
+    reported = evaluator.evaluate("zero_shot", Grid()).summary()
+    assert reported["test_typographic_zero_shot"] == typographic(zero_shot)
+    # a third of the val images carry their own class's name: zero-shot reads the word on every image
+    assert reported["val_typographic_zero_shot"] > 0.95 and 0.25 < reported["val_top1_zero_shot"] < 0.45
     # within the true class only the written word's latents vary with the written word
     assert set(evaluator.latent_scores("within_class").topk(CLASSES).indices.tolist()) == {3, 4, 5}
     ablated = evaluator.evaluate("ablate", Grid(ablate_scores=("within_class",), ablate_counts=(1, 2, 3)))
@@ -129,7 +133,7 @@ def test_suppressing_the_written_words_latents_restores_the_true_label_of_attack
     assert summary["selected_n_latents_ablate"] == 3 and set(summary["latents_ablate"].split(",")) == {"3", "4", "5"}
     assert summary["test_top1_ablate"] > 0.99  # the true label restored
     steered, _ = evaluator.logits("ablate", test, {"score": "within_class", "n_latents": 3})
-    assert typographic(steered) < 0.01
+    assert typographic(steered) == summary["test_typographic_ablate"] < 0.01
     # ablating no latent is the identity: the attack stands
     untouched = steering.ablate(sae, test.cls, torch.tensor([], dtype=torch.long))
     torch.testing.assert_close(untouched, test.cls, atol=1e-6, rtol=0)

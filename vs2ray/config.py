@@ -210,6 +210,7 @@ DATASETS_WITH_GROUPS = (
     "rta100",
     "paint_typographic",
 )  # their records carry a nuisance attribute
+TYPOGRAPHIC_DATASETS = ("rta100", "paint_typographic")  # their attribute is the class whose name is on the image
 
 
 class DatasetConfig(Section):

@@ -206,6 +206,10 @@ class MethodResult:
     val_worst: list[float] = field(default_factory=list)  # empty without groups
     test_worst: list[float] = field(default_factory=list)
     per_group_test: list[list[float]] = field(default_factory=list, repr=False)
+    # on typographic attacks (the attribute is the class whose name is written on the image): the share of
+    # images predicted as the written word; empty elsewhere
+    val_typographic: list[float] = field(default_factory=list)
+    test_typographic: list[float] = field(default_factory=list)
     units: list[int] | None = None  # the latents it acts on at the selected setting (`Method.units`)
 
     @property
@@ -225,6 +229,9 @@ class MethodResult:
         if self.val_worst:
             out[metric_name("val_worst_group", m)] = self.val_worst[i]
             out[metric_name("test_worst_group", m)] = self.test_worst[i]
+        if self.val_typographic:
+            out[metric_name("val_typographic", m)] = self.val_typographic[i]
+            out[metric_name("test_typographic", m)] = self.test_typographic[i]
         out.update({metric_name(f"selected_{name}", m): value for name, value in self.settings[i].items()})
         if self.coverage[i] is not None:
             out[metric_name("coverage", m)] = self.coverage[i]
@@ -284,9 +291,11 @@ class Evaluator:
         num_groups: int = 0,
         select_by: str = "top1",
         empty_negatives: steering.EmptyNegatives = "pool_mean",
+        written_words: bool = False,
     ) -> None:
         self.sae, self.head, self.classifier = sae.eval(), head, text_classifier
         self.empty_negatives = empty_negatives
+        self.written_words = written_words  # the attribute is the class whose name is written on the image
         self.pool, self.val, self.test = PoolData.of(pool), val, test
         self.search = search
         self.encoder = encoder
@@ -589,6 +598,13 @@ class Evaluator:
             return None
         return group_accuracies(logits, split.labels, split.groups, self.num_groups)
 
+    def _typographic(self, logits: torch.Tensor, split: Split) -> float | None:
+        """The share of `split`'s images predicted as the class whose name is written on them (typographic
+        accuracy: what an attack wants), or None where the attribute is no written word."""
+        if not self.written_words or split.attributes is None:
+            return None
+        return (logits.argmax(dim=1) == split.attributes).float().mean().item()
+
     def _logits_by_setting(
         self, method: str, split: SplitData, settings: list[Setting]
     ) -> tuple[list[torch.Tensor], list[Steered]]:
@@ -611,11 +627,14 @@ class Evaluator:
             for logits, steered in zip(*self._logits_by_setting(method, split, settings), strict=True):
                 top1, top5, per_class = accuracy(logits, split.labels, self.num_classes)
                 per_group = self._per_group(logits, split)
+                typographic = self._typographic(logits, split)
                 if split is self.val:
                     result.val_top1.append(top1)
                     result.val_top5.append(top5)
                     if per_group is not None:
                         result.val_worst.append(worst_group(per_group))
+                    if typographic is not None:
+                        result.val_typographic.append(typographic)
                 else:
                     result.test_top1.append(top1)
                     result.test_top5.append(top5)
@@ -626,6 +645,8 @@ class Evaluator:
                     if per_group is not None:
                         result.test_worst.append(worst_group(per_group))
                         result.per_group_test.append(per_group)
+                    if typographic is not None:
+                        result.test_typographic.append(typographic)
         units = METHODS[method].units
         if units is not None:
             result.units = units(self, settings[result.selected])
@@ -660,6 +681,7 @@ class Evaluator:
             self.num_groups,
             self.select_by,
             self.empty_negatives,
+            self.written_words,
         )
 
     def evaluate_all(self, methods: Sequence[str], grid: Grid) -> dict[str, MethodResult]:

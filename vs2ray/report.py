@@ -54,6 +54,7 @@ from vs2ray.results import (
     steerability_table,
     trial_file,
     trial_predictions,
+    typographic_table,
     worst_group_table,
 )
 from vs2ray.steerability import SteerabilitySettings, describe_settings
@@ -262,6 +263,21 @@ def worst_group_section(groups: pd.DataFrame) -> str:
     )
 
 
+def typographic_section(attacks: pd.DataFrame) -> str:
+    """True-label and typographic test accuracy by block (the companion paper's typographic-attack view)."""
+    shown = attacks.rename(
+        columns={c: c.replace(m, METHOD_LABELS[m]) for c in attacks for m in METHOD_LABELS if c.startswith(f"{m} ")}
+    )
+    return (
+        "Per block and token set, each method at the block's trial (and grid setting) with the best "
+        "**validation** top-1: the test images' true-label accuracy (true, %) and typographic accuracy "
+        "(typographic, %: the share predicted as the class whose name is written on the image, what the attack "
+        "wants). Suppression (`ablate`) removes the latents that track the written word within a class, "
+        "chosen on the validation images. Zero-shot does not depend on the block; it is repeated per block.\n\n"
+        + _markdown(shown)
+    )
+
+
 def per_group_section(done: pd.DataFrame, config: Any) -> list[str]:
     """Per-group test accuracy of every method in the trial that is best by the search metric (if it has groups)."""
     metric = config.search.metrics[0] if config is not None else None
@@ -391,6 +407,9 @@ def write_report(experiment: str, out: Path) -> Path:
     if len(groups):
         lines += ["## Worst-group accuracy by block (feature suppression)", "", worst_group_section(groups), ""]
         lines += per_group_section(done, config)
+    attacks = typographic_table(trials) if len(done) else pd.DataFrame()
+    if len(attacks):
+        lines += ["## Typographic attacks by block", "", typographic_section(attacks), ""]
     shares = steerability_table(trials) if len(done) else pd.DataFrame()
     if len(shares):
         lines += ["## Steerability by block", "", steerability_section(shares, most_steerable(trials), config), ""]

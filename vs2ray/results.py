@@ -379,6 +379,28 @@ def worst_group_table(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def typographic_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """True-label and typographic test accuracy (%) by block and token set, for every method on a typographic
+    dataset (the share of images predicted as their true class, and as the class written on them).
+
+    Per (block, tokens) and method, the trial with the best validation top-1 for that method gives both.
+    Empty on other datasets.
+    """
+    rows = []
+    for (block, tokens), group in _done_by_block(trials):
+        row: dict[str, Any] = {"block": int(block), "tokens": tokens, "trials": len(group)}
+        for method in methods_in(group):
+            typographic = metric_name("test_typographic", method)
+            if typographic not in group or group[typographic].isna().all():
+                continue
+            best = group.loc[group[metric_name("val_top1", method)].idxmax()]
+            row[f"{method} true"] = 100 * best[metric_name("test_top1", method)]
+            row[f"{method} typographic"] = 100 * best[typographic]
+        if len(row) > 3:
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def steerability_table(trials: pd.DataFrame) -> pd.DataFrame:
     """The share (%) of steerable latents and of steerable neurons by block and token set, and the numbers of
     steerable units they imply (share × the block's latents or width), averaged over the block's trials that

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vs2ray import steering
-from vs2ray.config import ConfigError, Distribution, ExperimentConfig, values_of
+from vs2ray.config import TYPOGRAPHIC_DATASETS, ConfigError, Distribution, ExperimentConfig, values_of
 from vs2ray.data import get_dataset, prompt_templates_for
 from vs2ray.devices import worker_device
 from vs2ray.evaluate import Encoder, Evaluator, Grid, PoolData, PoolRows, SplitData, accuracy
@@ -606,6 +606,7 @@ def build_evaluator(
         data.num_groups,
         config.steering.select_by,
         config.retrieval.empty_negatives,
+        written_words=config.dataset.name in TYPOGRAPHIC_DATASETS,
     )
 
 

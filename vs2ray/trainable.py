@@ -22,7 +22,7 @@ from ray.tune import Callback
 from vs2ray.config import ExperimentConfig, config_with, full_steps, validate_config
 from vs2ray.devices import environment, limit_gpu_memory, worker_device
 from vs2ray.evaluate import Evaluator, MethodResult
-from vs2ray.methods import GROUP_METRICS, METHOD_METRICS, method_of
+from vs2ray.methods import GROUP_METRICS, METHOD_METRICS, TYPOGRAPHIC_METRICS, method_of
 from vs2ray.results import (
     CHECKPOINT_FILES,
     METHODS_FILE,
@@ -72,7 +72,7 @@ class IntermediateReports:
 
     def __init__(self, config: ExperimentConfig, data: SweepData, device: str, started: float) -> None:
         self.config, self.data, self.device, self.started = config, data, device, started
-        kinds = METHOD_METRICS + GROUP_METRICS
+        kinds = METHOD_METRICS + GROUP_METRICS + TYPOGRAPHIC_METRICS
         searched = {method_of(metric, kind) for metric in config.search.metrics for kind in kinds}
         self.methods = [m for m in config.steering.methods if m in searched]
         self.samples: dict[str, torch.Tensor] = {}  # drawn at the first report: a cached SAE never needs them

@@ -19,6 +19,7 @@ from typing import Any
 
 from vs2ray.config import (
     DATASETS_WITH_GROUPS,
+    TYPOGRAPHIC_DATASETS,
     ConfigError,
     Distribution,
     ExperimentConfig,
@@ -28,7 +29,7 @@ from vs2ray.config import (
     search_space,
 )
 from vs2ray.files import is_uri, list_dirs, modified, storage_filesystem
-from vs2ray.methods import GROUP_METRICS, METHOD_METRICS, metric_name
+from vs2ray.methods import GROUP_METRICS, METHOD_METRICS, TYPOGRAPHIC_METRICS, metric_name
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 
@@ -68,6 +69,7 @@ def allowed_metrics(config: ExperimentConfig) -> list[str]:
 
     methods = config.steering.methods
     kinds = METHOD_METRICS + GROUP_METRICS * (config.dataset.name in DATASETS_WITH_GROUPS)
+    kinds += TYPOGRAPHIC_METRICS * (config.dataset.name in TYPOGRAPHIC_DATASETS)
     steerability = ["steerable_latents", "steerable_neurons"] * config.steerability.enabled
     return [metric_name(kind, m) for m in methods for kind in kinds] + [*SAE_METRICS, "trial_seconds", *steerability]
 
