@@ -282,8 +282,12 @@ def test_every_shipped_sweep_is_valid_and_starts_with_its_paper_defaults(path):
     assert points and all(point["steering.gamma"] == 1.5 and point["steering.lambda"] == 2.1 for point in points)
 
 
-def test_a_paper_sweep_without_its_data_fails_with_a_clear_message(tmp_path):
-    config = QUICKSTART.parent / "cub200_vit_b32.yaml"
+@pytest.mark.parametrize(
+    ("sweep", "says"),
+    [("cub200_vit_b32.yaml", "has no train/ directory"), ("rta100_vit_b32.yaml", "ours/data is missing")],
+)
+def test_a_paper_sweep_without_its_data_fails_with_a_clear_message(tmp_path, sweep, says):
+    config = QUICKSTART.parent / sweep
     assignments = (f"storage.root={tmp_path}", f"dataset.root={tmp_path / 'no-cub-here'}")
     output = subprocess.run(
         cli_command("vs2ray.sweep", "--config", str(config), assignments=assignments),
@@ -292,7 +296,7 @@ def test_a_paper_sweep_without_its_data_fails_with_a_clear_message(tmp_path):
         timeout=60,
     )
     assert output.returncode == 1
-    assert "no-cub-here" in output.stderr and "has no train/ directory" in output.stderr
+    assert "no-cub-here" in output.stderr and says in output.stderr
     assert "Traceback" not in output.stderr
 
 
