@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vs2ray.evaluate import Evaluator, Grid, PoolData, PoolRows, SplitData, accuracy, format_table
+from vs2ray.evaluate import Evaluator, Grid, PoolData, PoolRows, SplitData, Tally, accuracy, format_table
 from vs2ray.retrieval import IndexShard
 from vs2ray.sae import ActivationRows, SAETrainParams, train_sae
 from vs2ray.stages import grid_values
@@ -339,3 +339,23 @@ def test_centroid_shift_is_vs2_minus_the_sae_error_term(evaluator):
 def test_sae_rec_all_without_the_encoder_and_one_sae_per_block_is_refused(evaluator):
     with pytest.raises(ValueError, match="sae_rec_all needs the encoder and one SAE per block"):
         evaluator.logits("sae_rec_all", evaluator.test, {})
+
+
+def test_a_tally_counted_part_by_part_gives_the_whole_splits_accuracies():
+    g = torch.Generator().manual_seed(5)
+    labels, attributes = torch.randint(CLASSES, (500,), generator=g), torch.randint(2, (500,), generator=g)
+    logits = torch.randn(500, CLASSES, generator=g) + 2.0 * F.one_hot(labels, CLASSES)
+    split = SplitData("s", torch.zeros(500, 1), torch.zeros(500, 1), labels, attributes=attributes,
+                      groups=2 * labels + attributes)  # fmt: skip
+    tally = Tally(CLASSES, 2 * CLASSES, keep_predictions=True)
+    for start, stop in ((0, 123), (123, 400), (400, 500)):
+        tally.add(logits[start:stop], split.rows(start, stop), written_words=True)
+    top1, top5, per_class = accuracy(logits, labels, CLASSES)
+    assert (tally.top1(), tally.top5(), tally.per_class()) == (top1, top5, per_class)
+    predicted = logits.argmax(dim=1)
+    for group in range(2 * CLASSES):  # by hand, group by group
+        in_group = split.groups == group
+        assert tally.per_group()[group] == (predicted[in_group] == labels[in_group]).double().mean().item()
+    assert tally.typographic() == (predicted == attributes).double().mean().item()
+    torch.testing.assert_close(torch.cat(tally.predictions), predicted)
+    assert Tally(CLASSES).typographic() is None and Tally(CLASSES).per_group() is None

@@ -246,18 +246,68 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tu
     """top-1, top-5 and per-class top-1 of logits (n, classes) against labels (n,)."""
     ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hit1 = ranked[:, 0] == labels
-    top5 = (ranked == labels[:, None]).any(dim=1).float().mean().item()
+    top5 = (ranked == labels[:, None]).any(dim=1).double().mean().item()
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)
     per_class = (torch.bincount(labels[hit1], minlength=num_classes) / counts).tolist()
-    return hit1.float().mean().item(), top5, per_class
+    return hit1.double().mean().item(), top5, per_class
 
 
-def group_accuracies(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, num_groups: int) -> list[float]:
-    """Top-1 accuracy within each group (num_groups,), NaN for a group with no rows."""
-    hits = (logits.argmax(dim=1) == labels).double()
-    counts = torch.bincount(groups, minlength=num_groups).double()
-    correct = torch.bincount(groups, weights=hits, minlength=num_groups)
-    return torch.where(counts > 0, correct / counts.clamp_min(1), torch.nan).tolist()
+class Tally:
+    """What a split's accuracies need for one setting, counted a part at a time: hits and images per class,
+    top-5 hits, hits and images per group, written-word predictions, and (for the test split) the predictions.
+    Nothing grows with the split but the kept predictions, so a validation split as large as the store's
+    tenth costs no more than a small one."""
+
+    def __init__(self, num_classes: int, num_groups: int = 0, keep_predictions: bool = False) -> None:
+        self.num_classes, self.num_groups = num_classes, num_groups
+        self.hits = torch.zeros(num_classes, dtype=torch.long)
+        self.seen = torch.zeros(num_classes, dtype=torch.long)
+        self.top5_hits = 0
+        self.group_hits = torch.zeros(num_groups, dtype=torch.long)
+        self.group_seen = torch.zeros(num_groups, dtype=torch.long)
+        self.written_hits: int | None = None
+        self.predictions: list[torch.Tensor] | None = [] if keep_predictions else None
+
+    def add(self, logits: torch.Tensor, split: Split, written_words: bool = False) -> None:
+        """Count one part's logits (n, classes) against its labels (and groups, written words)."""
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        predicted, labels = ranked[:, 0], split.labels
+        hit = predicted == labels
+        self.hits += torch.bincount(labels[hit], minlength=self.num_classes).cpu()
+        self.seen += torch.bincount(labels, minlength=self.num_classes).cpu()
+        self.top5_hits += int((ranked == labels[:, None]).any(dim=1).sum())
+        if self.num_groups and split.groups is not None:
+            self.group_hits += torch.bincount(split.groups[hit], minlength=self.num_groups).cpu()
+            self.group_seen += torch.bincount(split.groups, minlength=self.num_groups).cpu()
+        if written_words and split.attributes is not None:
+            self.written_hits = (self.written_hits or 0) + int((predicted == split.attributes).sum())
+        if self.predictions is not None:
+            self.predictions.append(predicted.cpu())
+
+    @property
+    def images(self) -> int:
+        return int(self.seen.sum())
+
+    def top1(self) -> float:
+        return int(self.hits.sum()) / max(1, self.images)
+
+    def top5(self) -> float:
+        return self.top5_hits / max(1, self.images)
+
+    def per_class(self) -> list[float]:
+        """Top-1 within each class (classes,); 0 for a class with no images."""
+        return (self.hits / self.seen.clamp_min(1)).tolist()
+
+    def per_group(self) -> list[float] | None:
+        """Top-1 within each group (groups,), NaN for a group with no images; None without groups."""
+        if not self.num_groups or not int(self.group_seen.sum()):
+            return None
+        seen = self.group_seen.double()
+        return torch.where(seen > 0, self.group_hits.double() / seen.clamp_min(1), torch.nan).tolist()
+
+    def typographic(self) -> float | None:
+        """The share of images predicted as the class written on them; None where no word is written."""
+        return None if self.written_hits is None else self.written_hits / max(1, self.images)
 
 
 def worst_group(per_group: list[float]) -> float:
@@ -593,55 +643,42 @@ class Evaluator:
             raise ValueError(f"steering at block {block} needs the encoder's blocks (Encoder.run_block)")
         return steering.finish_forward(tokens_ntd, encoder.block + 1, encoder.num_blocks, encoder.run_block)[:, 0]
 
-    def _per_group(self, logits: torch.Tensor, split: Split) -> list[float] | None:
-        if not self.num_groups or split.groups is None:
-            return None
-        return group_accuracies(logits, split.labels, split.groups, self.num_groups)
-
-    def _typographic(self, logits: torch.Tensor, split: Split) -> float | None:
-        """The share of `split`'s images predicted as the class whose name is written on them (typographic
-        accuracy: what an attack wants), or None where the attribute is no written word."""
-        if not self.written_words or split.attributes is None:
-            return None
-        return (logits.argmax(dim=1) == split.attributes).float().mean().item()
-
-    def _logits_by_setting(
-        self, method: str, split: SplitData, settings: list[Setting]
-    ) -> tuple[list[torch.Tensor], list[Steered]]:
-        """Per setting: `method`'s logits (n, classes) over the whole split, computed part by part, and its
+    def _tallies(
+        self, method: str, split: SplitData, settings: list[Setting], keep_predictions: bool = False
+    ) -> tuple[list[Tally], list[Steered]]:
+        """Per setting: `method`'s accuracies over the whole split, counted part by part (`Tally`), and its
         coverage and empty-S− shares over the split (no rows: they stay with their part)."""
-        logits: list[list[torch.Tensor]] = [[] for _ in settings]
+        tallies = [Tally(self.num_classes, self.num_groups, keep_predictions) for _ in settings]
         shares: list[list[tuple[int, Steered]]] = [[] for _ in settings]
         for part in self.parts(split):
             for i, setting in enumerate(settings):
                 part_logits, steered = self.logits(method, part, setting)
-                logits[i].append(part_logits)
+                tallies[i].add(part_logits, part, self.written_words)
                 shares[i].append((len(part.labels), steered._replace(rows=torch.zeros(0))))  # rows: the part's
-        return [torch.cat(chunks) for chunks in logits], [_pooled_shares(s) for s in shares]
+        return tallies, [_pooled_shares(s) for s in shares]
 
     def evaluate(self, method: str, grid: Grid) -> MethodResult:
         """Every setting of `method` on validation and test."""
         settings = settings_for(method, grid)
         result = MethodResult(method, settings, self.select_by)
         for split in (self.val, self.test):
-            for logits, steered in zip(*self._logits_by_setting(method, split, settings), strict=True):
-                top1, top5, per_class = accuracy(logits, split.labels, self.num_classes)
-                per_group = self._per_group(logits, split)
-                typographic = self._typographic(logits, split)
-                if split is self.val:
-                    result.val_top1.append(top1)
-                    result.val_top5.append(top5)
+            is_test = split is self.test
+            for tally, steered in zip(*self._tallies(method, split, settings, keep_predictions=is_test), strict=True):
+                per_group, typographic = tally.per_group(), tally.typographic()
+                if not is_test:
+                    result.val_top1.append(tally.top1())
+                    result.val_top5.append(tally.top5())
                     if per_group is not None:
                         result.val_worst.append(worst_group(per_group))
                     if typographic is not None:
                         result.val_typographic.append(typographic)
                 else:
-                    result.test_top1.append(top1)
-                    result.test_top5.append(top5)
+                    result.test_top1.append(tally.top1())
+                    result.test_top5.append(tally.top5())
                     result.coverage.append(steered.coverage)
                     result.empty_negatives.append(steered.empty_negatives)
-                    result.per_class_test.append(per_class)
-                    result.test_predictions.append(logits.argmax(dim=1).cpu().numpy())
+                    result.per_class_test.append(tally.per_class())
+                    result.test_predictions.append(torch.cat(tally.predictions or []).numpy())
                     if per_group is not None:
                         result.test_worst.append(worst_group(per_group))
                         result.per_group_test.append(per_group)
@@ -656,11 +693,9 @@ class Evaluator:
         """`method`'s validation top-1 and top-5 (and worst-group accuracy) at its selected setting, without
         touching the test split."""
         scores = []
-        all_logits, _ = self._logits_by_setting(method, self.val, settings_for(method, grid))
-        for logits in all_logits:
-            top1, top5, _ = accuracy(logits, self.val.labels, self.num_classes)
-            per_group = self._per_group(logits, self.val)
-            score = {metric_name("val_top1", method): top1, metric_name("val_top5", method): top5}
+        for tally in self._tallies(method, self.val, settings_for(method, grid))[0]:
+            per_group = tally.per_group()
+            score = {metric_name("val_top1", method): tally.top1(), metric_name("val_top5", method): tally.top5()}
             if per_group is not None:
                 score[metric_name("val_worst_group", method)] = worst_group(per_group)
             scores.append(score)
