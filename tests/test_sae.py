@@ -374,3 +374,28 @@ def test_l0_is_measured_per_row_with_its_spread_and_on_cls_apart_from_the_patche
     assert (metrics["l0_p10"], metrics["l0_median"], metrics["l0_p90"]) == (1.0, 1.0, 3.0)
     assert metrics["l0_std"] == pytest.approx(float(torch.tensor([3.0, 1.0, 1.0] * 10).std()))
     assert "l0_cls" not in evaluate_sae(sae, tokens)  # plain rows: no token types
+
+
+def test_l0_and_fvu_statistics_without_per_row_l0_are_what_sorting_every_row_gives():
+    from vs2ray.sae import ActivationRows, measure_sae, per_sample_fvu
+
+    g = torch.Generator().manual_seed(3)
+    sae = SparseAutoencoder(8, 32, 4, kind="relu_l1").eval()  # L0 varies row by row, from 0 to 32
+    rows = torch.randn(1001, 8, generator=g) * torch.rand(1001, 1, generator=g) * 3
+    metrics, _ = measure_sae(sae, ActivationRows(rows), batch_size=97)  # batches that cut the rows unevenly
+    with torch.no_grad():
+        x_hat, values, _ = sae(rows)
+    l0 = (values != 0).sum(dim=1).double()
+    ranked = l0.sort().values
+    assert len(torch.unique(l0)) > 5
+    assert metrics["l0"] == pytest.approx(l0.mean().item(), abs=1e-12)
+    assert metrics["l0_std"] == pytest.approx(l0.std().item(), abs=1e-12)
+    assert [metrics[k] for k in ("l0_p10", "l0_median", "l0_p90")] == [
+        ranked[int(q * 1000)].item() for q in (0.1, 0.5, 0.9)
+    ]
+    fvu = per_sample_fvu(rows, x_hat, rows.mean(dim=0, dtype=torch.float64).float())
+    assert metrics["fvu_per_sample_median"] == pytest.approx(fvu.median().item(), rel=1e-5)
+    even = measure_sae(sae, ActivationRows(rows[:1000]), batch_size=97)[0]  # torch.median: the lower middle
+    fvu = per_sample_fvu(rows[:1000], x_hat[:1000], rows[:1000].mean(dim=0, dtype=torch.float64).float())
+    assert even["fvu_per_sample_median"] == pytest.approx(fvu.median().item(), rel=1e-5)
+    assert fvu.median() < fvu.sort().values[500]  # the two middle values differ: the lower one is taken
