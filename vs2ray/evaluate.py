@@ -361,11 +361,13 @@ class Evaluator:
         self._pool_mean_code: torch.Tensor | None = None
         self._token_rows: dict[str, SplitData] = {}
         self._whole: dict[str, SplitData] = {}
+        # the pool's per-sample FVUs, sorted ascending: every gate quantile is read off them
         if self._steers_every_token:
             self.mean, self.calibration_fvu = self._calibrate(self._pool_token_rows())
         else:
             self.mean = self.pool.cls.mean()
             self.calibration_fvu = self._cls_calibration_fvu()
+        _sort_in_place(self.calibration_fvu)
 
     SAE_PASS_ROWS = 16384  # rows per SAE pass: the (rows, latents) pre-activations stay small
     # host tokens read per part of a split: steering holds several copies of a part's tokens at once
@@ -490,7 +492,7 @@ class Evaluator:
         return self._sae_passes[split.name]
 
     def gate_threshold(self, quantile: float) -> float:
-        return steering.gate_threshold(self.calibration_fvu, quantile)
+        return steering.gate_threshold(self.calibration_fvu, quantile, is_sorted=True)
 
     def zero_shot_labels(self, split: Split | Pool) -> torch.Tensor:
         if split.name not in self._zero_shot:
@@ -722,6 +724,14 @@ class Evaluator:
     def evaluate_all(self, methods: Sequence[str], grid: Grid) -> dict[str, MethodResult]:
         """Each method in `methods`, in that order."""
         return {m: self.evaluate(m, grid) for m in methods}
+
+
+def _sort_in_place(values: torch.Tensor) -> None:
+    """Sort `values` (n,) ascending where they are (on the CPU without a copy; torch.sort makes two)."""
+    if values.device.type == "cpu":
+        values.numpy().sort()
+    else:
+        values.copy_(values.sort().values)
 
 
 def _pooled_shares(parts: list[tuple[int, Steered]]) -> Steered:
