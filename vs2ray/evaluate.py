@@ -77,11 +77,10 @@ class PoolRows:
     from the host store a chunk or a gather at a time (`sae.ActivationRows`, memory-mapped: the pool is the
     SAE's training split, the largest of a trial, never whole in host memory). Every read is on `device`."""
 
-    def __init__(self, rows: torch.Tensor | ActivationRows, device: torch.device | str | None = None) -> None:
+    def __init__(self, rows: torch.Tensor | ActivationRows, device: torch.device | str = "cpu") -> None:
         self.rows = rows
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        if isinstance(rows, torch.Tensor):
-            self.device = rows.device
+        # a tensor's reads stay where it is; host rows are read onto `device`
+        self.device = rows.device if isinstance(rows, torch.Tensor) else torch.device(device)
 
     def __len__(self) -> int:
         return len(self.rows)
