@@ -36,8 +36,9 @@ def _read_csv(path: Path, dataset: str, hint: str) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-class _GroupCSVDataset(ImageDataset):
-    """Records (id, label, attribute, image path) per split, read once from the metadata."""
+class GroupRecordsDataset(ImageDataset):
+    """Splits train, val, test of image files with a label and an attribute each, from rows (split code 0, 1
+    or 2, label, attribute, image path); ids count up within a split in the rows' order."""
 
     def __init__(self, rows: list[tuple[int, int, int, str]]) -> None:
         self._records: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
@@ -58,7 +59,7 @@ class _GroupCSVDataset(ImageDataset):
             return image.convert("RGB")
 
 
-class WaterbirdsDataset(_GroupCSVDataset):
+class WaterbirdsDataset(GroupRecordsDataset):
     """Waterbirds: landbird / waterbird on a land / water background (4 groups)."""
 
     name = "waterbirds"
@@ -84,7 +85,7 @@ class WaterbirdsDataset(_GroupCSVDataset):
         return ["landbird", "waterbird"]
 
 
-class CelebADataset(_GroupCSVDataset):
+class CelebADataset(GroupRecordsDataset):
     """CelebA with a binary target attribute as the class and another binary attribute as the group."""
 
     name = "celeba"

@@ -23,12 +23,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from vs2ray.data.base import DatasetUnavailable, ImageDataset, ImageRecord
+from vs2ray.data.base import DatasetUnavailable
+from vs2ray.data.groups import SPLITS, GroupRecordsDataset
 from vs2ray.data.imagefolder import IMAGE_SUFFIXES
 
-SPLIT_SHARES = {"train": 0.5, "val": 0.2, "test": 0.3}
+SPLIT_SHARES = dict(zip(SPLITS, (0.5, 0.2, 0.3), strict=True))  # train, val, test
 # the object may hold underscores or spaces; the written word runs to the extension
 ANNOTATED_NAME = re.compile(r"^label=(?P<label>.+?)_text=(?P<text>.+)\.(?P<ext>[A-Za-z]+)$")
 
@@ -41,7 +41,7 @@ def parse_annotated_name(file_name: str) -> tuple[str, str] | None:
     return match["label"], match["text"]
 
 
-class WordOnImageDataset(ImageDataset):
+class WordOnImageDataset(GroupRecordsDataset):
     """Images of `image_dir` annotated in their file names; splits drawn by `seed` (SPLIT_SHARES)."""
 
     prompt_templates = ("a photo of a {}.",)
@@ -72,13 +72,16 @@ class WordOnImageDataset(ImageDataset):
         index = {name: i for i, name in enumerate(self._classes)}
         order = np.random.default_rng(seed).permutation(len(annotated))
         bounds = np.cumsum([round(share * len(annotated)) for share in SPLIT_SHARES.values()])[:-1]
-        self._records: dict[str, list[ImageRecord]] = {}
-        for split, positions in zip(SPLIT_SHARES, np.split(order, bounds), strict=True):
-            chosen = [annotated[i] for i in sorted(positions)]  # file-name order within a split: stable ids
-            self._records[split] = [
-                ImageRecord(id=i, label=index[label], ref=str(path), attribute=index[text])
-                for i, (path, label, text) in enumerate(chosen)
+        split_of = np.empty(len(annotated), dtype=int)
+        for code, positions in enumerate(np.split(order, bounds)):
+            split_of[positions] = code
+        # in file-name order, so that ids within a split follow the file names
+        super().__init__(
+            [
+                (int(split_of[i]), index[label], index[text], str(path))
+                for i, (path, label, text) in enumerate(annotated)
             ]
+        )
 
     @property
     def classes(self) -> list[str]:
@@ -87,18 +90,6 @@ class WordOnImageDataset(ImageDataset):
     @property
     def concept_words(self) -> list[str]:
         return list(self._classes)  # the attributes are the same words
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        return tuple(SPLIT_SHARES)
-
-    def records(self, split: str) -> list[ImageRecord]:
-        self.check_split(split)
-        return list(self._records[split])
-
-    def load_image(self, split: str, ref: str) -> Image.Image:
-        with Image.open(ref) as image:
-            return image.convert("RGB")
 
 
 class RTA100Dataset(WordOnImageDataset):
