@@ -250,11 +250,16 @@ def kind_section(kinds: pd.DataFrame) -> str:
     )
 
 
+def _with_method_labels(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with its "<method> <figure>" columns named by the methods' labels."""
+    return table.rename(
+        columns={c: c.replace(m, METHOD_LABELS[m]) for c in table for m in METHOD_LABELS if c.startswith(f"{m} ")}
+    )
+
+
 def worst_group_section(groups: pd.DataFrame) -> str:
     """Average and worst-group test accuracy by block (the companion paper's suppression view)."""
-    shown = groups.rename(
-        columns={c: c.replace(m, METHOD_LABELS[m]) for c in groups for m in METHOD_LABELS if c.startswith(f"{m} ")}
-    )
+    shown = _with_method_labels(groups)
     return (
         "Per block and token set, each method at the block's trial (and grid setting) with the best "
         "**validation** worst-group accuracy: test top-1 (avg, %) and test worst-group accuracy (worst, %: the "
@@ -265,9 +270,7 @@ def worst_group_section(groups: pd.DataFrame) -> str:
 
 def typographic_section(attacks: pd.DataFrame) -> str:
     """True-label and typographic test accuracy by block (the companion paper's typographic-attack view)."""
-    shown = attacks.rename(
-        columns={c: c.replace(m, METHOD_LABELS[m]) for c in attacks for m in METHOD_LABELS if c.startswith(f"{m} ")}
-    )
+    shown = _with_method_labels(attacks)
     return (
         "Per block and token set, each method at the block's trial (and grid setting) with the best "
         "**validation** top-1: the test images' true-label accuracy (true, %) and typographic accuracy "
