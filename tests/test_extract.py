@@ -113,7 +113,7 @@ def test_stored_tokens_are_the_models_own_block_outputs(test_store, reference):
             outputs.append(tokens)
     acts = load_activations(result.store_dir, layers=[0, -1], embedding=False, token_layers=[0, -1])
     for layer in (0, 3):
-        stored = torch.from_numpy(acts[f"tokens_{layer}"][:64])
+        stored = torch.from_numpy(np.array(acts[f"tokens_{layer}"][:64]))
         torch.testing.assert_close(stored, outputs[layer], atol=1e-5, rtol=0)
         np.testing.assert_array_equal(acts[f"cls_{layer}"], acts[f"tokens_{layer}"][:, 0])
 
@@ -126,7 +126,7 @@ def test_store_classifier_gives_the_model_paths_predictions(test_store, referenc
     model_classifier = build_text_classifier(bundle, dataset.classes, prompt_templates_for(config.dataset, dataset))
     stored_classifier = load_file(result.store_dir / "classifier.safetensors")["classifier"]
     acts = load_activations(result.store_dir)
-    stored_pred = logits_from_embeddings(torch.from_numpy(acts["embedding"]), stored_classifier).argmax(1)
+    stored_pred = logits_from_embeddings(torch.from_numpy(np.array(acts["embedding"])), stored_classifier).argmax(1)
     model_pred = logits_from_embeddings(independent, model_classifier).argmax(1)
     assert torch.equal(stored_pred, model_pred)
     assert (stored_pred.numpy() == acts.labels).mean() > 0.4  # the bundled model: 50-70% on 5,000 (world card)
@@ -242,7 +242,7 @@ def test_dinov2_retrieval_column_matches_an_independent_timm_forward(tmp_path, r
     dataset = get_dataset(config.dataset)
     pixels = torch.stack([encoder.preprocess(dataset.load_image("test", str(i))) for i in acts.ids])
     torch.testing.assert_close(
-        torch.from_numpy(acts["retrieval"]), encode_retrieval(encoder, pixels), atol=1e-5, rtol=0
+        torch.from_numpy(np.array(acts["retrieval"])), encode_retrieval(encoder, pixels), atol=1e-5, rtol=0
     )
     # the retrieval settings are part of the key: a CLIP-only store is a different one
     assert extract(small_config(tmp_path, "dataset.sizes.test=96"), "test").store_dir != result.store_dir
