@@ -467,3 +467,54 @@ def test_a_spurious_world_sweep_reports_worst_group_accuracy_and_steerability_by
     assert body[1][header.index("zero-shot CLIP avg")] == f"{100 * block_3['test_top1_zero_shot']:.2f}"
     steer_section = text.split("## Steerability by block")[1].split("\n## ")[0]
     assert "latents steerable %" in steer_section and "Most steerable latents" in steer_section
+
+
+def test_a_typographic_sweep_on_rta100_files_reports_true_label_and_typographic_accuracy(
+    storage, tmp_path, ray_session
+):
+    """rta100 end to end on fabricated files in its layout (shapes images named by an object and a written
+    word; the images carry no text, so the figures only have to agree with the predictions): the attribute
+    reaches the store, every method reports its typographic accuracy, and the report has its table."""
+    from PIL import Image
+
+    from vs2ray.data.shapes import CLASS_NAMES, render_shape
+
+    images = tmp_path / "rta" / "ours" / "data"
+    images.mkdir(parents=True)
+    for i in range(400):  # an object and a wrong class's name, each pair once (a file name is its annotation)
+        sample = render_shape(0, "test", i)
+        word = CLASS_NAMES[(sample.label + 1 + i % (len(CLASS_NAMES) - 1)) % len(CLASS_NAMES)]
+        Image.fromarray(sample.pixels).save(images / f"label={CLASS_NAMES[sample.label]}_text={word}.png")
+    assert len(list(images.iterdir())) > 250
+    address = ray_session.get_runtime_context().gcs_address
+    output = run_sweep(
+        storage,
+        address,
+        "typographic",
+        "dataset.name=rta100",
+        f"dataset.root={tmp_path / 'rta'}",
+        "dataset.val_split=val",
+        "sae.layer=-1",
+        "sae.tokens=cls",
+        "steering.methods=[zero_shot, ablate]",
+        "steering.ablate_latents=[1, 4]",
+        "search.metric=val_top1_ablate",
+        "search.num_samples=1",
+    )
+    assert output.returncode == 0, output.stderr[-3000:]
+    (_, trial), = load_results(storage / "experiments" / "typographic").iterrows()  # fmt: skip
+    from vs2ray.config import DatasetConfig
+    from vs2ray.data import get_dataset
+
+    dataset = get_dataset(DatasetConfig(name="rta100", root=str(tmp_path / "rta")))
+    written = np.array([r.attribute for r in dataset.records("test")])
+    predictions = trial_predictions(trial["trial_dir"])
+    assert (predictions["labels"] == [r.label for r in dataset.records("test")]).all()
+    for method in ("zero_shot", "ablate"):
+        assert trial[f"test_typographic_{method}"] == pytest.approx((predictions[method] == written).mean())
+        assert 0 <= trial[f"val_typographic_{method}"] <= 1
+    from analysis.report import write_report
+
+    text = write_report(str(storage / "experiments" / "typographic"), tmp_path / "report").read_text()
+    section = text.split("## Typographic attacks by block")[1].split("\n## ")[0]
+    assert "zero-shot CLIP typographic" in section and "feature suppression true" in section
