@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from vs2ray.data.base import ImageDataset, ImageRecord
 
@@ -207,6 +207,30 @@ def render_shape(seed: int, split: str, index: int) -> ShapeSample:
     rng = _image_rng(seed, split, index)
     label = int(rng.integers(len(CLASSES)))  # must stay the first draw: see shape_label
     return render_object(rng, *CLASSES[label], label=label, name=CLASS_NAMES[label])
+
+
+WORD_IMAGE_SIZE = 64  # a typographic image: a word of PIL's 6×11 px bitmap font covers whole 16 px patches
+CORNERS = 4
+
+
+def write_word(pixels: np.ndarray, word: str | None, corner: int) -> np.ndarray:
+    """A (32, 32, 3) shapes image at 64×64 (each pixel doubled) with `word` written on it, as a note stuck on
+    a photo: black letters of PIL's bitmap font (no download, the same pixels everywhere) on a white label,
+    one line per word of `word`, in corner 0-3 (top left, top right, bottom left, bottom right). None
+    writes nothing. -> (64, 64, 3) uint8."""
+    image = Image.fromarray(pixels).resize((WORD_IMAGE_SIZE, WORD_IMAGE_SIZE), Image.Resampling.NEAREST)
+    if word is not None:
+        font = ImageFont.load_default_imagefont()
+        lines = word.split(" ")
+        width = max(int(font.getbbox(line)[2]) for line in lines) + 2
+        height = 11 * len(lines) + 2
+        x = 0 if corner % 2 == 0 else WORD_IMAGE_SIZE - width
+        y = 0 if corner < 2 else WORD_IMAGE_SIZE - height
+        draw = ImageDraw.Draw(image)
+        draw.rectangle([x, y, x + width - 1, y + height - 1], fill=(255, 255, 255))
+        for i, line in enumerate(lines):
+            draw.text((x + 1, y + 1 + 11 * i), line, fill=(0, 0, 0), font=font)
+    return np.asarray(image)
 
 
 def render_object(rng: np.random.Generator, colour_name: str, shape: str, label: int, name: str) -> ShapeSample:
