@@ -349,10 +349,16 @@ def test_a_tally_counted_part_by_part_gives_the_whole_splits_accuracies():
                       groups=2 * labels + attributes)  # fmt: skip
     tally = Tally(CLASSES, 2 * CLASSES, keep_predictions=True)
     for start, stop in ((0, 123), (123, 400), (400, 500)):
-        tally.add(logits[start:stop], split.rows(start, stop), written_words=True)
+        part = split.rows(start, stop)
+        tally.add(logits[start:stop], part.labels, part.groups, written=part.attributes)
     top1, top5, per_class = accuracy(logits, labels, CLASSES)
     assert (tally.top1(), tally.top5(), tally.per_class()) == (top1, top5, per_class)
     predicted = logits.argmax(dim=1)
+    # by hand as well: accuracy() is a one-part tally
+    assert top1 == (predicted == labels).double().mean().item()
+    assert top5 == (logits.topk(min(5, CLASSES), dim=1).indices == labels[:, None]).any(dim=1).double().mean().item()
+    by_class = [(predicted[labels == c] == c).double().mean().item() for c in range(CLASSES)]
+    assert per_class == pytest.approx(by_class, rel=1e-6)  # float32 shares
     for group in range(2 * CLASSES):  # by hand, group by group
         in_group = split.groups == group
         assert tally.per_group()[group] == (predicted[in_group] == labels[in_group]).double().mean().item()

@@ -243,12 +243,9 @@ class MethodResult:
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, float, list[float]]:
     """top-1, top-5 and per-class top-1 of logits (n, classes) against labels (n,)."""
-    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit1 = ranked[:, 0] == labels
-    top5 = (ranked == labels[:, None]).any(dim=1).double().mean().item()
-    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)
-    per_class = (torch.bincount(labels[hit1], minlength=num_classes) / counts).tolist()
-    return hit1.double().mean().item(), top5, per_class
+    tally = Tally(num_classes)
+    tally.add(logits, labels)
+    return tally.top1(), tally.top5(), tally.per_class()
 
 
 class Tally:
@@ -267,19 +264,26 @@ class Tally:
         self.written_hits: int | None = None
         self.predictions: list[torch.Tensor] | None = [] if keep_predictions else None
 
-    def add(self, logits: torch.Tensor, split: Split, written_words: bool = False) -> None:
-        """Count one part's logits (n, classes) against its labels (and groups, written words)."""
+    def add(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor | None = None,
+        written: torch.Tensor | None = None,
+    ) -> None:
+        """Count one part's logits (n, classes) against its labels (n,), and where given its groups (n,) and
+        the classes whose names are written on its images (n,)."""
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        predicted, labels = ranked[:, 0], split.labels
+        predicted = ranked[:, 0]
         hit = predicted == labels
         self.hits += torch.bincount(labels[hit], minlength=self.num_classes).cpu()
         self.seen += torch.bincount(labels, minlength=self.num_classes).cpu()
         self.top5_hits += int((ranked == labels[:, None]).any(dim=1).sum())
-        if self.num_groups and split.groups is not None:
-            self.group_hits += torch.bincount(split.groups[hit], minlength=self.num_groups).cpu()
-            self.group_seen += torch.bincount(split.groups, minlength=self.num_groups).cpu()
-        if written_words and split.attributes is not None:
-            self.written_hits = (self.written_hits or 0) + int((predicted == split.attributes).sum())
+        if self.num_groups and groups is not None:
+            self.group_hits += torch.bincount(groups[hit], minlength=self.num_groups).cpu()
+            self.group_seen += torch.bincount(groups, minlength=self.num_groups).cpu()
+        if written is not None:
+            self.written_hits = (self.written_hits or 0) + int((predicted == written).sum())
         if self.predictions is not None:
             self.predictions.append(predicted.cpu())
 
@@ -654,7 +658,8 @@ class Evaluator:
         for part in self.parts(split):
             for i, setting in enumerate(settings):
                 part_logits, steered = self.logits(method, part, setting)
-                tallies[i].add(part_logits, part, self.written_words)
+                written = part.attributes if self.written_words else None
+                tallies[i].add(part_logits, part.labels, part.groups, written)
                 shares[i].append((len(part.labels), steered._replace(rows=torch.zeros(0))))  # rows: the part's
         return tallies, [_pooled_shares(s) for s in shares]
 

@@ -47,7 +47,6 @@ class WordOnImageDataset(GroupRecordsDataset):
     prompt_templates = ("a photo of a {}.",)
 
     def __init__(self, image_dir: Path, hint: str, seed: int = 0) -> None:
-        self.image_dir = image_dir
         if not image_dir.is_dir():
             raise DatasetUnavailable(f"{self.name}: {image_dir} is missing. {hint}")
         annotated: list[tuple[Path, str, str]] = []
