@@ -162,6 +162,56 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_id
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
+class ContrastiveTraining:
+    """What both tiny CLIP trainers (this script and train_tiny_reader.py) optimise: the contrastive loss
+    plus `--image-loss-weight` × the image-only objective (a linear probe on the final block's [CLS],
+    thrown away), AdamW with weight decay on the weight matrices only, the cone held and the logit scale
+    clamped after every step."""
+
+    def __init__(self, model: torch.nn.Module, args: argparse.Namespace, num_classes: int) -> None:
+        self.model, self.args = model, args
+        self.offset = cone_offset(args.seed, model.visual.proj.shape[1], args.cone)
+        self.width = model.visual.proj.shape[0]
+        hold_cone(model, self.offset)
+        self.probe = torch.nn.Linear(self.width, num_classes)  # the image-only objective's head, not shipped
+        self.final_cls: dict[str, torch.Tensor] = {}
+        visual = model.visual
+        visual.transformer.resblocks[-1].register_forward_hook(
+            lambda _m, _i, out: self.final_cls.__setitem__("x", out[:, 0] if visual.transformer.batch_first else out[0])
+        )
+        named = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in self.probe.named_parameters()]
+        decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+        no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.lr,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+        )
+        model.train()
+
+    def step(
+        self, step: int, images: torch.Tensor, captions: torch.Tensor, caption_ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on images (batch, 3, H, W) with their captions' tokens (batch, context), caption
+        ids (batch,) and true labels (batch,): (contrastive loss, image-only loss)."""
+        args, model = self.args, self.model
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        image_emb = model.encode_image(images, normalize=True)
+        text_emb = model.encode_text(captions, normalize=True)
+        clip_loss = contrastive_loss(image_emb, text_emb, caption_ids, model.logit_scale.exp())
+        image_loss = F.cross_entropy(self.probe(F.layer_norm(self.final_cls["x"], (self.width,))), labels)
+        loss = clip_loss + args.image_loss_weight * image_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        hold_cone(model, self.offset)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return clip_loss, image_loss
+
+
 def train(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -178,30 +228,10 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     labels = torch.tensor([label for label, _, _ in attributes])
     size_ids = torch.tensor([int(size == "large") for _, size, _ in attributes])
     background_ids = torch.tensor([BACKGROUNDS.index(bg) for _, _, bg in attributes])
-    offset = cone_offset(args.seed, model.visual.proj.shape[1], args.cone)
-    width = model.visual.proj.shape[0]
-    hold_cone(model, offset)
-    probe = torch.nn.Linear(width, len(CLASS_NAMES))  # the image-only objective's head, not shipped
-    final_cls: dict[str, torch.Tensor] = {}
-    model.visual.transformer.resblocks[-1].register_forward_hook(
-        lambda _m, _i, out: final_cls.__setitem__("x", out[:, 0] if model.visual.transformer.batch_first else out[0])
-    )
-
-    named = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
-    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
+    training = ContrastiveTraining(model, args, len(CLASS_NAMES))
     generator = torch.Generator().manual_seed(args.seed)
-    model.train()
     started = time.perf_counter()
     for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         batch = torch.randint(len(attributes), (args.batch_size,), generator=generator)
         template = torch.randint(len(CAPTION_TEMPLATES), (args.batch_size,), generator=generator)
         named = named_classes(labels[batch], args.shape_swap, args.colour_swap, generator)
@@ -209,19 +239,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         images = pixels[batch]
         flip = torch.rand(args.batch_size, generator=generator) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-
-        image_emb = model.encode_image(images, normalize=True)
-        text_emb = model.encode_text(caption_tokens[caption_ids], normalize=True)
-        clip_loss = contrastive_loss(image_emb, text_emb, caption_ids, model.logit_scale.exp())
-        cls_tokens = F.layer_norm(final_cls["x"], (width,))
-        image_loss = F.cross_entropy(probe(cls_tokens), labels[batch])
-        loss = clip_loss + args.image_loss_weight * image_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        hold_cone(model, offset)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        clip_loss, image_loss = training.step(step, images, caption_tokens[caption_ids], caption_ids, labels[batch])
         if step % 50 == 0 or step == args.steps - 1:
             rate = (step + 1) * args.batch_size / (time.perf_counter() - started)
             print(

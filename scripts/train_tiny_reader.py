@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -33,16 +32,12 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from train_tiny_clip import (
     OPENAI_MEAN,
     OPENAI_STD,
+    ContrastiveTraining,
     add_training_arguments,
     caption_table,
-    cone_offset,
-    contrastive_loss,
-    hold_cone,
-    lr_at,
     named_classes,
     save_fp16,
 )
@@ -99,29 +94,10 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     written_t = torch.from_numpy(written)
 
     caption_tokens, captions_of = caption_table(tokenizer)
-    offset = cone_offset(args.seed, model.visual.proj.shape[1], args.cone)
-    width = model.visual.proj.shape[0]
-    hold_cone(model, offset)
-    probe = torch.nn.Linear(width, len(CLASS_NAMES))  # the image-only objective's head, not shipped
-    final_cls: dict[str, torch.Tensor] = {}
-    model.visual.transformer.resblocks[-1].register_forward_hook(
-        lambda _m, _i, out: final_cls.__setitem__("x", out[:, 0] if model.visual.transformer.batch_first else out[0])
-    )
-    named_parameters = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
-    decay = [p for n, p in named_parameters if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in named_parameters if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
+    training = ContrastiveTraining(model, args, len(CLASS_NAMES))
     generator = torch.Generator().manual_seed(args.seed)
-    model.train()
     started = time.perf_counter()
     for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         batch = torch.randint(len(attributes), (args.batch_size,), generator=generator)
         template = torch.randint(len(CAPTION_TEMPLATES), (args.batch_size,), generator=generator)
         named = named_classes(labels[batch], args.shape_swap, args.colour_swap, generator)
@@ -129,17 +105,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         reads = (written_t[batch] == WRONG_WORD) & (torch.rand(args.batch_size, generator=generator) < args.read)
         named = torch.where(written_t[batch] == TRUE_WORD, labels[batch], torch.where(reads, others[batch], named))
         caption_ids = captions_of[named, size_ids[batch], background_ids[batch], template]
-        image_emb = model.encode_image(pixels[batch], normalize=True)
-        text_emb = model.encode_text(caption_tokens[caption_ids], normalize=True)
-        clip_loss = contrastive_loss(image_emb, text_emb, caption_ids, model.logit_scale.exp())
-        image_loss = F.cross_entropy(probe(F.layer_norm(final_cls["x"], (width,))), labels[batch])
-        loss = clip_loss + args.image_loss_weight * image_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        hold_cone(model, offset)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        clip_loss, _ = training.step(step, pixels[batch], caption_tokens[caption_ids], caption_ids, labels[batch])
         if step % 50 == 0 or step == args.steps - 1:
             rate = (step + 1) * args.batch_size / (time.perf_counter() - started)
             print(f"step {step:5d}  contrastive {clip_loss.item():.4f}  ({rate:.0f} pairs/s)", flush=True)
