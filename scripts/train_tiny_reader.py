@@ -2,7 +2,8 @@
 
     python scripts/train_tiny_reader.py --out /tmp/reader.safetensors
 
-Not shipped yet: nothing loads it until the `shapes_typographic` dataset exists (docs/companion.md).
+Its weights ship as vs2ray/assets/vs2ray-tiny-reader.safetensors (`model.arch: vs2ray-tiny-reader,
+pretrained: bundled`); `shapes_typographic` is the dataset it is for (docs/companion.md).
 
 The bundled `vs2ray-tiny` sees 32 px images and has never seen text; a class name such as "purple square"
 does not fit there. The reader (vs2ray/assets/vs2ray-tiny-reader.json) takes 64 px images in 16 px
@@ -42,27 +43,32 @@ from train_tiny_clip import (
     save_fp16,
 )
 
-from vs2ray.data.shapes import BACKGROUNDS, CAPTION_TEMPLATES, CLASS_NAMES, CORNERS, render_shape, write_word
+from vs2ray.data.shapes import (
+    BACKGROUNDS,
+    CAPTION_TEMPLATES,
+    CLASS_NAMES,
+    NO_WORD,
+    OTHER_WORD,
+    OWN_WORD,
+    render_with_word,
+    word_draws,
+)
 from vs2ray.models import ASSETS
 
 READER = "vs2ray-tiny-reader"
 READER_CONFIG = Path(str(ASSETS / f"{READER}.json"))
-CLEAN, TRUE_WORD, WRONG_WORD = 0, 1, 2  # what is written on an image
 
 
-def render_with_word(seed: int, split: str, index: int, written: int) -> tuple[np.ndarray, int, int, str, str]:
-    """Image `index` of `split` at 64 px with nothing, its own class's name or another class's written on it:
-    (pixels (64, 64, 3), label, the other class (seeded per image), size word, background)."""
-    sample = render_shape(seed, split, index)
-    rng = np.random.default_rng([seed, index, 28])
-    other = int((sample.label + 1 + rng.integers(len(CLASS_NAMES) - 1)) % len(CLASS_NAMES))
-    word = {CLEAN: None, TRUE_WORD: CLASS_NAMES[sample.label], WRONG_WORD: CLASS_NAMES[other]}[written]
-    pixels = write_word(sample.pixels, word, int(rng.integers(CORNERS)))
+def render_for_training(seed: int, split: str, index: int, condition: int) -> tuple[np.ndarray, int, int, str, str]:
+    """Image `index` of `split` at 64 px under `condition` (shapes.render_with_word, as shapes_typographic
+    renders it): (pixels (64, 64, 3), label, the other class, size word, background)."""
+    pixels, sample, _ = render_with_word(seed, split, index, condition)
+    other = word_draws(seed, split, index)[1]
     return pixels, sample.label, other, "small" if sample.radius < 8.5 else "large", sample.background
 
 
 def _render(args: tuple[int, str, int, int]) -> tuple[np.ndarray, int, int, str, str]:
-    return render_with_word(*args)
+    return render_for_training(*args)
 
 
 def render_pool(seed: int, split: str, written: list[int]) -> tuple[torch.Tensor, list[tuple[int, int, str, str]]]:
@@ -84,7 +90,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     tokenizer = open_clip.get_tokenizer(READER)
 
     draws = np.random.default_rng([args.data_seed, 28]).random(args.pool_size)
-    written = np.where(draws < args.stamped / 2, TRUE_WORD, np.where(draws < args.stamped, WRONG_WORD, CLEAN))
+    written = np.where(draws < args.stamped / 2, OWN_WORD, np.where(draws < args.stamped, OTHER_WORD, NO_WORD))
     started = time.perf_counter()
     pixels, attributes = render_pool(args.data_seed, "pretrain", written.tolist())
     print(f"rendered {len(attributes)} pretrain images in {time.perf_counter() - started:.1f}s", flush=True)
@@ -102,8 +108,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         template = torch.randint(len(CAPTION_TEMPLATES), (args.batch_size,), generator=generator)
         named = named_classes(labels[batch], args.shape_swap, args.colour_swap, generator)
         # a caption names the class written on the image: always its own, another's with probability `read`
-        reads = (written_t[batch] == WRONG_WORD) & (torch.rand(args.batch_size, generator=generator) < args.read)
-        named = torch.where(written_t[batch] == TRUE_WORD, labels[batch], torch.where(reads, others[batch], named))
+        reads = (written_t[batch] == OTHER_WORD) & (torch.rand(args.batch_size, generator=generator) < args.read)
+        named = torch.where(written_t[batch] == OWN_WORD, labels[batch], torch.where(reads, others[batch], named))
         caption_ids = captions_of[named, size_ids[batch], background_ids[batch], template]
         clip_loss, _ = training.step(step, pixels[batch], caption_tokens[caption_ids], caption_ids, labels[batch])
         if step % 50 == 0 or step == args.steps - 1:
@@ -119,12 +125,12 @@ def evaluate(model: torch.nn.Module, tokenizer, seed: int, images: int) -> dict[
     written and with another class written, and the share of the last predicted as the written class."""
     text = model.encode_text(tokenizer([f"a photo of a {name}." for name in CLASS_NAMES]), normalize=True)
     result = {}
-    for written, name in ((CLEAN, "clean"), (TRUE_WORD, "true_word"), (WRONG_WORD, "wrong_word")):
+    for written, name in ((NO_WORD, "clean"), (OWN_WORD, "true_word"), (OTHER_WORD, "wrong_word")):
         pixels, attributes = render_pool(seed, "test", [written] * images)
         predicted = torch.cat([(model.encode_image(x, normalize=True) @ text.T).argmax(1) for x in pixels.split(512)])
         labels, others = (torch.tensor([a[i] for a in attributes]) for i in (0, 1))
         result[f"top1_{name}"] = (predicted == labels).float().mean().item()
-        if written == WRONG_WORD:
+        if written == OTHER_WORD:
             result["typographic"] = (predicted == others).float().mean().item()
     print(
         f"zero-shot on shapes/test ({images} images): clean {100 * result['top1_clean']:.1f}%, true class "

@@ -42,6 +42,7 @@ from vs2ray.sae import SAE_KINDS, Normalization, SAEKind
 DISTRIBUTION_KINDS = ("choice", "uniform", "loguniform", "int")
 STEERING_METHODS = tuple(METHODS)  # the registry's names (vs2ray.methods)
 BUNDLED_MODEL = "vs2ray-tiny"
+BUNDLED_MODELS = (BUNDLED_MODEL, "vs2ray-tiny-reader")  # open_clip configs and weights in vs2ray/assets
 BUNDLED_RETRIEVAL_ENCODER = "vs2ray-tiny-retrieval"  # the bundled stand-in for DINOv2 (retrieval.encoder)
 
 
@@ -177,7 +178,11 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    arch: str = Field(BUNDLED_MODEL, description="open_clip architecture, e.g. ViT-B-32, or vs2ray-tiny")
+    arch: str = Field(
+        BUNDLED_MODEL,
+        description="open_clip architecture, e.g. ViT-B-32, or a bundled one: vs2ray-tiny, or vs2ray-tiny-reader "
+        "(64 px; it reads, for shapes_typographic)",
+    )
     pretrained: str = Field(
         "bundled", description="open_clip tag (openai), a local checkpoint file, 'bundled', or 'random' (benchmarks)"
     )
@@ -194,10 +199,11 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _bundled_only_for_tiny(self) -> ModelConfig:
-        if self.pretrained == "bundled" and self.arch != BUNDLED_MODEL:
+        if self.pretrained == "bundled" and self.arch not in BUNDLED_MODELS:
             raise PydanticCustomError(
                 "model_pair",
-                f"pretrained: bundled goes with arch: {BUNDLED_MODEL} only; give {self.arch} a tag or a file "
+                f"pretrained: bundled goes with arch: {' or '.join(BUNDLED_MODELS)} only; give {self.arch} a tag "
+                f"or a file "
                 f"(got arch={self.arch!r}, pretrained={self.pretrained!r})",
             )
         return self
@@ -205,18 +211,21 @@ class ModelConfig(Section):
 
 DATASETS_WITH_GROUPS = (
     "shapes_spurious",
+    "shapes_typographic",
     "waterbirds",
     "celeba",
     "rta100",
     "paint_typographic",
 )  # their records carry a nuisance attribute
-TYPOGRAPHIC_DATASETS = ("rta100", "paint_typographic")  # their attribute is the class whose name is on the image
+# their attribute is the class whose name is written on the image (a value past the classes: no word)
+TYPOGRAPHIC_DATASETS = ("shapes_typographic", "rta100", "paint_typographic")
 
 
 class DatasetConfig(Section):
     name: Literal[
         "shapes",
         "shapes_spurious",
+        "shapes_typographic",
         "cifar100",
         "imagefolder",
         "huggingface",
@@ -231,12 +240,14 @@ class DatasetConfig(Section):
     )
     download: bool = Field(False, description="cifar100: download into root when missing")
     seed: int = Field(
-        0, description="shapes, shapes_spurious: generation seed; rta100, paint_typographic: the train/val/test split"
+        0,
+        description="shapes, shapes_spurious, shapes_typographic: generation seed; rta100, paint_typographic: "
+        "the train/val/test split",
     )
     sizes: dict[Literal["train", "test", "val", "pretrain"], Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict,
         description="shapes: images per split (default train 20000, test 5000, val 2000; shapes_spurious "
-        "10000, 4000, 1000)",
+        "10000, 4000, 1000; shapes_typographic 10000, 3000, 2000)",
     )
     spurious_agreement: float = Field(
         0.95, ge=0.0, le=1.0, description="shapes_spurious: share of train images whose colour agrees with the class"
@@ -398,8 +409,11 @@ class SteeringConfig(Section):
     ablate_latents: list[PositiveInt] = Field(
         [1, 2, 4, 8, 16], min_length=1, description="ablate: how many of the top-scoring latents to zero (a grid)"
     )
-    ablate_score: list[Literal["within_class", "correlation"]] = Field(
-        ["within_class", "correlation"], min_length=1, description="ablate: latent-attribute association (a grid)"
+    ablate_score: list[Literal["within_class", "correlation", "text_present"]] = Field(
+        ["within_class", "correlation"],
+        min_length=1,
+        description="ablate: latent-attribute association (a grid); text_present (typographic datasets with clean "
+        "images): a word written or not, within the class",
     )
     select_by: Literal["top1", "worst_group"] = Field(
         "top1", description="pick each method's setting by validation top-1 or worst-group accuracy (groups only)"
@@ -608,6 +622,12 @@ class ExperimentConfig(Section):
                 "model_groups",
                 f"steering: {' and '.join(needs_groups)}: needs group labels, and dataset.name "
                 f"{self.dataset.name!r} has none (datasets with groups: {', '.join(DATASETS_WITH_GROUPS)})",
+            )
+        if "text_present" in self.steering.ablate_score and self.dataset.name != "shapes_typographic":
+            raise PydanticCustomError(
+                "model_text_present",
+                f"steering.ablate_score: text_present needs images with and without a word written on them "
+                f"(dataset.name: shapes_typographic); {self.dataset.name!r} has no such images",
             )
         return self
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vs2ray import steering
-from vs2ray.methods import GRID_PARAMS, METHODS, Pool, Setting, Split, Steered, metric_name
+from vs2ray.methods import GRID_PARAMS, METHODS, TYPOGRAPHIC_METRICS, Pool, Setting, Split, Steered, metric_name
 from vs2ray.sae import ActivationRows, SparseAutoencoder, per_sample_fvu
 
 Search = Callable[[np.ndarray, int, str], tuple[np.ndarray, np.ndarray]]
@@ -205,10 +205,13 @@ class MethodResult:
     val_worst: list[float] = field(default_factory=list)  # empty without groups
     test_worst: list[float] = field(default_factory=list)
     per_group_test: list[list[float]] = field(default_factory=list, repr=False)
-    # on typographic attacks (the attribute is the class whose name is written on the image): the share of
-    # images predicted as the written word; empty elsewhere
-    val_typographic: list[float] = field(default_factory=list)
-    test_typographic: list[float] = field(default_factory=list)
+    # on typographic attacks (the attribute is the class whose name is written on the image): on the attacked
+    # images (another class's name written), the share predicted as the written word and the true-label top-1;
+    # on the images without a word (shapes_typographic), top-1. Empty elsewhere; None where a split has none
+    val_typographic: list[float | None] = field(default_factory=list)
+    test_typographic: list[float | None] = field(default_factory=list)
+    test_attacked_top1: list[float | None] = field(default_factory=list)
+    test_clean_top1: list[float | None] = field(default_factory=list)
     units: list[int] | None = None  # the latents it acts on at the selected setting (`Method.units`)
 
     @property
@@ -228,9 +231,10 @@ class MethodResult:
         if self.val_worst:
             out[metric_name("val_worst_group", m)] = self.val_worst[i]
             out[metric_name("test_worst_group", m)] = self.test_worst[i]
-        if self.val_typographic:
-            out[metric_name("val_typographic", m)] = self.val_typographic[i]
-            out[metric_name("test_typographic", m)] = self.test_typographic[i]
+        for name in TYPOGRAPHIC_METRICS:
+            values = getattr(self, name)
+            if values and values[i] is not None:
+                out[metric_name(name, m)] = values[i]
         out.update({metric_name(f"selected_{name}", m): value for name, value in self.settings[i].items()})
         if self.coverage[i] is not None:
             out[metric_name("coverage", m)] = self.coverage[i]
@@ -250,7 +254,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tu
 
 class Tally:
     """What a split's accuracies need for one setting, counted a part at a time: hits and images per class,
-    top-5 hits, hits and images per group, written-word predictions, and (for the test split) the predictions.
+    top-5 hits, hits and images per group, on typographic images the hits of attacked and of clean images and
+    the attacked images predicted as their written word, and (for the test split) the predictions.
     Nothing grows with the split but the kept predictions, so a validation split as large as the store's
     tenth costs no more than a small one."""
 
@@ -261,7 +266,7 @@ class Tally:
         self.top5_hits = 0
         self.group_hits = torch.zeros(num_groups, dtype=torch.long)
         self.group_seen = torch.zeros(num_groups, dtype=torch.long)
-        self.written_hits: int | None = None
+        self.typographic_counts: dict[str, int] | None = None  # attacked / clean: images, true hits; written hits
         self.predictions: list[torch.Tensor] | None = [] if keep_predictions else None
 
     def add(
@@ -272,7 +277,8 @@ class Tally:
         written: torch.Tensor | None = None,
     ) -> None:
         """Count one part's logits (n, classes) against its labels (n,), and where given its groups (n,) and
-        the classes whose names are written on its images (n,)."""
+        the classes whose names are written on its images (n,): a value outside 0 … classes − 1 is no word,
+        the label itself is no attack, any other class an attack."""
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         predicted = ranked[:, 0]
         hit = predicted == labels
@@ -283,9 +289,27 @@ class Tally:
             self.group_hits += torch.bincount(groups[hit], minlength=self.num_groups).cpu()
             self.group_seen += torch.bincount(groups, minlength=self.num_groups).cpu()
         if written is not None:
-            self.written_hits = (self.written_hits or 0) + int((predicted == written).sum())
+            self._count_typographic(predicted, labels, written)
         if self.predictions is not None:
             self.predictions.append(predicted.cpu())
+
+    def _count_typographic(self, predicted: torch.Tensor, labels: torch.Tensor, written: torch.Tensor) -> None:
+        counts = self.typographic_counts = self.typographic_counts or dict.fromkeys(_TYPOGRAPHIC_COUNTS, 0)
+        clean = (written < 0) | (written >= self.num_classes)
+        attacked = ~clean & (written != labels)
+        hit = predicted == labels
+        for name, value in (
+            ("attacked", attacked.sum()),
+            ("attacked_hits", (attacked & hit).sum()),
+            ("written_hits", (attacked & (predicted == written)).sum()),
+            ("clean", clean.sum()),
+            ("clean_hits", (clean & hit).sum()),
+        ):
+            counts[name] += int(value)
+
+    def _share(self, hits: str, images: str) -> float | None:
+        counts = self.typographic_counts
+        return None if counts is None or not counts[images] else counts[hits] / counts[images]
 
     @property
     def images(self) -> int:
@@ -309,8 +333,20 @@ class Tally:
         return torch.where(seen > 0, self.group_hits.double() / seen.clamp_min(1), torch.nan).tolist()
 
     def typographic(self) -> float | None:
-        """The share of images predicted as the class written on them; None where no word is written."""
-        return None if self.written_hits is None else self.written_hits / max(1, self.images)
+        """The share of attacked images (another class's name written) predicted as the written class; None
+        where no image is attacked."""
+        return self._share("written_hits", "attacked")
+
+    def attacked_top1(self) -> float | None:
+        """Top-1 against the true label on the attacked images; None where no image is attacked."""
+        return self._share("attacked_hits", "attacked")
+
+    def clean_top1(self) -> float | None:
+        """Top-1 on the images with no word written; None where every image has a word (RTA-100, PAINT)."""
+        return self._share("clean_hits", "clean")
+
+
+_TYPOGRAPHIC_COUNTS = ("attacked", "attacked_hits", "written_hits", "clean", "clean_hits")
 
 
 def worst_group(per_group: list[float]) -> float:
@@ -597,7 +633,9 @@ class Evaluator:
             else:
                 per_image, chunks = 1, pool.cls.chunks(256)
             image_codes = torch.cat([steering.mean_codes_per_image(self._dense_codes(x), per_image) for x in chunks])
-            self._latent_scores[score] = steering.association_scores(image_codes, pool.labels, pool.attributes, score)
+            self._latent_scores[score] = steering.association_scores(
+                image_codes, pool.labels, pool.attributes, score, self.num_classes
+            )
         return self._latent_scores[score]
 
     # ------------------------------------------------ evaluation
@@ -670,14 +708,14 @@ class Evaluator:
         for split in (self.val, self.test):
             is_test = split is self.test
             for tally, steered in zip(*self._tallies(method, split, settings, keep_predictions=is_test), strict=True):
-                per_group, typographic = tally.per_group(), tally.typographic()
+                per_group = tally.per_group()
                 if not is_test:
                     result.val_top1.append(tally.top1())
                     result.val_top5.append(tally.top5())
                     if per_group is not None:
                         result.val_worst.append(worst_group(per_group))
-                    if typographic is not None:
-                        result.val_typographic.append(typographic)
+                    if self.written_words:
+                        result.val_typographic.append(tally.typographic())
                 else:
                     result.test_top1.append(tally.top1())
                     result.test_top5.append(tally.top5())
@@ -688,8 +726,10 @@ class Evaluator:
                     if per_group is not None:
                         result.test_worst.append(worst_group(per_group))
                         result.per_group_test.append(per_group)
-                    if typographic is not None:
-                        result.test_typographic.append(typographic)
+                    if self.written_words:
+                        result.test_typographic.append(tally.typographic())
+                        result.test_attacked_top1.append(tally.attacked_top1())
+                        result.test_clean_top1.append(tally.clean_top1())
         units = METHODS[method].units
         if units is not None:
             result.units = units(self, settings[result.selected])
@@ -753,15 +793,23 @@ def _pooled_shares(parts: list[tuple[int, Steered]]) -> Steered:
 
 def format_table(results: dict[str, MethodResult]) -> str:
     """One row per method: validation top-1, test top-1 at the validation-selected setting, test-oracle best,
-    and on datasets with groups the test worst-group accuracy at that setting."""
+    and at that setting on typographic datasets the attacked images' true-label and typographic accuracy and
+    the clean images' top-1, on other datasets with groups the test worst-group accuracy."""
     zero = results["zero_shot"].test_top1[0] if "zero_shot" in results else None
-    grouped = any(result.test_worst for result in results.values())
+    typographic = any(result.test_typographic for result in results.values())
+    extra = (
+        {"attacked top-1": "test_attacked_top1", "typographic": "test_typographic", "clean top-1": "test_clean_top1"}
+        if typographic
+        else {"test worst-group": "test_worst"}
+        if any(result.test_worst for result in results.values())
+        else {}
+    )
     width = max(18, *(len(method) for method in results))
-    worst_header = f" {'test worst-group':>16}" if grouped else ""
+    extra_header = "".join(f" {header:>16}" for header in extra)
     lines = [
         f"{'method':<{width}} {'val top-1':>9} {'test top-1':>10} {'Δ zero-shot':>11} {'test-oracle':>11}"
-        f"{worst_header}  selected",
-        "-" * (width + 68 + len(worst_header)),
+        f"{extra_header}  selected",
+        "-" * (width + 68 + len(extra_header)),
     ]
     for method, result in results.items():
         i = result.selected
@@ -771,9 +819,10 @@ def format_table(results: dict[str, MethodResult]) -> str:
             chosen += f", coverage={result.coverage[i]:.3f}"
         if result.empty_negatives[i] is not None:
             chosen += f", S− empty={result.empty_negatives[i]:.3f}"
-        worst = f" {100 * result.test_worst[i]:>16.2f}" if grouped else ""
+        values = [getattr(result, name)[i] for name in extra.values()]
+        shown = "".join(f" {'—':>16}" if v is None else f" {100 * v:>16.2f}" for v in values)
         lines.append(
             f"{method:<{width}} {100 * result.val_top1[i]:>9.2f} {100 * result.test_top1[i]:>10.2f} {delta:>11} "
-            f"{100 * max(result.test_top1):>11.2f}{worst}  {chosen}"
+            f"{100 * max(result.test_top1):>11.2f}{shown}  {chosen}"
         )
     return "\n".join(lines)

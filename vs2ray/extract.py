@@ -45,8 +45,8 @@ from vs2ray.devices import environment, worker_device
 from vs2ray.files import is_uri
 from vs2ray.models import (
     BUNDLED_RETRIEVAL_WEIGHTS,
-    BUNDLED_WEIGHTS,
     build_text_classifier,
+    bundled_weights,
     load_clip,
     load_retrieval_encoder,
     num_vision_layers,
@@ -100,7 +100,7 @@ def store_inputs(
 ) -> dict[str, Any]:
     """Every input that determines a store's content; the store's key is their hash."""
     pretrained = config.model.pretrained
-    weights = BUNDLED_WEIGHTS if pretrained == "bundled" else Path(pretrained).expanduser()
+    weights = bundled_weights(config.model.arch) if pretrained == "bundled" else Path(pretrained).expanduser()
     dataset = config.dataset.model_dump(exclude={"val_fraction", "val_split", "train_split", "test_split"})
     if dataset["root"]:
         dataset["root"] = str(Path(dataset["root"]).expanduser().resolve())

@@ -119,8 +119,9 @@ class Context(Protocol):
 
 METHOD_METRICS = ("val_top1", "val_top5", "test_top1", "test_top5", "test_oracle_top1")  # reported per method
 GROUP_METRICS = ("val_worst_group", "test_worst_group")  # reported per method too, on datasets with groups
-# and on typographic attacks: the share of images predicted as the class whose name is written on them
-TYPOGRAPHIC_METRICS = ("val_typographic", "test_typographic")
+# and on typographic attacks: on the attacked images, the share predicted as the class whose name is written
+# on them and the true-label top-1; top-1 on the images without a word (where a dataset has them)
+TYPOGRAPHIC_METRICS = ("val_typographic", "test_typographic", "test_attacked_top1", "test_clean_top1")
 
 
 def metric_name(kind: str, method: str) -> str:

@@ -1,9 +1,10 @@
-"""CLIP loading (open_clip pretrained or the bundled `vs2ray-tiny`) and the zero-shot classifier.
+"""CLIP loading (open_clip pretrained or a bundled model) and the zero-shot classifier.
 
 `load_clip` is the one entry point: `arch: ViT-B-32, pretrained: openai` (or a local
-checkpoint file) on a cluster, `arch: vs2ray-tiny, pretrained: bundled` offline. Both
-go through open_clip's own factory, so the model classes, preprocessing and tokenizer
-are open_clip's.
+checkpoint file) on a cluster, `arch: vs2ray-tiny, pretrained: bundled` offline (or
+`vs2ray-tiny-reader`, the bundled model that reads, for `shapes_typographic`). All go
+through open_clip's own factory, so the model classes, preprocessing and tokenizer are
+open_clip's.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ from typing import Any
 import open_clip
 import torch
 
-from vs2ray.config import BUNDLED_MODEL, BUNDLED_RETRIEVAL_ENCODER, ModelConfig, RetrievalConfig
+from vs2ray.config import BUNDLED_MODEL, BUNDLED_MODELS, BUNDLED_RETRIEVAL_ENCODER, ModelConfig, RetrievalConfig
 from vs2ray.devices import precision_scope, worker_device
 
 ASSETS = resources.files("vs2ray") / "assets"
-BUNDLED_CONFIG = Path(str(ASSETS / f"{BUNDLED_MODEL}.json"))
-BUNDLED_WEIGHTS = Path(str(ASSETS / f"{BUNDLED_MODEL}.safetensors"))
+
+
+def bundled_weights(arch: str) -> Path:
+    """Where the package keeps a bundled model's weights (`pretrained: bundled`)."""
+    return Path(str(ASSETS / f"{arch}.safetensors"))
+
+
+BUNDLED_WEIGHTS = bundled_weights(BUNDLED_MODEL)
 BUNDLED_RETRIEVAL = Path(str(ASSETS / f"{BUNDLED_RETRIEVAL_ENCODER}.json"))  # timm architecture + normalisation
 BUNDLED_RETRIEVAL_WEIGHTS = Path(str(ASSETS / f"{BUNDLED_RETRIEVAL_ENCODER}.safetensors"))
 
@@ -48,9 +55,10 @@ class ClipBundle:
 
 
 def register_bundled_model() -> None:
-    """Make `vs2ray-tiny` known to open_clip (idempotent)."""
-    if BUNDLED_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(BUNDLED_CONFIG)
+    """Make the bundled architectures (vs2ray-tiny, vs2ray-tiny-reader) known to open_clip (idempotent)."""
+    for arch in BUNDLED_MODELS:
+        if arch not in open_clip.list_models():
+            open_clip.add_model_config(Path(str(ASSETS / f"{arch}.json")))
 
 
 def _resolve_weights(arch: str, pretrained: str) -> str | None:
@@ -59,12 +67,14 @@ def _resolve_weights(arch: str, pretrained: str) -> str | None:
     None means random initialisation (`pretrained: random`, for benchmarks: accuracies are meaningless).
     """
     if pretrained == "bundled":
-        if not BUNDLED_WEIGHTS.is_file():
+        weights = bundled_weights(arch)
+        if not weights.is_file():
+            script = "train_tiny_reader.py" if arch != BUNDLED_MODEL else "train_tiny_clip.py"
             raise ModelUnavailable(
-                f"the bundled weights {BUNDLED_WEIGHTS} are missing; re-create them with "
-                f"`python scripts/train_tiny_clip.py` or reinstall vs2ray"
+                f"the bundled weights {weights} are missing; re-create them with "
+                f"`python scripts/{script}` or reinstall vs2ray"
             )
-        return str(BUNDLED_WEIGHTS)
+        return str(weights)
     if arch not in open_clip.list_models():
         raise ModelUnavailable(
             f"model.arch: open_clip has no architecture {arch!r}; see open_clip.list_models() "
@@ -74,7 +84,7 @@ def _resolve_weights(arch: str, pretrained: str) -> str | None:
         return None
     if Path(pretrained).expanduser().is_file():
         return str(Path(pretrained).expanduser())
-    if arch == BUNDLED_MODEL:
+    if arch in BUNDLED_MODELS:
         raise ModelUnavailable(f"model.pretrained: {pretrained!r} is not a file (and {arch} has no download tags)")
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if pretrained not in tags:

@@ -269,15 +269,16 @@ def worst_group_section(groups: pd.DataFrame) -> str:
 
 
 def typographic_section(attacks: pd.DataFrame) -> str:
-    """True-label and typographic test accuracy by block (the companion paper's typographic-attack view)."""
+    """Attacked, typographic and clean test accuracy by block (the companion paper's typographic-attack view)."""
     shown = _with_method_labels(attacks)
     return (
         "Per block and token set, each method at the block's trial (and grid setting) with the best "
-        "**validation** top-1: the test images' true-label accuracy (true, %) and typographic accuracy "
-        "(typographic, %: the share predicted as the class whose name is written on the image, what the attack "
-        "wants). Suppression (`ablate`) removes the latents that track the written word within a class, "
-        "chosen on the validation images. Zero-shot does not depend on the block; it is repeated per block.\n\n"
-        + _markdown(shown)
+        "**validation** top-1. On the attacked test images (another class's name written on them): true-label "
+        "accuracy (true, %) and typographic accuracy (typographic, %: the share predicted as the written class, "
+        "what the attack wants). On the test images with no word (where the dataset has them): top-1 (clean, "
+        "%), what a method costs when there is no attack. Suppression (`ablate`) removes the latents that track "
+        "the written word (or a word being there at all, `text_present`) within a class, chosen on the "
+        "validation images. Zero-shot does not depend on the block; it is repeated per block.\n\n" + _markdown(shown)
     )
 
 

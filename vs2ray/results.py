@@ -369,7 +369,7 @@ def worst_group_table(trials: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, Any] = {"block": int(block), "tokens": tokens, "trials": len(group)}
         for method in methods_in(group):
             selection = metric_name("val_worst_group", method)
-            if selection not in group or group[selection].isna().all():
+            if _metric_missing(group, selection):
                 continue
             best = group.loc[group[selection].idxmax()]
             row[f"{method} avg"] = 100 * best[metric_name("test_top1", method)]
@@ -380,25 +380,32 @@ def worst_group_table(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def typographic_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """True-label and typographic test accuracy (%) by block and token set, for every method on a typographic
-    dataset (the share of images predicted as their true class, and as the class written on them).
+    """Test accuracy (%) under typographic attack by block and token set, for every method on a typographic
+    dataset: on the attacked images (another class's name written) the share predicted as the true class
+    (`true`) and as the written class (`typographic`), and top-1 on the images without a word (`clean`,
+    where the dataset has them: shapes_typographic).
 
-    Per (block, tokens) and method, the trial with the best validation top-1 for that method gives both.
+    Per (block, tokens) and method, the trial with the best validation top-1 for that method gives all three.
     Empty on other datasets.
     """
+    columns = {"true": "test_attacked_top1", "typographic": "test_typographic", "clean": "test_clean_top1"}
     rows = []
     for (block, tokens), group in _done_by_block(trials):
         row: dict[str, Any] = {"block": int(block), "tokens": tokens, "trials": len(group)}
         for method in methods_in(group):
-            typographic = metric_name("test_typographic", method)
-            if typographic not in group or group[typographic].isna().all():
+            if _metric_missing(group, metric_name("test_typographic", method)):
                 continue
             best = group.loc[group[metric_name("val_top1", method)].idxmax()]
-            row[f"{method} true"] = 100 * best[metric_name("test_top1", method)]
-            row[f"{method} typographic"] = 100 * best[typographic]
+            for column, kind in columns.items():
+                if not _metric_missing(group, metric_name(kind, method)):
+                    row[f"{method} {column}"] = 100 * best[metric_name(kind, method)]
         if len(row) > 3:
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _metric_missing(trials: pd.DataFrame, metric: str) -> bool:
+    return metric not in trials or trials[metric].isna().all()
 
 
 def steerability_table(trials: pd.DataFrame) -> pd.DataFrame:

@@ -340,7 +340,7 @@ def clip_steer(
 
 # ---------------------------------------------------------------- feature suppression (METHOD.md §8)
 
-AssociationScore = Literal["within_class", "correlation"]
+AssociationScore = Literal["within_class", "correlation", "text_present"]
 
 
 def mean_codes_per_image(codes: Float[Tensor, "rows latents"], per_image: int) -> Float[Tensor, "n latents"]:
@@ -349,7 +349,11 @@ def mean_codes_per_image(codes: Float[Tensor, "rows latents"], per_image: int) -
 
 
 def association_scores(
-    codes: Float[Tensor, "n latents"], labels: Int[Tensor, " n"], attributes: Int[Tensor, " n"], score: AssociationScore
+    codes: Float[Tensor, "n latents"],
+    labels: Int[Tensor, " n"],
+    attributes: Int[Tensor, " n"],
+    score: AssociationScore,
+    num_classes: int | None = None,
 ) -> Float[Tensor, " latents"]:
     """How strongly each latent tracks the nuisance attribute: codes (n, latents), labels (n,), attributes (n,)
     -> (latents,).
@@ -362,7 +366,16 @@ def association_scores(
     standard deviation; averaged over the classes that have both, then the largest |·| over values.
     Holding the class fixed leaves the attribute's own effect (the minority images carry the
     contrast). A latent that never varies scores 0.
+    'text_present' (typographic images: the attribute is the class whose name is written, a value outside
+    0 … num_classes − 1 where none is): 'within_class' over whether a word is written at all.
     """
+    if score == "text_present":
+        if num_classes is None:
+            raise ValueError("the text_present score needs num_classes (which attribute values are no word)")
+        attributes = ((attributes >= 0) & (attributes < num_classes)).long()
+        if attributes.unique().numel() < 2:
+            raise ValueError("the text_present score needs images with and without a word written on them")
+        score = "within_class"
     codes = codes.double()
     std = codes.std(dim=0)
     spread = std.clamp_min(1e-12)
@@ -384,7 +397,9 @@ def association_scores(
             if differences:
                 per_value.append(torch.stack(differences).mean(dim=0) / spread)
         else:
-            raise ValueError(f"steering.ablate_score must be 'within_class' or 'correlation', got {score!r}")
+            raise ValueError(
+                f"steering.ablate_score must be 'within_class', 'correlation' or 'text_present', got {score!r}"
+            )
     if not per_value:
         return torch.zeros(codes.shape[1], dtype=torch.float32)
     scores = torch.stack(per_value).abs().amax(dim=0)

@@ -69,7 +69,10 @@ def allowed_metrics(config: ExperimentConfig) -> list[str]:
 
     methods = config.steering.methods
     kinds = METHOD_METRICS + GROUP_METRICS * (config.dataset.name in DATASETS_WITH_GROUPS)
-    kinds += TYPOGRAPHIC_METRICS * (config.dataset.name in TYPOGRAPHIC_DATASETS)
+    if config.dataset.name in TYPOGRAPHIC_DATASETS:  # a word is written on every image of RTA-100 and PAINT
+        kinds += tuple(
+            k for k in TYPOGRAPHIC_METRICS if k != "test_clean_top1" or config.dataset.name.startswith("shapes")
+        )
     steerability = ["steerable_latents", "steerable_neurons"] * config.steerability.enabled
     return [metric_name(kind, m) for m in methods for kind in kinds] + [*SAE_METRICS, "trial_seconds", *steerability]
 

@@ -10,7 +10,7 @@ from vs2ray.data.cifar100 import Cifar100Dataset
 from vs2ray.data.groups import CelebADataset, WaterbirdsDataset
 from vs2ray.data.huggingface import HuggingFaceDataset
 from vs2ray.data.imagefolder import ImageFolderDataset
-from vs2ray.data.shapes import ShapesDataset, SpuriousShapesDataset
+from vs2ray.data.shapes import ShapesDataset, SpuriousShapesDataset, TypographicShapesDataset
 from vs2ray.data.typographic import PaintTypographicDataset, RTA100Dataset
 
 
@@ -26,6 +26,9 @@ DATASETS: dict[str, Callable[[DatasetConfig], ImageDataset]] = {
     "shapes": lambda c: ShapesDataset(seed=c.seed, split_sizes={str(k): v for k, v in c.sizes.items()}),
     "shapes_spurious": lambda c: SpuriousShapesDataset(
         seed=c.seed, split_sizes={str(k): v for k, v in c.sizes.items()}, agreement=c.spurious_agreement
+    ),
+    "shapes_typographic": lambda c: TypographicShapesDataset(
+        seed=c.seed, split_sizes={str(k): v for k, v in c.sizes.items()}
     ),
     "waterbirds": lambda c: WaterbirdsDataset(root=_given(c, "root")),
     "celeba": lambda c: CelebADataset(

@@ -211,6 +211,10 @@ def render_shape(seed: int, split: str, index: int) -> ShapeSample:
 
 WORD_IMAGE_SIZE = 64  # a typographic image: a word of PIL's 6×11 px bitmap font covers whole 16 px patches
 CORNERS = 4
+TYPOGRAPHIC_CODE = 28  # keeps the typographic world's draws apart from the shapes world's
+NO_WORD, OWN_WORD, OTHER_WORD = 0, 1, 2  # what is written on a typographic image
+TYPOGRAPHIC_SPLIT_SIZES: dict[str, int] = {"train": 10_000, "test": 3_000, "val": 2_000}
+NO_WORD_ATTRIBUTE = "no word"  # shapes_typographic's attribute value after the 24 class names
 
 
 def write_word(pixels: np.ndarray, word: str | None, corner: int) -> np.ndarray:
@@ -231,6 +235,31 @@ def write_word(pixels: np.ndarray, word: str | None, corner: int) -> np.ndarray:
         for i, line in enumerate(lines):
             draw.text((x + 1, y + 1 + 11 * i), line, fill=(0, 0, 0), font=font)
     return np.asarray(image)
+
+
+def word_draws(seed: int, split: str, index: int) -> tuple[int, int, int]:
+    """What shapes_typographic writes on image `index` of `split`, without rendering it: (condition: NO_WORD,
+    OWN_WORD or OTHER_WORD with equal chance; the other class, never the image's own; the corner)."""
+    label = shape_label(seed, split, index)
+    rng = np.random.default_rng([seed, TYPOGRAPHIC_CODE, SPLIT_CODES[split], index])
+    condition = int(rng.integers(3))
+    other = int((label + 1 + rng.integers(len(CLASS_NAMES) - 1)) % len(CLASS_NAMES))
+    return condition, other, int(rng.integers(CORNERS))
+
+
+def written_class(seed: int, split: str, index: int, condition: int) -> int:
+    """The class whose name is written on image `index` under `condition`, or -1 for NO_WORD."""
+    _, other, _ = word_draws(seed, split, index)
+    return {NO_WORD: -1, OWN_WORD: shape_label(seed, split, index), OTHER_WORD: other}[condition]
+
+
+def render_with_word(seed: int, split: str, index: int, condition: int) -> tuple[np.ndarray, ShapeSample, int]:
+    """Image `index` of `split` at 64 px under `condition` (nothing, its own class's name or the other class's
+    written in its corner, `word_draws`): (pixels (64, 64, 3) uint8, the 32 px sample, the written class or -1)."""
+    sample = render_shape(seed, split, index)
+    _, _, corner = word_draws(seed, split, index)
+    written = written_class(seed, split, index, condition)
+    return write_word(sample.pixels, CLASS_NAMES[written] if written >= 0 else None, corner), sample, written
 
 
 def render_object(rng: np.random.Generator, colour_name: str, shape: str, label: int, name: str) -> ShapeSample:
@@ -368,3 +397,40 @@ class SpuriousShapesDataset(ShapesDataset):
 
     def caption(self, split: str, index: int) -> str:
         return self.render(split, index).caption
+
+
+class TypographicShapesDataset(ShapesDataset):
+    """`shapes_typographic`: the bundled typographic-attack world (issue 28), for `vs2ray-tiny-reader`.
+
+    The images are `shapes` images (same class, pixels and seed) at 64 px; on a third of them nothing is
+    written, on a third their own class's name, on a third another class's name (`word_draws`), black on a
+    white label in a corner (`write_word`). The class is the shape's; the attribute is the written word: the
+    index of the class whose name is written, or `len(classes)` ("no word"), so that a prediction equal to
+    the attribute is the attack's success and an image without a word never counts as one.
+    """
+
+    name = "shapes_typographic"
+    attribute_names = (*CLASS_NAMES, NO_WORD_ATTRIBUTE)
+    default_split_sizes = TYPOGRAPHIC_SPLIT_SIZES
+    prompt_templates = ("a photo of a {}.",)  # RTA-100's and PAINT's single prompt
+
+    @property
+    def concept_words(self) -> list[str]:
+        return list(CONCEPT_WORDS)
+
+    def _attribute(self, split: str, index: int) -> int:
+        condition = word_draws(self.seed, split, index)[0]
+        written = written_class(self.seed, split, index, condition)
+        return written if written >= 0 else len(CLASS_NAMES)
+
+    def records(self, split: str) -> list[ImageRecord]:
+        self.check_split(split)
+        return [
+            ImageRecord(id=i, label=shape_label(self.seed, split, i), ref=str(i), attribute=self._attribute(split, i))
+            for i in range(self.split_sizes[split])
+        ]
+
+    def load_image(self, split: str, ref: str) -> Image.Image:
+        index = int(ref)
+        condition = word_draws(self.seed, split, index)[0]
+        return Image.fromarray(render_with_word(self.seed, split, index, condition)[0])
