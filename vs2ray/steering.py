@@ -373,7 +373,7 @@ def association_scores(
         if num_classes is None:
             raise ValueError("the text_present score needs num_classes (which attribute values are no word)")
         attributes = ((attributes >= 0) & (attributes < num_classes)).long()
-        if attributes.unique().numel() < 2:
+        if torch.unique(attributes).numel() < 2:
             raise ValueError("the text_present score needs images with and without a word written on them")
         score = "within_class"
     codes = codes.double()

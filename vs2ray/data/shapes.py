@@ -299,7 +299,7 @@ class ShapesDataset(ImageDataset):
     """
 
     name = "shapes"
-    prompt_templates = PROMPT_TEMPLATES
+    prompt_templates: tuple[str, ...] = PROMPT_TEMPLATES
     default_split_sizes: dict[str, int] = DEFAULT_SPLIT_SIZES  # also the splits it has
 
     @property
