@@ -13,6 +13,7 @@ from vs2ray.config import (
     ConfigError,
     Distribution,
     ExperimentConfig,
+    ModelConfig,
     config_to_yaml,
     load_config,
     search_space,
@@ -114,6 +115,14 @@ def test_suppression_and_worst_group_selection_need_a_dataset_with_groups(tmp_pa
     assert load_config(valid).steering.methods == ["ablate"]
     bad = "dataset: {name: shapes_spurious}\nsteering: {ablate_score: [mutual_information]}\n"
     assert any("steering.ablate_score[0]" in p and "within_class" in p for p in problems_of(tmp_path, bad))
+    no_clean_images = "dataset: {name: shapes_spurious}\nsteering: {ablate_score: [text_present]}\n"
+    assert any("text_present needs images with and without a word" in p for p in problems_of(tmp_path, no_clean_images))
+
+
+def test_only_the_bundled_architectures_take_pretrained_bundled(tmp_path):
+    assert ModelConfig(arch="vs2ray-tiny-reader").pretrained == "bundled"
+    problems = problems_of(tmp_path, "model: {arch: ViT-B-32, pretrained: bundled}\n")
+    assert any("bundled goes with arch: vs2ray-tiny or vs2ray-tiny-reader only" in p for p in problems), problems
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vs2ray.config import DatasetConfig
+from vs2ray.config import DATASETS_WITH_GROUPS, TYPOGRAPHIC_DATASETS, DatasetConfig
 from vs2ray.data import DATASETS, DatasetUnavailable, get_dataset
 from vs2ray.data.shapes import (
     CLASS_BLOCKS,
@@ -19,6 +19,7 @@ from vs2ray.data.shapes import (
     SpuriousShapesDataset,
     render_shape,
     shape_mask,
+    write_word,
 )
 
 
@@ -35,6 +36,7 @@ def test_config_names_exactly_the_registered_datasets():
         == {
             "shapes",
             "shapes_spurious",
+            "shapes_typographic",
             "cifar100",
             "imagefolder",
             "huggingface",
@@ -167,6 +169,29 @@ def test_spurious_world_colour_agrees_with_shape_in_train_only_and_the_pixels_sh
     again = SpuriousShapesDataset(seed=0, split_sizes={"train": 4000, "test": 2000})
     assert np.array_equal(pixels_of(dataset, "test", [5, 9]), pixels_of(again, "test", [5, 9]))
     assert not np.array_equal(pixels_of(dataset, "test", [5]), pixels_of(SpuriousShapesDataset(seed=1), "test", [5]))
+
+
+def test_typographic_world_writes_nothing_the_own_or_another_class_name_as_its_attribute_says():
+    dataset = get_dataset(DatasetConfig(name="shapes_typographic", sizes={"test": 900}))
+    plain = ShapesDataset(seed=0)
+    records = dataset.records("test")
+    assert dataset.classes == plain.classes and dataset.attribute_names == (*plain.classes, "no word")
+    assert [r.label for r in records] == [r.label for r in plain.records("test")[:900]]  # shapes' images, labels
+    no_word = len(dataset.classes)
+    conditions = np.array([0 if r.attribute == no_word else 1 if r.attribute == r.label else 2 for r in records])
+    assert np.allclose(np.bincount(conditions, minlength=3) / len(records), 1 / 3, atol=0.05)
+    for record in records[:40]:
+        pixels = np.asarray(dataset.load_image("test", record.ref))
+        shapes_pixels = np.asarray(plain.load_image("test", record.ref))
+        assert pixels.shape == (64, 64, 3)
+        word = None if record.attribute == no_word else dataset.classes[record.attribute]
+        # the pixels are the shapes image doubled with the attribute's word written in one of the corners
+        assert any(np.array_equal(pixels, write_word(shapes_pixels, word, c)) for c in range(4)), record
+    assert np.array_equal(
+        np.asarray(dataset.load_image("test", "7")),
+        np.asarray(get_dataset(DatasetConfig(name="shapes_typographic", sizes={"test": 900})).load_image("test", "7")),
+    )
+    assert "shapes_typographic" in TYPOGRAPHIC_DATASETS and "shapes_typographic" in DATASETS_WITH_GROUPS
 
 
 def _image(path, colour):

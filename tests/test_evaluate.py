@@ -347,10 +347,15 @@ def test_a_tally_counted_part_by_part_gives_the_whole_splits_accuracies():
     logits = torch.randn(500, CLASSES, generator=g) + 2.0 * F.one_hot(labels, CLASSES)
     split = SplitData("s", torch.zeros(500, 1), torch.zeros(500, 1), labels, attributes=attributes,
                       groups=2 * labels + attributes)  # fmt: skip
+    # a typographic split: no word (a value past the classes), the image's own class or another class written
+    condition = torch.randint(3, (500,), generator=g)
+    other = (labels + 1 + torch.randint(CLASSES - 1, (500,), generator=g)) % CLASSES
+    written = torch.where(condition == 0, CLASSES, torch.where(condition == 1, labels, other))
+    logits[condition == 2] += 1.5 * F.one_hot(other, CLASSES)[condition == 2]  # the attack works, sometimes
     tally = Tally(CLASSES, 2 * CLASSES, keep_predictions=True)
     for start, stop in ((0, 123), (123, 400), (400, 500)):
         part = split.rows(start, stop)
-        tally.add(logits[start:stop], part.labels, part.groups, written=part.attributes)
+        tally.add(logits[start:stop], part.labels, part.groups, written=written[start:stop])
     top1, top5, per_class = accuracy(logits, labels, CLASSES)
     assert (tally.top1(), tally.top5(), tally.per_class()) == (top1, top5, per_class)
     predicted = logits.argmax(dim=1)
@@ -362,6 +367,13 @@ def test_a_tally_counted_part_by_part_gives_the_whole_splits_accuracies():
     for group in range(2 * CLASSES):  # by hand, group by group
         in_group = split.groups == group
         assert tally.per_group()[group] == (predicted[in_group] == labels[in_group]).double().mean().item()
-    assert tally.typographic() == (predicted == attributes).double().mean().item()
+    attacked, clean = condition == 2, condition == 0
+    assert tally.typographic() == (predicted[attacked] == other[attacked]).double().mean().item()
+    assert tally.attacked_top1() == (predicted[attacked] == labels[attacked]).double().mean().item()
+    assert tally.clean_top1() == (predicted[clean] == labels[clean]).double().mean().item()
+    assert 0.1 < tally.typographic() < 0.9 and tally.attacked_top1() < tally.clean_top1()
     torch.testing.assert_close(torch.cat(tally.predictions), predicted)
     assert Tally(CLASSES).typographic() is None and Tally(CLASSES).per_group() is None
+    every_image_attacked = Tally(CLASSES)  # RTA-100, PAINT: a word on every image, so no clean top-1
+    every_image_attacked.add(logits[attacked], labels[attacked], written=other[attacked])
+    assert every_image_attacked.clean_top1() is None and every_image_attacked.typographic() == tally.typographic()

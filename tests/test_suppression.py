@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from vs2ray import steering
@@ -137,3 +138,45 @@ def test_suppressing_the_written_words_latents_restores_the_true_label_of_attack
     # ablating no latent is the identity: the attack stands
     untouched = steering.ablate(sae, test.cls, torch.tensor([], dtype=torch.long))
     torch.testing.assert_close(untouched, test.cls, atol=1e-6, rtol=0)
+
+
+def test_the_text_present_score_ranks_the_latent_of_a_written_label_first_and_then_the_words():
+    """shapes_typographic's case: a third of the images carry no word (the attribute: CLASSES, past the
+    classes). A written word comes on a white label (one direction on every image with a word) and is read
+    along its own direction. Within a class, the label's latent differs most between images with and without
+    a word, the words' latents less (each is there on a third of the worded images), the objects' not at all."""
+    directions = torch.randn(12, 2 * CLASSES + 1, generator=torch.Generator().manual_seed(3))
+    objects, words, label = torch.linalg.qr(directions - directions.mean(dim=0))[0].T.split([CLASSES, CLASSES, 1])
+
+    def split(name: str, n: int, seed: int) -> SplitData:
+        g = torch.Generator().manual_seed(seed)
+        labels, condition = torch.randint(CLASSES, (n,), generator=g), torch.randint(3, (n,), generator=g)
+        other = (labels + torch.randint(1, CLASSES, (n,), generator=g)) % CLASSES
+        written = torch.where(condition == 1, labels, other)
+        worded = (condition > 0).float()[:, None]
+        cls = (1.0 + 0.5 * torch.rand(n, 1, generator=g)) * objects[labels]
+        cls = cls + worded * ((1.0 + 0.5 * torch.rand(n, 1, generator=g)) * words[written] + label)
+        attributes = torch.where(condition > 0, written, CLASSES)
+        return SplitData(name, cls, steering.apply_head(cls, TYPO_HEAD), labels, attributes=attributes,
+                         groups=labels * (CLASSES + 1) + attributes)  # fmt: skip
+
+    sae = SparseAutoencoder(12, 2 * CLASSES + 1, k=3, init="tied", encoder_bias=False)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.cat([objects, words, label]))
+        sae.W_enc.copy_(sae.W_dec)
+    text = torch.nn.functional.normalize(0.4 * objects + words, dim=1)
+    pool, val, test = split("pool", 3000, 1), split("val", 600, 2), split("test", 900, 3)
+    evaluator = Evaluator(sae.eval(), TYPO_HEAD, text, pool, val, test, num_groups=CLASSES * (CLASSES + 1),
+                          written_words=True)  # fmt: skip
+    ranked = evaluator.latent_scores("text_present").argsort(descending=True).tolist()
+    assert ranked[0] == 2 * CLASSES and set(ranked[1:4]) == {3, 4, 5} and set(ranked[4:]) == {0, 1, 2}
+    zero_shot = evaluator.evaluate("zero_shot", Grid()).summary()
+    assert zero_shot["test_typographic_zero_shot"] > 0.95 and zero_shot["test_clean_top1_zero_shot"] > 0.99
+    ablated = evaluator.evaluate("ablate", Grid(ablate_scores=("text_present",), ablate_counts=(1, 4))).summary()
+    assert ablated["selected_n_latents_ablate"] == 4  # the label alone leaves the words to be read
+    assert ablated["test_attacked_top1_ablate"] > 0.99 and ablated["test_typographic_ablate"] < 0.01
+    assert ablated["test_clean_top1_ablate"] > 0.99  # nothing written, nothing removed
+    every_image_worded = torch.ones(10, dtype=torch.long)  # RTA-100: a word on every image
+    with pytest.raises(ValueError, match="text_present score needs images with and without a word"):
+        steering.association_scores(torch.rand(10, 4), torch.zeros(10, dtype=torch.long), every_image_worded,
+                                    "text_present", CLASSES)  # fmt: skip

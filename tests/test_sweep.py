@@ -518,3 +518,48 @@ def test_a_typographic_sweep_on_rta100_files_reports_true_label_and_typographic_
     text = write_report(str(storage / "experiments" / "typographic"), tmp_path / "report").read_text()
     section = text.split("## Typographic attacks by block")[1].split("\n## ")[0]
     assert "zero-shot CLIP typographic" in section and "feature suppression true" in section
+
+
+def test_the_typographic_world_sweep_reports_attacked_typographic_and_clean_accuracy(storage, tmp_path, ray_session):
+    """shapes_typographic read by vs2ray-tiny-reader end to end, suppression at block 2 by the text_present
+    score: each method's attacked, typographic and clean test figures are those of its saved predictions,
+    and the report's table has all three."""
+    address = ray_session.get_runtime_context().gcs_address
+    output = run_sweep(
+        storage,
+        address,
+        "typographic-world",
+        "model.arch=vs2ray-tiny-reader",
+        "dataset.name=shapes_typographic",
+        "dataset.sizes={train: 800, test: 450}",
+        "extraction.layers=[2]",  # every token (SMALL_WORLD's), so that steering at block 2 finishes the forward
+        "sae.layer=2",
+        "sae.tokens=cls",
+        "steering.methods=[zero_shot, ablate]",
+        "steering.ablate_score=[text_present]",
+        "steering.ablate_latents=[1, 8]",
+        "search.metric=val_top1_ablate",
+        "search.num_samples=1",
+    )
+    assert output.returncode == 0, output.stderr[-3000:]
+    (_, trial), = load_results(storage / "experiments" / "typographic-world").iterrows()  # fmt: skip
+    from vs2ray.config import DatasetConfig
+    from vs2ray.data import get_dataset
+
+    records = get_dataset(DatasetConfig(name="shapes_typographic", sizes={"test": 450})).records("test")
+    labels, written = np.array([r.label for r in records]), np.array([r.attribute for r in records])
+    attacked, clean = (written != labels) & (written < 24), written == 24
+    predictions = trial_predictions(trial["trial_dir"])
+    assert (predictions["labels"] == labels).all() and attacked.sum() > 100 and clean.sum() > 100
+    for method in ("zero_shot", "ablate"):
+        predicted = predictions[method]
+        assert trial[f"test_typographic_{method}"] == pytest.approx((predicted == written)[attacked].mean())
+        assert trial[f"test_attacked_top1_{method}"] == pytest.approx((predicted == labels)[attacked].mean())
+        assert trial[f"test_clean_top1_{method}"] == pytest.approx((predicted == labels)[clean].mean())
+    assert trial["test_typographic_zero_shot"] > 0.3  # the reader reads
+    assert trial["selected_score_ablate"] == "text_present"
+    from analysis.report import write_report
+
+    text = write_report(str(storage / "experiments" / "typographic-world"), tmp_path / "report").read_text()
+    section = text.split("## Typographic attacks by block")[1].split("\n## ")[0]
+    assert "feature suppression clean" in section and "zero-shot CLIP typographic" in section

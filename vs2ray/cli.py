@@ -146,6 +146,15 @@ def zero_shot_command(args: argparse.Namespace) -> int:
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
         f"({result['images'] / result['seconds']:.0f} images/s)"
     )
+    if "typographic" in result:
+        shown = {
+            k: "—" if result[k] is None else f"{100 * result[k]:.2f}%"
+            for k in ("attacked_top1", "typographic", "clean_top1")
+        }
+        print(
+            f"  attacked images (another class's name written): true label {shown['attacked_top1']}, "
+            f"the written class {shown['typographic']}; images without a word: top-1 {shown['clean_top1']}"
+        )
     return 0
 
 

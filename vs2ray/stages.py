@@ -23,7 +23,7 @@ from vs2ray import steering
 from vs2ray.config import TYPOGRAPHIC_DATASETS, ConfigError, Distribution, ExperimentConfig, values_of
 from vs2ray.data import get_dataset, prompt_templates_for
 from vs2ray.devices import worker_device
-from vs2ray.evaluate import Encoder, Evaluator, Grid, PoolData, PoolRows, SplitData, accuracy
+from vs2ray.evaluate import Encoder, Evaluator, Grid, PoolData, PoolRows, SplitData, Tally
 from vs2ray.methods import METHODS
 from vs2ray.models import block_runner, build_text_classifier, encode_images, load_clip
 from vs2ray.sae import ActivationRows, SAETrainParams, SparseAutoencoder, evaluate_sae, kind_reads, train_sae
@@ -625,7 +625,9 @@ def zero_shot_evaluate(
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Zero-shot top-1/top-5 of the configured model on `split` of the configured dataset.
+    """Zero-shot top-1/top-5 of the configured model on `split` of the configured dataset, and on a typographic
+    dataset the attacked images' true-label top-1 (`attacked_top1`) and typographic accuracy (`typographic`)
+    and the clean images' top-1 (`clean_top1`, None where every image has a word).
 
     Runs in-process (no Ray); meant for checks and the demo, not for large datasets.
     `progress(done, total)` is called after every batch.
@@ -634,25 +636,31 @@ def zero_shot_evaluate(
     bundle = load_clip(config.model)
     classifier = build_text_classifier(bundle, dataset.classes, prompt_templates_for(config.dataset, dataset))
     records = dataset.records(split)[:limit]
-    logits: list[torch.Tensor] = []
-    labels: list[int] = []
+    tally = Tally(len(dataset.classes))
+    typographic = config.dataset.name in TYPOGRAPHIC_DATASETS
     started = time.perf_counter()
     batch = config.extraction.batch_size
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
         pixels = torch.stack([bundle.preprocess(dataset.load_image(split, r.ref)) for r in chunk])
-        logits.append(steering.logits_from_embeddings(encode_images(bundle, pixels), classifier).cpu())
-        labels.extend(r.label for r in chunk)
+        logits = steering.logits_from_embeddings(encode_images(bundle, pixels), classifier).cpu()
+        written = torch.tensor([r.attribute for r in chunk]) if typographic else None
+        tally.add(logits, torch.tensor([r.label for r in chunk]), written=written)
         if progress is not None:
-            progress(len(labels), len(records))
-    top1, top5, _ = accuracy(torch.cat(logits), torch.tensor(labels), len(dataset.classes))
+            progress(tally.images, len(records))
+    words = {
+        "attacked_top1": tally.attacked_top1(),
+        "typographic": tally.typographic(),
+        "clean_top1": tally.clean_top1(),
+    }
     return {
         "model": f"{bundle.arch}/{bundle.pretrained}",
         "dataset": dataset.name,
         "split": split,
         "images": len(records),
         "classes": len(dataset.classes),
-        "top1": top1,
-        "top5": top5,
+        "top1": tally.top1(),
+        "top5": tally.top5(),
+        **(words if typographic else {}),
         "seconds": time.perf_counter() - started,
     }
