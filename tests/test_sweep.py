@@ -563,3 +563,4 @@ def test_the_typographic_world_sweep_reports_attacked_typographic_and_clean_accu
     text = write_report(str(storage / "experiments" / "typographic-world"), tmp_path / "report").read_text()
     section = text.split("## Typographic attacks by block")[1].split("\n## ")[0]
     assert "feature suppression clean" in section and "zero-shot CLIP typographic" in section
+    assert "## Worst-group accuracy" not in text  # 24 × 25 object × word groups: the typographic table instead

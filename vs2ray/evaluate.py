@@ -252,6 +252,9 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tu
     return tally.top1(), tally.top5(), tally.per_class()
 
 
+_TYPOGRAPHIC_COUNTS = ("attacked", "attacked_hits", "written_hits", "clean", "clean_hits")
+
+
 class Tally:
     """What a split's accuracies need for one setting, counted a part at a time: hits and images per class,
     top-5 hits, hits and images per group, on typographic images the hits of attacked and of clean images and
@@ -344,9 +347,6 @@ class Tally:
     def clean_top1(self) -> float | None:
         """Top-1 on the images with no word written; None where every image has a word (RTA-100, PAINT)."""
         return self._share("clean_hits", "clean")
-
-
-_TYPOGRAPHIC_COUNTS = ("attacked", "attacked_hits", "written_hits", "clean", "clean_hits")
 
 
 def worst_group(per_group: list[float]) -> float:

@@ -247,18 +247,17 @@ def word_draws(seed: int, split: str, index: int) -> tuple[int, int, int]:
     return condition, other, int(rng.integers(CORNERS))
 
 
-def written_class(seed: int, split: str, index: int, condition: int) -> int:
-    """The class whose name is written on image `index` under `condition`, or -1 for NO_WORD."""
-    _, other, _ = word_draws(seed, split, index)
-    return {NO_WORD: -1, OWN_WORD: shape_label(seed, split, index), OTHER_WORD: other}[condition]
+def written_class(label: int, other: int, condition: int) -> int:
+    """The class whose name is written under `condition` on an image of class `label`, or -1 for NO_WORD."""
+    return {NO_WORD: -1, OWN_WORD: label, OTHER_WORD: other}[condition]
 
 
 def render_with_word(seed: int, split: str, index: int, condition: int) -> tuple[np.ndarray, ShapeSample, int]:
     """Image `index` of `split` at 64 px under `condition` (nothing, its own class's name or the other class's
     written in its corner, `word_draws`): (pixels (64, 64, 3) uint8, the 32 px sample, the written class or -1)."""
     sample = render_shape(seed, split, index)
-    _, _, corner = word_draws(seed, split, index)
-    written = written_class(seed, split, index, condition)
+    _, other, corner = word_draws(seed, split, index)
+    written = written_class(sample.label, other, condition)
     return write_word(sample.pixels, CLASS_NAMES[written] if written >= 0 else None, corner), sample, written
 
 
@@ -418,17 +417,17 @@ class TypographicShapesDataset(ShapesDataset):
     def concept_words(self) -> list[str]:
         return list(CONCEPT_WORDS)
 
-    def _attribute(self, split: str, index: int) -> int:
-        condition = word_draws(self.seed, split, index)[0]
-        written = written_class(self.seed, split, index, condition)
-        return written if written >= 0 else len(CLASS_NAMES)
+    def _record(self, split: str, index: int) -> ImageRecord:
+        label = shape_label(self.seed, split, index)
+        condition, other, _ = word_draws(self.seed, split, index)
+        written = written_class(label, other, condition)
+        return ImageRecord(
+            id=index, label=label, ref=str(index), attribute=written if written >= 0 else len(CLASS_NAMES)
+        )
 
     def records(self, split: str) -> list[ImageRecord]:
         self.check_split(split)
-        return [
-            ImageRecord(id=i, label=shape_label(self.seed, split, i), ref=str(i), attribute=self._attribute(split, i))
-            for i in range(self.split_sizes[split])
-        ]
+        return [self._record(split, i) for i in range(self.split_sizes[split])]
 
     def load_image(self, split: str, ref: str) -> Image.Image:
         index = int(ref)
