@@ -12,7 +12,10 @@ of DESIGN.md:
 - the mean pairwise cosine of the test image embeddings (the cone);
 - kNN-50 majority of true train labels for each test image, in the retrieval space and in
   CLIP space;
-- where zero-shot's errors fall: inside a class block, on the shape pair, on the colour pair.
+- where zero-shot's errors fall: inside a class block, on the shape pair, on the colour pair;
+- on a typographic dataset (sweeps/typographic_quickstart.yaml), zero-shot top-1 on the test images
+  without a word and on those with another class's name written, and the share of the latter
+  predicted as the written class (issue 28's targets: a fall of at least 20 points, at least 30%).
 Exits 1 when a target is missed. Nothing here is tuned to a steering method's figure.
 """
 
@@ -28,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from vs2ray.config import load_config
+from vs2ray.config import TYPOGRAPHIC_DATASETS, load_config
+from vs2ray.evaluate import Tally
 from vs2ray.extract import extract_splits
 from vs2ray.steering import logits_from_embeddings
 from vs2ray.store import cls_column, load_activations
@@ -130,6 +134,18 @@ def measure(config_path: str | None, overrides: list[str]) -> dict[str, float]:
         neighbours = knn_majority(tensor(train, "retrieval"), train_labels, tensor(test, "retrieval"))
         card["knn_retrieval"] = (neighbours == test_labels).double().mean().item()
     card["probe_gain"] = card["probe"] - card["zero_shot"]
+    if config.dataset.name in TYPOGRAPHIC_DATASETS:
+        tally = Tally(len(classifier))
+        tally.add(
+            F.one_hot(zero_shot, len(classifier)),
+            test_labels,
+            written=torch.from_numpy(test.attributes.astype(np.int64)),
+        )
+        card |= {
+            "clean_top1": tally.clean_top1(),
+            "attacked_top1": tally.attacked_top1(),
+            "typographic": tally.typographic(),
+        }
     return card
 
 
@@ -141,6 +157,10 @@ def targets(card: dict[str, float]) -> list[tuple[str, bool]]:
         ("mean pairwise cosine >= 0.3", card["cosine"] >= 0.3),
         ("most zero-shot errors inside a block", card["errors_in_block"] >= 0.5),
     ]
+    if card.get("clean_top1") is not None:
+        fall = card["clean_top1"] - card["attacked_top1"]
+        checks.append(("a wrong class written: zero-shot >= 20 points below clean", fall >= 0.20))
+        checks.append(("a wrong class written: predicted as the written class >= 30%", card["typographic"] >= 0.30))
     if "knn_retrieval" in card:
         checks.append(("kNN-50 (retrieval) >= zero-shot + 15", card["knn_retrieval"] - card["zero_shot"] >= 0.15))
     else:
@@ -165,6 +185,11 @@ def format_card(card: dict[str, float]) -> str:
         ("zero-shot errors inside a block / shape pair / colour pair",
          " / ".join(pct(card[k]) for k in ("errors_in_block", "errors_shape_pair", "errors_colour_pair")), "–"),
     ]  # fmt: skip
+    if card.get("clean_top1") is not None:
+        typographic = f"{pct(card['clean_top1'])} / {pct(card['attacked_top1'])} ({pct(card['typographic'])})"
+        rows.append(
+            ("zero-shot top-1 with no word / with a wrong class written (as the written class)", typographic, "–")
+        )
     lines = ["| property | bundled world | CLIP ViT-B/32 on CIFAR-100 |", "|---|---|---|"]
     lines += [f"| {name} | {ours} | {clip} |" for name, ours, clip in rows]
     lines.append(f"\n({card['train_rows']} train rows, {card['test_rows']} test rows)")
