@@ -118,31 +118,32 @@ def test_typographic_table_gives_each_method_at_its_validation_selected_trial_pe
     from vs2ray.report import write_report
     from vs2ray.results import typographic_table
 
-    def trial(trial_id, block, started, ablate_val, ablate_test, ablate_typographic):
+    def trial(trial_id, block, started, ablate_val, ablate_attacked, ablate_typographic, ablate_clean):
         result = {
             "sae_block": block,
             "sae_tokens": "cls",
             "sae_dir": f"/saes/{trial_id}",
             **{"fvu": 0.1, "val_fvu": 0.11, "l0": 8.0},
             "test_typographic_zero_shot": 0.7,
-        }
-        result |= {**metrics("zero_shot", 0.25, 0.2, 0.2), **metrics("ablate", ablate_val, ablate_test, 0.9)}
+            "test_attacked_top1_zero_shot": 0.1,
+        }  # zero-shot without clean images (as on RTA-100): no clean column for it
+        result |= {**metrics("zero_shot", 0.25, 0.2, 0.2), **metrics("ablate", ablate_val, 0.4, 0.9)}
         result |= {"test_typographic_ablate": ablate_typographic, "val_typographic_ablate": 0.1}
+        result |= {"test_attacked_top1_ablate": ablate_attacked, "test_clean_top1_ablate": ablate_clean}
         write_trial(tmp_path, trial_id, started, {"sae.layer": block}, result)
 
-    trial("a", 11, 100.0, 0.60, 0.55, 0.15)
-    trial("b", 11, 101.0, 0.70, 0.50, 0.20)  # the better validation top-1 at block 11: its test figures count
-    trial("c", 6, 102.0, 0.40, 0.45, 0.30)
+    trial("a", 11, 100.0, 0.60, 0.55, 0.15, 0.58)
+    trial("b", 11, 101.0, 0.70, 0.50, 0.20, 0.61)  # the better validation top-1 at block 11: its test figures count
+    trial("c", 6, 102.0, 0.40, 0.45, 0.30, 0.52)
     table = typographic_table(load_results(tmp_path)).set_index("block")
     assert list(table.index) == [6, 11] and table.loc[11, "trials"] == 2
-    assert table.loc[11, "ablate true"] == pytest.approx(50.0) and table.loc[11, "ablate typographic"] == pytest.approx(
-        20.0
-    )
+    assert table.loc[11, ["ablate true", "ablate typographic", "ablate clean"]].tolist() == pytest.approx([50, 20, 61])
     assert table.loc[6, "ablate typographic"] == pytest.approx(30.0)
-    assert table.loc[6, "zero_shot typographic"] == pytest.approx(70.0)
+    assert table.loc[6, ["zero_shot true", "zero_shot typographic"]].tolist() == pytest.approx([10, 70])
     assert typographic_table(load_results(tmp_path).drop(columns=["test_typographic_ablate"])).columns.tolist() == [
         "block", "tokens", "trials", "zero_shot true", "zero_shot typographic"
     ]  # fmt: skip
     report = write_report(str(tmp_path), tmp_path / "report").read_text()
     section = report.split("## Typographic attacks by block")[1].split("\n## ")[0]
-    assert "feature suppression typographic" in section and "| 11 |" in section
+    assert "feature suppression typographic" in section and "feature suppression clean" in section
+    assert "| 11 |" in section
