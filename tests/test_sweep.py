@@ -45,6 +45,16 @@ def test_invalid_sweeps_fail_before_ray_starts_and_name_the_key(tmp_path, capsys
     assert not (tmp_path / "experiments").exists() and not (tmp_path / "activations").exists()
 
 
+def test_clean_accuracy_is_searchable_only_where_a_dataset_has_images_without_a_word():
+    from vs2ray.config import ConfigError
+
+    test_metric = ["search.metric=test_clean_top1_ablate", "search.allow_test_selection=true"]
+    check_sweep(load_config(QUICKSTART.with_name("typographic_quickstart.yaml"), test_metric))
+    with pytest.raises(ConfigError, match="test_clean_top1_ablate") as error:
+        check_sweep(load_config(QUICKSTART.with_name("rta100_vit_b32.yaml"), test_metric))
+    assert "test_attacked_top1_ablate" in str(error.value)  # among the allowed names
+
+
 def test_schedulers_and_trackers_are_checked_before_ray_starts(monkeypatch):
     import importlib.util
 

@@ -219,6 +219,7 @@ DATASETS_WITH_GROUPS = (
 )  # their records carry a nuisance attribute
 # their attribute is the class whose name is written on the image (a value past the classes: no word)
 TYPOGRAPHIC_DATASETS = ("shapes_typographic", "rta100", "paint_typographic")
+WITH_CLEAN_IMAGES = ("shapes_typographic",)  # typographic datasets that also have images without a word
 
 
 class DatasetConfig(Section):
@@ -623,11 +624,11 @@ class ExperimentConfig(Section):
                 f"steering: {' and '.join(needs_groups)}: needs group labels, and dataset.name "
                 f"{self.dataset.name!r} has none (datasets with groups: {', '.join(DATASETS_WITH_GROUPS)})",
             )
-        if "text_present" in self.steering.ablate_score and self.dataset.name != "shapes_typographic":
+        if "text_present" in self.steering.ablate_score and self.dataset.name not in WITH_CLEAN_IMAGES:
             raise PydanticCustomError(
                 "model_text_present",
                 f"steering.ablate_score: text_present needs images with and without a word written on them "
-                f"(dataset.name: shapes_typographic); {self.dataset.name!r} has no such images",
+                f"(dataset.name: {', '.join(WITH_CLEAN_IMAGES)}); {self.dataset.name!r} has no such images",
             )
         return self
 

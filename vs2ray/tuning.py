@@ -20,6 +20,7 @@ from typing import Any
 from vs2ray.config import (
     DATASETS_WITH_GROUPS,
     TYPOGRAPHIC_DATASETS,
+    WITH_CLEAN_IMAGES,
     ConfigError,
     Distribution,
     ExperimentConfig,
@@ -69,10 +70,9 @@ def allowed_metrics(config: ExperimentConfig) -> list[str]:
 
     methods = config.steering.methods
     kinds = METHOD_METRICS + GROUP_METRICS * (config.dataset.name in DATASETS_WITH_GROUPS)
-    if config.dataset.name in TYPOGRAPHIC_DATASETS:  # a word is written on every image of RTA-100 and PAINT
-        kinds += tuple(
-            k for k in TYPOGRAPHIC_METRICS if k != "test_clean_top1" or config.dataset.name.startswith("shapes")
-        )
+    if config.dataset.name in TYPOGRAPHIC_DATASETS:
+        with_clean = config.dataset.name in WITH_CLEAN_IMAGES
+        kinds += tuple(k for k in TYPOGRAPHIC_METRICS if k != "test_clean_top1" or with_clean)
     steerability = ["steerable_latents", "steerable_neurons"] * config.steerability.enabled
     return [metric_name(kind, m) for m in methods for kind in kinds] + [*SAE_METRICS, "trial_seconds", *steerability]
 
