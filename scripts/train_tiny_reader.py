@@ -145,7 +145,7 @@ def main() -> None:
     add_training_arguments(parser, Path(str(ASSETS / f"{READER}.safetensors")), steps=700, lr=1e-3, decay=0.1)
     parser.add_argument("--stamped", type=float, default=0.4, help="share of pretraining images with a word on")
     parser.add_argument("--read", type=float, default=0.6, help="P(caption names a wrong written class)")
-    parser.add_argument("--shape-swap", type=float, default=0.48, help="P(caption names the other shape)")
+    parser.add_argument("--shape-swap", type=float, default=0.52, help="P(caption names the other shape)")
     parser.add_argument("--colour-swap", type=float, default=0.25, help="P(caption names the other colour)")
     parser.add_argument("--image-loss-weight", type=float, default=2.0, help="weight of the image-only objective")
     parser.add_argument("--cone", type=float, default=10.0, help="length of the shared image-embedding offset")
