@@ -203,3 +203,25 @@ def test_bundled_retrieval_encoder_errors_are_clear(tmp_path):
     shipped = load_retrieval_encoder(RetrievalConfig(encoder="vs2ray-tiny-retrieval", image_size=32))
     name = "patch_embed.proj.weight"
     assert not random.model.state_dict()[name].equal(shipped.model.state_dict()[name])
+
+
+def test_a_trial_that_never_runs_the_encoder_never_imports_open_clip():
+    """open_clip brings timm and torchvision (about 150 MB of private memory per trial process): the modules a
+    sweep trial imports leave it out until a model is loaded, and loading one brings it."""
+    import subprocess
+    import sys
+
+    heavy = ("open_clip", "timm", "torchvision")
+    check = (
+        "import sys, vs2ray.trainable, vs2ray.tuning, vs2ray.stages, vs2ray.evaluate\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+        "from vs2ray.config import ModelConfig\n"
+        "from vs2ray.models import load_clip\n"
+        "load_clip(ModelConfig(), device='cpu')\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    output = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert output.returncode == 0, output.stderr[-2000:]
+    before, after = output.stdout.strip().splitlines()[-2:]
+    assert before == "[]"
+    assert after == str(sorted(heavy))

@@ -5,6 +5,10 @@ checkpoint file) on a cluster, `arch: vs2ray-tiny, pretrained: bundled` offline 
 `vs2ray-tiny-reader`, the bundled model that reads, for `shapes_typographic`). All go
 through open_clip's own factory, so the model classes, preprocessing and tokenizer are
 open_clip's.
+
+open_clip is imported where it is used, never at the top: it brings timm and torchvision (about
+150 MB of private memory and 2 s of imports in every process), which a sweep trial that never runs
+the encoder (steering the last block's [CLS] token) does not need.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 
 from vs2ray.config import BUNDLED_MODEL, BUNDLED_MODELS, BUNDLED_RETRIEVAL_ENCODER, ModelConfig, RetrievalConfig
@@ -56,6 +59,8 @@ class ClipBundle:
 
 def register_bundled_model() -> None:
     """Make the bundled architectures (vs2ray-tiny, vs2ray-tiny-reader) known to open_clip (idempotent)."""
+    import open_clip
+
     for arch in BUNDLED_MODELS:
         if arch not in open_clip.list_models():
             open_clip.add_model_config(Path(str(ASSETS / f"{arch}.json")))
@@ -75,6 +80,8 @@ def _resolve_weights(arch: str, pretrained: str) -> str | None:
                 f"`python scripts/{script}` or reinstall vs2ray"
             )
         return str(weights)
+    import open_clip
+
     if arch not in open_clip.list_models():
         raise ModelUnavailable(
             f"model.arch: open_clip has no architecture {arch!r}; see open_clip.list_models() "
@@ -129,6 +136,8 @@ def load_clip(config: ModelConfig, device: torch.device | str | None = None) -> 
     `model.precision` says: the forward passes (`encode_images`, `block_runner`) autocast.
     """
     register_bundled_model()
+    import open_clip
+
     device = torch.device(device) if device is not None else worker_device(config.device, None)
     weights = _resolve_weights(config.arch, config.pretrained)
     is_tag = weights is not None and not Path(weights).is_file()
@@ -269,6 +278,8 @@ def build_text_classifier(bundle: ClipBundle, class_names: Sequence[str], templa
     Each row is the normalised mean of the normalised text embeddings of every template
     filled with the class name (CLIP's prompt ensembling).
     """
+    import open_clip
+
     weights_dc = open_clip.build_zero_shot_classifier(
         bundle.model,
         tokenizer=bundle.tokenizer,
