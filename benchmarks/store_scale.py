@@ -8,7 +8,8 @@
    in a process of its own), peak RSS of an evaluation with that SAE (steering at block 1 on every
    token: the pool's tokens calibrate the gate), and two such training trials at once on the same
    store: the sum of their peak PSS (physical memory, shared pages counted once) against one's,
-   also above the PSS of a process that has loaded torch and the model and read nothing.
+   also above the PSS of a process that has imported what a trial imports (torch, Ray-free stages; no
+   model: a training trial loads none) and read nothing.
 2. On the quickstart's [CLS] store (extracted when missing): SAE training samples/s reading the
    memory-mapped store against the same rows held in memory.
 3. `python -m vs2ray train-sae` on every-token stores of the bundled world (block 1) of 4,000 and
@@ -167,7 +168,7 @@ def trial_main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--evaluate", action="store_true")
-    parser.add_argument("--idle", action="store_true", help="load torch and the model, read nothing: the baseline")
+    parser.add_argument("--idle", action="store_true", help="import what a trial imports, read nothing: the baseline")
     parser.add_argument(
         "--limit-private-mb", type=int, default=None, help="RLIMIT_DATA: this much private memory above what is used"
     )
@@ -178,7 +179,6 @@ def trial_main(argv: list[str]) -> None:
         limit = _vm_data_bytes() + args.limit_private_mb * 2**20
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     if args.idle:
-        load_clip(ModelConfig(), device="cpu")
         time.sleep(1.0)  # long enough for the sampler to see it
         result: dict[str, Any] = {}
     else:
@@ -253,7 +253,7 @@ def synthetic_table(root: Path, sizes_gb: list[float], steps: int) -> list[str]:
     # two idle processes share their libraries' pages, so a pair's baseline is less than twice one's
     _, idle_pair_pss = run_processes([trial_command(test, test, root, 0, 0, False, idle=True) for _ in range(2)])
     lines = [
-        f"A process that has loaded torch and the model, and read nothing: {idle_pss:,.0f} MB PSS; two such "
+        f"A process that has imported what a trial imports, and read nothing: {idle_pss:,.0f} MB PSS; two such "
         f"processes at once: {idle_pair_pss:,.0f} MB.",
         "",
         "| token column | train: peak RSS | train: samples/s | evaluate: peak RSS | 1 trial: peak PSS "
