@@ -172,6 +172,14 @@ def test_an_epoch_larger_than_the_shuffle_window_visits_every_row_once_a_window_
     assert not np.array_equal(rows[:300] // 10, np.sort(rows[:300] // 10))  # rows mixed within a window
     np.testing.assert_array_equal(rows, np.concatenate(epoch(1200, 10, 100)))  # seeded
     assert not np.array_equal(rows, np.concatenate(epoch(1200, 10, 100, seed=1)))
+    # the positions drawn with int64 throughout (as before windows were held as int32), and handed out as int64
+    generator = torch.Generator().manual_seed(0)
+    expected = []
+    for chosen in torch.randperm(120, generator=generator).split(30):
+        window = (chosen[:, None] * 10 + torch.arange(10)).reshape(-1)
+        expected.append(window[torch.randperm(300, generator=generator)])
+    np.testing.assert_array_equal(rows, torch.cat(expected).numpy())
+    assert all(batch.dtype == np.int64 for batch in batches)
 
 
 def test_a_trial_trains_and_evaluates_on_a_store_larger_than_the_memory_it_may_add(tmp_path):

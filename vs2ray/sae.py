@@ -630,7 +630,7 @@ class BatchOrder:
             self._window, self._cursor = window, 0
         batch = self._window[self._cursor : self._cursor + batch_size]
         self._cursor += batch_size
-        return batch
+        return batch.long()
 
     def _epoch(self) -> Iterator[Int[Tensor, " window"]]:
         if self.n <= self.SHUFFLE_ROWS:
@@ -638,8 +638,10 @@ class BatchOrder:
             return
         groups = torch.randperm(self.n // self.group, generator=self.generator)
         per_window = max(1, self.SHUFFLE_ROWS // self.group)
+        # the same positions as int32 where they fit: a window's copies take 16 MiB each, not 32
+        narrow = torch.int32 if self.n < 2**31 else torch.long
         for chosen in torch.split(groups, per_window):
-            rows = (chosen[:, None] * self.group + torch.arange(self.group)).reshape(-1)
+            rows = (chosen[:, None].to(narrow) * self.group + torch.arange(self.group, dtype=narrow)).reshape(-1)
             yield rows[torch.randperm(len(rows), generator=self.generator)]
 
 

@@ -276,7 +276,9 @@ def get_or_train_sae(
             return TrainedSAE(saved.sae, saved.metrics, directory, cache_hit=True)
         train, val = split.rows(column, split.train_mask, tokens), split.val_rows(column, tokens)
         per_image = len(train) // max(1, int(split.train_mask.sum()))
-        labels = torch.from_numpy(split.acts.labels[split.train_mask].astype(np.int64)).repeat_interleave(per_image)
+        labels = None
+        if params.w_aux > 0:  # PASS only: a label per row is 8 bytes for every token of the training images
+            labels = torch.from_numpy(split.acts.labels[split.train_mask].astype(np.int64)).repeat_interleave(per_image)
         total = len(split.acts.ids) * per_image
         log(f"training an SAE on {column}: {len(train)} of {total} rows ({len(val)} held out)")
         result = train_sae(
