@@ -172,7 +172,7 @@ def test_an_epoch_larger_than_the_shuffle_window_visits_every_row_once_a_window_
     assert not np.array_equal(rows[:300] // 10, np.sort(rows[:300] // 10))  # rows mixed within a window
     np.testing.assert_array_equal(rows, np.concatenate(epoch(1200, 10, 100)))  # seeded
     assert not np.array_equal(rows, np.concatenate(epoch(1200, 10, 100, seed=1)))
-    # the positions drawn with int64 throughout (as before windows were held as int32), and handed out as int64
+    # the positions an int64 draw gives (a window is held as int32), handed out as int64
     generator = torch.Generator().manual_seed(0)
     expected = []
     for chosen in torch.randperm(120, generator=generator).split(30):
