@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -278,3 +280,28 @@ def test_cifar100_is_downloaded_once_by_concurrent_readers(tmp_path, monkeypatch
     for thread in threads:
         thread.join()
     assert len(downloads) == 1 and all(reader._arrays for reader in readers)
+
+
+HEAP_SCRIPT = """
+import json, sys
+import numpy as np
+from vs2ray.devices import bound_heap_growth, trim_heap
+
+def private_kb():
+    return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0])
+
+bound_heap_growth()  # as a store reader sets it
+blocks = [np.ones(2048, dtype=np.uint8) for _ in range(50_000)]  # 100 MB of heap blocks under the mmap threshold
+survivor = np.ones(2048, dtype=np.uint8)  # above them: the heap's top cannot shrink past it
+del blocks
+freed = private_kb()
+released = trim_heap()
+print(json.dumps({"freed_kb": freed, "trimmed_kb": private_kb(), "released": released}))
+"""
+
+
+def test_trimming_the_heap_hands_back_the_free_pages_that_freeing_alone_keeps():
+    out = subprocess.run([sys.executable, "-c", HEAP_SCRIPT], capture_output=True, text=True, check=True).stdout
+    memory = json.loads(out.strip().splitlines()[-1])
+    assert memory["released"]
+    assert memory["freed_kb"] - memory["trimmed_kb"] > 60 * 1024  # most of the 100 MB freed comes back

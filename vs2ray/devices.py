@@ -145,6 +145,22 @@ def bound_heap_growth() -> None:
         pass
 
 
+def trim_heap() -> bool:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim); True when some were.
+
+    A pass over a store in parts allocates and frees each part's arrays, and the small ones among them
+    (under the mmap threshold) leave the heap's free pages scattered between live blocks, where glibc
+    keeps them: measured here, an evaluation over the 8 GB store's 205 validation parts grew private
+    memory by 90–330 MB from run to run, against 100 MB (no growth from run to run) trimmed after each
+    part. False off glibc."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def limit_gpu_memory(device: torch.device, gpu_share: float) -> None:
     """Cap this process's CUDA allocations at its fractional GPU share (e.g. 0.25 of the card), so that
     trials sharing a GPU cannot starve each other; a whole GPU or the CPU is left alone."""

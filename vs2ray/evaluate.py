@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from vs2ray import steering
+from vs2ray.devices import trim_heap
 from vs2ray.methods import GRID_PARAMS, METHODS, TYPOGRAPHIC_METRICS, Pool, Setting, Split, Steered, metric_name
 from vs2ray.sae import ActivationRows, SparseAutoencoder, per_sample_fvu
 
@@ -441,6 +442,7 @@ class Evaluator:
             part = split.rows(start, min(n, start + size))
             yield part
             self._forget(part.name)
+            trim_heap()  # a part's freed arrays would otherwise stay in the heap, and it grows part by part
 
     def whole(self, split: SplitData) -> SplitData:
         """`split` with every token of its host blocks on the device (memoised per split)."""
