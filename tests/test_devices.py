@@ -283,7 +283,7 @@ def test_cifar100_is_downloaded_once_by_concurrent_readers(tmp_path, monkeypatch
 
 
 HEAP_SCRIPT = """
-import json, sys
+import json
 import numpy as np
 from vs2ray.devices import bound_heap_growth, trim_heap
 
