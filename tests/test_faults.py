@@ -441,6 +441,9 @@ def test_a_node_lost_mid_sweep_loses_no_finished_trial_and_its_trials_and_faiss_
         "search.max_failures=2",
     )
     experiment = tmp_path / "experiments" / "preempted"
+    # A trial that reported its result but had not yet returned when its node went is run again from its
+    # checkpoint and re-reports that result: Tune's bookkeeping changes, vs2ray's metrics (timings too) do not
+    results = functools.partial(finished_trials, experiment, ignore={*tune_bookkeeping(), "checkpoint_dir_name"})
     cluster = HelperCluster()
     try:
         cluster.tell("add", "a")
@@ -449,12 +452,12 @@ def test_a_node_lost_mid_sweep_loses_no_finished_trial_and_its_trials_and_faiss_
         driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 400
-            while not finished_trials(experiment, ignore=()) and driver.poll() is None:
+            while not results() and driver.poll() is None:
                 assert time.monotonic() < deadline, "no trial finished in time"
                 time.sleep(0.1)
             assert driver.poll() is None, "the sweep ended before its node could be lost"
             cluster.tell("remove", "a")  # two trials and the FAISS shard were running there: no CPU elsewhere
-            before = finished_trials(experiment, ignore=())
+            before = results()
             cluster.tell("add", "b")  # the autoscaler's replacement
             output = driver.communicate(timeout=400)[0]
         finally:
@@ -464,11 +467,11 @@ def test_a_node_lost_mid_sweep_loses_no_finished_trial_and_its_trials_and_faiss_
     assert driver.returncode == 0, output[-3000:]
     trials = load_results(experiment)
     assert len(trials) == 4 and trials["trial_id"].is_unique and (trials["status"] == "TERMINATED").all()
-    after = finished_trials(experiment, ignore=())
-    for name, result in before.items():  # 0 finished trials lost or re-run
+    after = results()
+    for name, result in before.items():  # 0 finished trials lost or computed again
         assert after[name] == result
     retried = [Path(d, "error.txt").is_file() for d in trials["trial_dir"]].count(True)
-    assert 1 <= retried <= 4 - len(before), output[-3000:]  # those running on the lost node, retried on the new one
+    assert 1 <= retried <= 2, output[-3000:]  # those running on the lost node (two at once), retried on the new one
     shard_pids = set(re.findall(r"IndexShard pid=(\d+)\).*FAISS shard:", output))
     assert len(shard_pids) >= 2, output[-3000:]  # the shard came back (max_restarts) on the new node
     assert trials["test_top1_vs2pp"].notna().all()  # VS2++ queried it in every trial
