@@ -27,7 +27,7 @@ test: install
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
 # The fault suite (tests/test_faults.py, issue 32): actors, trial workers and nodes killed, full disks, two
-# drivers on one store, damaged part files, S3 storage (moto's server). About six minutes on 2 cores; CI runs it.
+# drivers on one store, damaged part files, S3 storage (moto's server). Six to ten minutes on 2 cores; CI runs it.
 # The full-disk tests mount a tmpfs and need root.
 faults: install
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m faults tests/test_faults.py
