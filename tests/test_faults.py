@@ -203,6 +203,13 @@ S3_SWEEP = (
 )
 
 
+def finished_metrics(experiment: str | Path) -> dict[str, dict]:
+    """`finished_trials` without what differs when a trial is re-run from its checkpoint and re-reports its
+    result (a driver or a node lost after its report, before it returned): Tune's bookkeeping and checkpoint
+    dir name change, vs2ray's metrics (its timings too) do not."""
+    return finished_trials(experiment, ignore={*tune_bookkeeping(), "checkpoint_dir_name"})
+
+
 def test_a_sweep_on_s3_survives_a_killed_driver_and_its_report_reads_it_back(tmp_path, s3_env, monkeypatch):
     """The cluster's storage: Tune's experiment on s3:// (VS2RAY_EXPERIMENTS), the stores on a local disk. Each
     driver starts its own Ray, as a restarted head node would."""
@@ -211,8 +218,7 @@ def test_a_sweep_on_s3_survives_a_killed_driver_and_its_report_reads_it_back(tmp
     env = {**os.environ, "VS2RAY_EXPERIMENTS": "s3://vs2ray/experiments", "RAY_AUTH_MODE": "disabled"}
     experiment = "s3://vs2ray/experiments/spot"
     command = cli_command("vs2ray.sweep", "--name", "spot", assignments=(f"storage.root={tmp_path}", *S3_SWEEP))
-    # Tune's checkpoint dir name is left out too: a trial re-run from its checkpoint re-reports its result
-    results = functools.partial(finished_trials, experiment, ignore={*tune_bookkeeping(), "checkpoint_dir_name"})
+    results = functools.partial(finished_metrics, experiment)
     kill_driver_when(command, lambda: len(results()) >= 2, env=env, poll_s=0.1)
     before = results()
     assert 2 <= len(before) < 6
@@ -441,9 +447,7 @@ def test_a_node_lost_mid_sweep_loses_no_finished_trial_and_its_trials_and_faiss_
         "search.max_failures=2",
     )
     experiment = tmp_path / "experiments" / "preempted"
-    # A trial that reported its result but had not yet returned when its node went is run again from its
-    # checkpoint and re-reports that result: Tune's bookkeeping changes, vs2ray's metrics (timings too) do not
-    results = functools.partial(finished_trials, experiment, ignore={*tune_bookkeeping(), "checkpoint_dir_name"})
+    results = functools.partial(finished_metrics, experiment)
     cluster = HelperCluster()
     try:
         cluster.tell("add", "a")
